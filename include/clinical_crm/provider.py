@@ -1,0 +1,61 @@
+"""Airflow provider entry point: registers the `veeva_vault` connection type.
+
+pyproject.toml declares `apache_airflow_provider = clinical_crm.provider:get_provider_info`.
+Airflow 3.2+ reads the connection form declaratively from `conn-fields` and
+`ui-field-behaviour` here (the hook methods `get_connection_form_widgets` /
+`get_ui_field_behaviour` are deprecated there), so the form is defined once, in this file.
+"""
+from __future__ import annotations
+
+CONN_TYPE = "veeva_vault"
+HOOK_CLASS = "clinical_crm.hooks.VaultHook"
+
+# Extras of a veeva_vault connection: name -> (label, JSON type, default, description).
+EXTRA_FIELDS: dict[str, tuple[str, str, object, str]] = {
+    "api_version": ("API version", "string", "v25.2", "Vault REST API version, e.g. v25.2"),
+    "client_id": ("Client ID", "string", "clinical-crm-connection",
+                  "Sent as X-VaultAPI-ClientID so Vault admins can see who calls"),
+    "connect_timeout": ("Connect timeout (s)", "number", 10, "Seconds to wait for a TCP connection"),
+    "read_timeout": ("Read timeout (s)", "number", 120, "Seconds to wait for a response"),
+    "burst_floor": ("Burst floor", "integer", 50,
+                    "Start pacing calls when fewer burst calls than this remain"),
+}
+
+UI_FIELD_BEHAVIOUR = {
+    "hidden-fields": ["schema", "port"],
+    "relabeling": {"host": "Vault URL", "login": "Username"},
+    "placeholders": {
+        "host": "https://myvault.veevavault.com",
+        "login": "integration.user@example.com",
+    },
+}
+
+
+def conn_fields() -> dict:
+    return {
+        name: {
+            "label": label,
+            "description": description,
+            "schema": {"type": [json_type, "null"], "default": default},
+        }
+        for name, (label, json_type, default, description) in EXTRA_FIELDS.items()
+    }
+
+
+def get_provider_info() -> dict:
+    return {
+        "package-name": "clinical-crm-connection",
+        "name": "Clinical Operations to Medical CRM connection",
+        "description": "Veeva Vault REST API hook and connection type for the CTMS <-> Medical CRM DAGs.",
+        "versions": ["0.1.0"],
+        "hooks": [{"integration-name": "Veeva Vault", "python-modules": ["clinical_crm.hooks"]}],
+        "connection-types": [
+            {
+                "connection-type": CONN_TYPE,
+                "hook-class-name": HOOK_CLASS,
+                "hook-name": "Veeva Vault",
+                "conn-fields": conn_fields(),
+                "ui-field-behaviour": UI_FIELD_BEHAVIOUR,
+            }
+        ],
+    }
