@@ -1,0 +1,100 @@
+"""VaultHook: turns an Airflow connection of type `veeva_vault` into a VaultClient.
+
+Connection: host = vault base URL (e.g. https://myvault.veevavault.com), login, password; extras
+api_version, client_id, connect_timeout, read_timeout, burst_floor. Connections come from Airflow
+only (UI, AIRFLOW_CONN_* variables, secrets backends).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import BaseHook
+
+from clinical_crm.client import VaultClient
+from clinical_crm.errors import VaultError
+from clinical_crm.provider import CONN_TYPE, EXTRA_FIELDS, UI_FIELD_BEHAVIOUR
+
+_CASTS = {"string": str, "number": float, "integer": int}
+
+
+class VaultHook(BaseHook):
+    conn_name_attr = "vault_conn_id"
+    default_conn_name = "veeva_vault_default"
+    conn_type = CONN_TYPE
+    hook_name = "Veeva Vault"
+
+    def __init__(self, vault_conn_id: str = default_conn_name, **kwargs):
+        super().__init__(**kwargs)
+        self.vault_conn_id = vault_conn_id
+        self._client: VaultClient | None = None
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        """The form's behaviour (Airflow 3.2+ reads the same from the provider's ui-field-behaviour)."""
+        return {
+            "hidden_fields": UI_FIELD_BEHAVIOUR["hidden-fields"],
+            "relabeling": UI_FIELD_BEHAVIOUR["relabeling"],
+            "placeholders": UI_FIELD_BEHAVIOUR["placeholders"],
+        }
+
+    @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        """Extra form fields for Airflow UIs that still build WTForms (Airflow 3.2+ uses the
+        provider's declarative conn-fields instead and never calls this)."""
+        try:
+            from flask_babel import lazy_gettext
+            from wtforms import IntegerField, StringField
+        except ImportError:
+            return {}
+        field_class = {"string": StringField, "number": StringField, "integer": IntegerField}
+        return {
+            name: field_class[json_type](lazy_gettext(label), description=description, default=default)
+            for name, (label, json_type, default, description) in EXTRA_FIELDS.items()
+        }
+
+    def client_arguments(self) -> dict[str, Any]:
+        """VaultClient arguments from the Airflow connection (without logging the password)."""
+        conn = self.get_connection(self.vault_conn_id)
+        if not conn.host:
+            raise ValueError(f"Airflow connection {self.vault_conn_id!r} has no host (the vault URL)")
+        extras = conn.extra_dejson or {}
+        arguments: dict[str, Any] = {
+            "base_url": _base_url(conn.host, conn.port, conn.schema),
+            "username": conn.login or "",
+            "password": conn.password or "",
+        }
+        for name, (_label, json_type, _default, _description) in EXTRA_FIELDS.items():
+            value = extras.get(name, extras.get(f"extra__{CONN_TYPE}__{name}"))
+            if value not in (None, ""):
+                arguments[name] = _CASTS[json_type](value)
+        return arguments
+
+    def get_client(self) -> VaultClient:
+        """A VaultClient for this connection (one per hook; the session is opened on first use)."""
+        if self._client is None:
+            self._client = VaultClient(**self.client_arguments())
+        return self._client
+
+    def get_conn(self) -> VaultClient:
+        return self.get_client()
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Authenticate once; Airflow's "Test" button shows the message."""
+        try:
+            client = VaultClient(**self.client_arguments(), max_retries=1)  # answer the UI quickly
+            try:
+                return True, f"Authenticated to vault {client.vault_id} as {client.username}"
+            finally:
+                client.close()
+        except (VaultError, ValueError) as exc:
+            return False, str(exc)
+
+
+def _base_url(host: str, port: int | None, scheme: str | None) -> str:
+    """host may be a full URL (https://x.veevavault.com) or a bare host name."""
+    if "://" not in host:
+        host = f"{scheme or 'https'}://{host}"
+    host = host.rstrip("/")
+    if port and host.count(":") < 2:
+        host = f"{host}:{port}"
+    return host

@@ -1,0 +1,95 @@
+"""Pure unit tests: VQL literals, the error table, the client's frame and column helpers."""
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta, timezone
+
+import pytest
+
+from clinical_crm import errors, vql
+from clinical_crm.client import VaultClient, records_frame, selected_columns
+
+
+@pytest.mark.parametrize(
+    "value, literal",
+    [
+        ("abc", "'abc'"),
+        ("O'Brien", r"'O\'Brien'"),
+        ("back\\slash", r"'back\\slash'"),
+        ("x' OR name__v != '", r"'x\' OR name__v != \''"),
+        ("\\'", r"'\\\''"),
+        (42, "'42'"),
+        (True, "true"),
+        (False, "false"),
+        (None, "null"),
+        (date(2026, 3, 4), "'2026-03-04'"),
+        (datetime(2026, 3, 4, 5, 6, 7, 891000, tzinfo=timezone.utc), "'2026-03-04T05:06:07.891Z'"),
+        (datetime(2026, 3, 4, 7, 6, 7, tzinfo=timezone(timedelta(hours=2))), "'2026-03-04T05:06:07.000Z'"),
+    ],
+)
+def test_quote(value, literal):
+    assert vql.quote(value) == literal
+
+
+def test_in_list():
+    assert vql.in_list(["a", "b'c"]) == r"('a','b\'c')"
+    with pytest.raises(ValueError):
+        vql.in_list([])
+
+
+def test_chunk_values_keeps_each_list_in_room():
+    values = [f"V{n:015d}" for n in range(10_000)]
+    chunks = list(vql.chunk_values(values, room=5_000))
+    assert [v for chunk in chunks for v in chunk] == values
+    assert all(len(vql.in_list(chunk)) <= 5_000 for chunk in chunks)
+    assert len(chunks) > 1
+
+
+@pytest.mark.parametrize(
+    "error_type, exception",
+    [
+        ("INVALID_SESSION_ID", errors.VaultAuthenticationError),
+        ("USERNAME_OR_PASSWORD_INCORRECT", errors.VaultAuthenticationError),
+        ("INSUFFICIENT_ACCESS", errors.VaultPermissionError),
+        ("INVALID_DATA", errors.VaultInvalidDataError),
+        ("PARAMETER_REQUIRED", errors.VaultInvalidDataError),
+        ("OPERATION_NOT_ALLOWED", errors.VaultInvalidDataError),
+        ("INVALID_FILTER", errors.VaultQueryError),
+        ("INCORRECT_QUERY_SYNTAX_ERROR", errors.VaultQueryError),
+        ("API_LIMIT_EXCEEDED", errors.VaultRateLimitError),
+        ("EXCEPTION", errors.VaultTransientError),
+        ("UNEXPECTED_ERROR", errors.VaultTransientError),
+        ("SOMETHING_NEW", errors.VaultError),
+    ],
+)
+def test_error_table(error_type, exception):
+    error = errors.error_for(error_type, "why")
+    assert type(error) is exception
+    assert error.error_type == error_type and error.message == "why"
+
+
+def test_selected_columns():
+    statement = ("SELECT id, person__vr.veeva_network_id__c, LONGTEXT(description__v), "
+                 "(SELECT id FROM x__vr) FROM crm_activity__v WHERE subject__v = 'a, FROM b'")
+    assert selected_columns(statement) == ["id", "person__vr.veeva_network_id__c", "description__v",
+                                           "(SELECT id FROM x__vr)"]
+
+
+def test_records_frame_flattens_picklists_and_keeps_columns():
+    frame = records_frame([{"id": "1", "channel__v": ["phone__v"], "tags__c": []}], ["id", "channel__v", "missing__v"])
+    assert list(frame.columns) == ["id", "channel__v", "missing__v", "tags__c"]
+    assert frame.loc[0, "channel__v"] == "phone__v" and frame.loc[0, "tags__c"] is None
+    empty = records_frame([], ["id", "name__v"])
+    assert list(empty.columns) == ["id", "name__v"] and len(empty) == 0
+
+
+def test_pacing_grows_as_remaining_calls_shrink():
+    client = VaultClient("http://127.0.0.1:9", "u", "p", burst_floor=100, pace_max_seconds=2.0)
+    assert client.pace_seconds(500) == 0 and client.pace_seconds(100) == 0
+    assert 0 < client.pace_seconds(90) < client.pace_seconds(10) < client.pace_seconds(0) == 2.0
+    assert VaultClient("http://127.0.0.1:9", "u", "p", burst_floor=0).pace_seconds(0) == 0
+
+
+def test_batch_size_over_500_is_refused():
+    client = VaultClient("http://127.0.0.1:9", "u", "p")
+    with pytest.raises(ValueError):
+        client.upsert("x__v", [{"a": 1}], id_param="external_id__v", batch_size=501)
