@@ -1,0 +1,253 @@
+"""Extract: VQL built from the configuration for a window, paged into staged parquet files.
+
+Every value enters VQL through vql.quote / vql.in_list. API calls are kept to the floor: one
+query per object (pages follow), relationship fields one level deep instead of extra lookups,
+and identifier lookups in CONTAINS chunks as large as VQL allows.
+
+CTMS -> CRM reads Clinical Activities only (never Medical Activities: no echo loop); CRM -> CTMS
+reads only calls flagged to be sent to Vault Clinical (never the interactions it receives).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+
+import pandas as pd
+
+from clinical_crm import staging, vql
+from clinical_crm.transform import (
+    CREATED_BY,
+    GLOBAL_ID,
+    ID,
+    MODIFIED_DATE,
+    NAME,
+    OBJECT_TYPE_API_NAME,
+    global_id,
+    relationship,
+    study_reference_columns,
+    text,
+)
+from clinical_crm.windows import Window
+
+log = logging.getLogger(__name__)
+
+# Staged file names of one run (XCom carries {name: {path, rows}}).
+CLINICAL_ACTIVITIES = "clinical_activities"
+STUDIES = "studies"
+STUDY_SITES = "study_sites"
+ACCOUNTS = "accounts"
+KNOWN_STUDIES = "known_studies"
+KNOWN_SITES = "known_sites"
+DELETED_ACTIVITIES = "deleted_clinical_activities"
+DELETED_STUDIES = "deleted_studies"
+DELETED_SITES = "deleted_study_sites"
+CALLS = "calls"
+PERSONS = "persons"
+DELETED_CALLS = "deleted_calls"
+
+
+def select(fields: Iterable[str]) -> str:
+    """A SELECT list without duplicates, in order."""
+    return ", ".join(dict.fromkeys(f for f in fields if f))
+
+
+def window_filter(window: Window) -> str:
+    return f"{MODIFIED_DATE} > {vql.quote(window.start)} AND {MODIFIED_DATE} <= {vql.quote(window.end)}"
+
+
+def contains_queries(statement: str, field: str, values: Iterable[str]) -> Iterator[str]:
+    """`statement` + `<field> CONTAINS (...)`, split so that every statement fits Vault's limit."""
+    values = sorted({v for v in values if v})
+    joiner = " AND " if " WHERE " in statement else " WHERE "
+    head = f"{statement}{joiner}{field} CONTAINS "
+    for chunk in vql.chunk_values(values, room=vql.VQL_MAX_CHARS - len(head) - 100):
+        yield head + vql.in_list(chunk)
+
+
+def query_pages(client, statements: Iterable[str]) -> Iterator[pd.DataFrame]:
+    for statement in statements:
+        yield from client.query(statement)
+
+
+# ---------------------------------------------------------------- CTMS -> CRM
+
+
+def user_columns(cfg_user_fields) -> list[str]:
+    f = cfg_user_fields
+    return [f"{CREATED_BY}.{f.first_name}", f"{CREATED_BY}.{f.last_name}", f"{CREATED_BY}.{f.email}"]
+
+
+def person_identifier_column(cfg) -> str:
+    return f"{relationship(cfg.ctms.activity.fields.person)}.{cfg.identifiers.ctms_person_field}"
+
+
+def clinical_activity_query(cfg) -> str:
+    """SELECT ... FROM the activity object WHERE it is a Clinical Activity (no WHERE on time yet)."""
+    a = cfg.ctms.activity.fields
+    person = relationship(a.person)
+    p = cfg.ctms.person.fields
+    refs = study_reference_columns(cfg)
+    fields = [
+        ID, GLOBAL_ID, MODIFIED_DATE, a.person, person_identifier_column(cfg),
+        f"{person}.{p.first_name}", f"{person}.{p.last_name}",
+        a.date, a.channel, a.complete, a.subject,
+        *user_columns(cfg.ctms.user.fields),
+        a.study, a.site, a.study_country, a.study_person,
+    ]
+    if cfg.features.studies_and_sites:
+        fields += [refs["study"], refs["site"],
+                   f"{relationship(a.study_country)}.{cfg.ctms.study_country.fields.country}"]
+    return (f"SELECT {select(fields)} FROM {cfg.ctms.activity.object} "
+            f"WHERE {OBJECT_TYPE_API_NAME} = {vql.quote(cfg.ctms.activity.clinical_type)}")
+
+
+def study_query(cfg) -> str:
+    s = cfg.ctms.study.fields
+    return f"SELECT {select([ID, GLOBAL_ID, NAME, s.title, s.phase, s.therapeutic_area])} FROM {cfg.ctms.study.object}"
+
+
+def site_query(cfg) -> str:
+    s = cfg.ctms.site.fields
+    fields = [ID, GLOBAL_ID, NAME, s.site_name, s.study, f"{relationship(s.study)}.{GLOBAL_ID}",
+              f"{relationship(s.study_country)}.{cfg.ctms.study_country.fields.country}"]
+    return f"SELECT {select(fields)} FROM {cfg.ctms.site.object}"
+
+
+def deleted_global_ids(client, object_name: str, window: Window) -> Iterator[pd.DataFrame]:
+    """Deleted record ids in the window, with the global id their target records carry."""
+    for page in client.deletions(object_name, window.start, window.end):
+        if page.empty:
+            continue
+        yield pd.DataFrame({ID: page[ID].astype(str),
+                            GLOBAL_ID: [global_id(client.vault_id, i) for i in page[ID]]})
+
+
+def extract_ctms_to_crm(cfg, ctms, crm, window: Window, run_dir: str,
+                        activity_ids: Iterable[str] = (), ledger=None) -> dict[str, dict]:
+    """Stage everything a CTMS -> CRM run needs; returns {name: {path, rows}}.
+
+    `activity_ids`: Clinical Activities to read by id whatever their modification time
+    (records quarantined before, activities the automation just wrote).
+    """
+    staged: dict[str, dict] = {}
+    identifiers: set[str] = set()
+    study_refs: set[str] = set()
+    site_refs: set[str] = set()
+    refs = study_reference_columns(cfg)
+    ident_col = person_identifier_column(cfg)
+
+    def collect(pages: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for page in pages:
+            if ident_col in page:
+                identifiers.update(v for v in map(text, page[ident_col]) if v)
+            if cfg.features.studies_and_sites:
+                study_refs.update(v for v in map(text, page.get(refs["study"], [])) if v)
+                site_refs.update(v for v in map(text, page.get(refs["site"], [])) if v)
+            yield page
+
+    studies_on = cfg.features.studies_and_sites
+    base = clinical_activity_query(cfg)
+    columns = [c.strip() for c in base.split(" FROM ")[0].removeprefix("SELECT ").split(",")]
+    statements = []
+    if cfg.features.clinical_activities:
+        statements.append(f"{base} AND {window_filter(window)}")
+        statements += list(contains_queries(base, ID, activity_ids))
+    staged[CLINICAL_ACTIVITIES] = staging.write_frames(
+        f"{run_dir}/{CLINICAL_ACTIVITIES}.parquet", collect(query_pages(ctms, statements)), columns)
+
+    if studies_on:
+        staged[STUDIES] = staging.write_frames(
+            f"{run_dir}/{STUDIES}.parquet", ctms.query(f"{study_query(cfg)} WHERE {window_filter(window)}"))
+        staged[STUDY_SITES] = staging.write_frames(
+            f"{run_dir}/{STUDY_SITES}.parquet", ctms.query(f"{site_query(cfg)} WHERE {window_filter(window)}"))
+        staged[DELETED_STUDIES] = staging.write_frames(
+            f"{run_dir}/{DELETED_STUDIES}.parquet",
+            deleted_global_ids(ctms, cfg.ctms.study.object, window), [ID, GLOBAL_ID])
+        staged[DELETED_SITES] = staging.write_frames(
+            f"{run_dir}/{DELETED_SITES}.parquet",
+            deleted_global_ids(ctms, cfg.ctms.site.object, window), [ID, GLOBAL_ID])
+        # Study information needs the CRM Clinical Study / Site to exist: in this run, loaded
+        # before (ledger), or already in CRM (one lookup for the rest only).
+        staged[KNOWN_STUDIES] = _known_targets(cfg, crm, ledger, "clinical_study", study_refs,
+                                               f"{run_dir}/{STUDIES}.parquet", f"{run_dir}/{KNOWN_STUDIES}.parquet")
+        staged[KNOWN_SITES] = _known_targets(cfg, crm, ledger, "clinical_site", site_refs,
+                                             f"{run_dir}/{STUDY_SITES}.parquet", f"{run_dir}/{KNOWN_SITES}.parquet")
+
+    if cfg.features.clinical_activities:
+        staged[DELETED_ACTIVITIES] = staging.write_frames(
+            f"{run_dir}/{DELETED_ACTIVITIES}.parquet",
+            deleted_global_ids(ctms, cfg.ctms.activity.object, window), [ID, GLOBAL_ID])
+
+    account_field = cfg.identifiers.crm_account_field
+    statement = f"SELECT {select([ID, account_field])} FROM {cfg.crm.account.object}"
+    staged[ACCOUNTS] = staging.write_frames(
+        f"{run_dir}/{ACCOUNTS}.parquet",
+        query_pages(crm, contains_queries(statement, account_field, identifiers)), [ID, account_field])
+    log.info("extracted %s", {k: v["rows"] for k, v in staged.items()})
+    return staged
+
+
+def _known_targets(cfg, crm, ledger, crm_entity: str, refs: set[str], this_run_url: str, url: str) -> dict:
+    """External ids (CTMS global ids) among `refs` that resolve to a CRM record."""
+    known: set[str] = set()
+    for chunk in staging.read_chunks(this_run_url):
+        known.update(v for v in map(text, chunk[GLOBAL_ID]) if v)
+    rest = refs - known
+    if rest and ledger is not None:
+        known |= ledger.known_external_ids(cfg.name, getattr(cfg.crm, crm_entity).object, rest)
+        rest -= known
+    if rest:
+        target = getattr(cfg.crm, crm_entity)
+        ext = target.fields.external_id
+        statement = f"SELECT {select([ID, ext])} FROM {target.object}"
+        for page in query_pages(crm, contains_queries(statement, ext, rest)):
+            known.update(v for v in map(text, page[ext]) if v)
+    return staging.write_frames(url, [pd.DataFrame({"external_id": sorted(known & refs)})], ["external_id"])
+
+
+# ---------------------------------------------------------------- CRM -> CTMS
+
+
+def account_identifier_column(cfg) -> str:
+    return f"{relationship(cfg.crm.call.fields.account)}.{cfg.identifiers.crm_account_field}"
+
+
+def call_query(cfg) -> str:
+    """Calls flagged "Send to Vault Clinical" (no WHERE on time yet)."""
+    c = cfg.crm.call.fields
+    fields = [ID, GLOBAL_ID, MODIFIED_DATE, c.account, account_identifier_column(cfg), c.date, c.channel,
+              c.status, c.subject, *user_columns(cfg.crm.user.fields)]
+    return (f"SELECT {select(fields)} FROM {cfg.crm.call.object} "
+            f"WHERE {c.send_to_clinical} = {vql.quote(True)}")
+
+
+def extract_crm_to_ctms(cfg, ctms, crm, window: Window, run_dir: str, call_ids: Iterable[str] = ()) -> dict[str, dict]:
+    """Stage the flagged calls of the window (and those quarantined before), their deletions and
+    the CTMS Persons matching the calls' account identifiers."""
+    staged: dict[str, dict] = {}
+    identifiers: set[str] = set()
+    ident_col = account_identifier_column(cfg)
+
+    def collect(pages):
+        for page in pages:
+            if ident_col in page:
+                identifiers.update(v for v in map(text, page[ident_col]) if v)
+            yield page
+
+    base = call_query(cfg)
+    columns = [c.strip() for c in base.split(" FROM ")[0].removeprefix("SELECT ").split(",")]
+    statements = []
+    if cfg.features.medical_activities:
+        statements = [f"{base} AND {window_filter(window)}", *contains_queries(base, ID, call_ids)]
+    staged[CALLS] = staging.write_frames(f"{run_dir}/{CALLS}.parquet", collect(query_pages(crm, statements)), columns)
+    staged[DELETED_CALLS] = staging.write_frames(
+        f"{run_dir}/{DELETED_CALLS}.parquet",
+        deleted_global_ids(crm, cfg.crm.call.object, window) if cfg.features.medical_activities else [],
+        [ID, GLOBAL_ID])
+    person_field = cfg.identifiers.ctms_person_field
+    statement = f"SELECT {select([ID, person_field])} FROM {cfg.ctms.person.object}"
+    staged[PERSONS] = staging.write_frames(
+        f"{run_dir}/{PERSONS}.parquet",
+        query_pages(ctms, contains_queries(statement, person_field, identifiers)), [ID, person_field])
+    log.info("extracted %s", {k: v["rows"] for k, v in staged.items()})
+    return staged

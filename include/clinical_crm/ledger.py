@@ -1,0 +1,404 @@
+"""The sync ledger: what each run did, record by record (SQLAlchemy 2; SQLite by default).
+
+Tables: `runs` (one row per DAG run and direction, with its window, state and counts),
+`record_outcomes` (one row per record per run), `quarantine` (records held back, with their
+reasons, until they go through), `id_map` (source id -> target id / external id) and
+`dq_summaries`. The read API at the bottom (`recent_runs`, `open_quarantine`,
+`record_history`, `connections`) returns plain dicts; the Airflow UI plugin relies on it.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+
+from clinical_crm import settings
+
+metadata = MetaData()
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("connection", String(100), nullable=False, index=True),
+    Column("direction", String(20), nullable=False),
+    Column("dag_run_id", String(250), nullable=False),
+    Column("window_start", DateTime(timezone=True)),
+    Column("window_end", DateTime(timezone=True)),
+    Column("state", String(20), nullable=False),  # running | success | failed | inactive
+    Column("counts", JSON),
+    Column("dq_report", Text),
+    Column("message", Text),
+    Column("started_at", DateTime(timezone=True)),
+    Column("ended_at", DateTime(timezone=True)),
+)
+
+record_outcomes = Table(
+    "record_outcomes",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", Integer, nullable=False, index=True),
+    Column("connection", String(100), nullable=False),
+    Column("direction", String(20), nullable=False),
+    Column("object", String(100), nullable=False),
+    Column("source_id", String(255), nullable=False, index=True),
+    Column("target_id", String(255)),
+    Column("outcome", String(30), nullable=False),
+    Column("error_type", String(100)),
+    Column("message", Text),
+    Column("at", DateTime(timezone=True), nullable=False),
+)
+
+quarantine = Table(
+    "quarantine",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("connection", String(100), nullable=False, index=True),
+    Column("direction", String(20), nullable=False),
+    Column("object", String(100), nullable=False),
+    Column("source_id", String(255), nullable=False, index=True),
+    Column("reasons", JSON, nullable=False),
+    Column("first_seen", DateTime(timezone=True), nullable=False),
+    Column("last_seen", DateTime(timezone=True), nullable=False),
+    Column("last_run_id", Integer),
+    Column("resolved_at", DateTime(timezone=True)),
+)
+
+id_map = Table(
+    "id_map",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("connection", String(100), nullable=False, index=True),
+    Column("object", String(100), nullable=False),
+    Column("source_id", String(255), nullable=False, index=True),
+    Column("target_id", String(255)),
+    Column("external_id", String(255), index=True),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+dq_summaries = Table(
+    "dq_summaries",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", Integer, nullable=False, index=True),
+    Column("connection", String(100), nullable=False),
+    Column("direction", String(20), nullable=False),
+    Column("object", String(100), nullable=False),
+    Column("rows", Integer, nullable=False),
+    Column("failing_rows", Integer, nullable=False),
+    Column("failing_share", Float, nullable=False),
+    Column("reasons", JSON),  # {reason: count}
+    Column("success", Integer, nullable=False),
+    Column("report_path", Text),
+    Column("at", DateTime(timezone=True), nullable=False),
+)
+
+_ENGINES: dict[str, Engine] = {}
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """SQLite hands datetimes back naive; they were stored as UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+def _iso(value: datetime | None) -> str | None:
+    value = _utc(value)
+    return value.isoformat() if value else None
+
+
+def _engine(url: str) -> Engine:
+    """One engine per URL per process; tables are created on first use."""
+    if url not in _ENGINES:
+        if url.startswith("sqlite:///"):
+            from pathlib import Path
+
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, future=True)
+        metadata.create_all(engine)
+        _ENGINES[url] = engine
+    return _ENGINES[url]
+
+
+class Ledger:
+    def __init__(self, url: str | None = None):
+        self.url = url or settings.ledger_url()
+        self.engine = _engine(self.url)
+
+    # ------------------------------------------------------------ writing: runs
+
+    def start_run(self, connection: str, direction: str, dag_run_id: str,
+                  window_start: datetime | None, window_end: datetime | None, state: str = "running") -> int:
+        """A run row; a retried first task of the same DAG run reuses its row."""
+        with self.engine.begin() as db:
+            existing = db.execute(
+                select(runs.c.id).where(runs.c.connection == connection, runs.c.direction == direction,
+                                        runs.c.dag_run_id == dag_run_id)
+            ).scalar()
+            values = dict(window_start=window_start, window_end=window_end, state=state,
+                          started_at=_now(), ended_at=None, message=None)
+            if existing:
+                db.execute(update(runs).where(runs.c.id == existing).values(**values))
+                return existing
+            return db.execute(
+                insert(runs).values(connection=connection, direction=direction, dag_run_id=dag_run_id,
+                                    counts={}, **values)
+            ).inserted_primary_key[0]
+
+    def finish_run(self, run_id: int, state: str, counts: dict | None = None,
+                   dq_report: str | None = None, message: str | None = None) -> None:
+        values: dict[str, Any] = dict(state=state, ended_at=_now())
+        if counts is not None:
+            values["counts"] = counts
+        if dq_report is not None:
+            values["dq_report"] = dq_report
+        if message is not None:
+            values["message"] = message
+        with self.engine.begin() as db:
+            db.execute(update(runs).where(runs.c.id == run_id).values(**values))
+
+    def set_counts(self, run_id: int, counts: dict, dq_report: str | None = None) -> None:
+        values: dict[str, Any] = {"counts": counts}
+        if dq_report is not None:
+            values["dq_report"] = dq_report
+        with self.engine.begin() as db:
+            db.execute(update(runs).where(runs.c.id == run_id).values(**values))
+
+    def run(self, run_id: int) -> dict:
+        with self.engine.connect() as db:
+            row = db.execute(select(runs).where(runs.c.id == run_id)).mappings().one()
+        return _run_dict(row)
+
+    def last_success_end(self, connection: str, direction: str) -> datetime | None:
+        """End of the last successful window of this connection and direction."""
+        with self.engine.connect() as db:
+            value = db.execute(
+                select(func.max(runs.c.window_end)).where(
+                    runs.c.connection == connection, runs.c.direction == direction, runs.c.state == "success")
+            ).scalar()
+        return _utc(value)
+
+    # ------------------------------------------------------------ writing: records
+
+    def add_outcomes(self, run_id: int, connection: str, direction: str, object_name: str,
+                     outcomes: Iterable[dict]) -> None:
+        """Outcome rows: dicts with source_id, outcome and optionally target_id, error_type, message."""
+        now = _now()
+        rows = [
+            dict(run_id=run_id, connection=connection, direction=direction, object=object_name,
+                 source_id=str(o["source_id"]), target_id=o.get("target_id"), outcome=o["outcome"],
+                 error_type=o.get("error_type"), message=o.get("message"), at=now)
+            for o in outcomes
+        ]
+        if rows:
+            with self.engine.begin() as db:
+                db.execute(insert(record_outcomes), rows)
+
+    def clear_outcomes(self, run_id: int, object_name: str | None = None, only: list[str] | None = None,
+                       exclude: list[str] | None = None) -> None:
+        """Forget outcomes a retried task is about to write again (one outcome per record per run)."""
+        query = record_outcomes.delete().where(record_outcomes.c.run_id == run_id)
+        if object_name:
+            query = query.where(record_outcomes.c.object == object_name)
+        if only:
+            query = query.where(record_outcomes.c.outcome.in_(only))
+        if exclude:
+            query = query.where(record_outcomes.c.outcome.not_in(exclude))
+        with self.engine.begin() as db:
+            db.execute(query)
+
+    def quarantine_records(self, run_id: int, connection: str, direction: str, object_name: str,
+                           reasons_by_id: dict[str, list[str]]) -> None:
+        """Hold records back with their reasons (one open row per record, refreshed each run)."""
+        if not reasons_by_id:
+            return
+        now = _now()
+        with self.engine.begin() as db:
+            open_rows = dict(db.execute(
+                select(quarantine.c.source_id, quarantine.c.id).where(
+                    quarantine.c.connection == connection, quarantine.c.direction == direction,
+                    quarantine.c.object == object_name, quarantine.c.resolved_at.is_(None))
+            ).all())
+            for source_id, reasons in reasons_by_id.items():
+                if source_id in open_rows:
+                    db.execute(update(quarantine).where(quarantine.c.id == open_rows[source_id]).values(
+                        reasons=list(reasons), last_seen=now, last_run_id=run_id))
+                else:
+                    db.execute(insert(quarantine).values(
+                        connection=connection, direction=direction, object=object_name,
+                        source_id=source_id, reasons=list(reasons), first_seen=now, last_seen=now,
+                        last_run_id=run_id))
+
+    def resolve_quarantine(self, connection: str, direction: str, object_name: str,
+                           source_ids: Iterable[str]) -> int:
+        """Close the open quarantine rows of records that went through."""
+        ids = [str(s) for s in source_ids]
+        done = 0
+        with self.engine.begin() as db:
+            for start in range(0, len(ids), 500):
+                done += db.execute(update(quarantine).where(
+                    quarantine.c.connection == connection, quarantine.c.direction == direction,
+                    quarantine.c.object == object_name, quarantine.c.resolved_at.is_(None),
+                    quarantine.c.source_id.in_(ids[start:start + 500])).values(resolved_at=_now())).rowcount
+        return done
+
+    def quarantined_ids(self, connection: str, direction: str, object_name: str) -> list[str]:
+        """Source ids still quarantined: extraction re-reads them by id every run."""
+        with self.engine.connect() as db:
+            return list(db.execute(select(quarantine.c.source_id).where(
+                quarantine.c.connection == connection, quarantine.c.direction == direction,
+                quarantine.c.object == object_name, quarantine.c.resolved_at.is_(None))).scalars())
+
+    def map_ids(self, connection: str, object_name: str, rows: Iterable[dict]) -> None:
+        """Remember source id -> target id / external id (rows: source_id, target_id, external_id)."""
+        rows = list(rows)
+        if not rows:
+            return
+        now = _now()
+        with self.engine.begin() as db:
+            known = {}
+            ids = [str(r["source_id"]) for r in rows]
+            for start in range(0, len(ids), 500):
+                known.update(db.execute(select(id_map.c.source_id, id_map.c.id).where(
+                    id_map.c.connection == connection, id_map.c.object == object_name,
+                    id_map.c.source_id.in_(ids[start:start + 500]))).all())
+            for r in rows:
+                values = dict(target_id=r.get("target_id"), external_id=r.get("external_id"), updated_at=now)
+                if str(r["source_id"]) in known:
+                    db.execute(update(id_map).where(id_map.c.id == known[str(r["source_id"])]).values(**values))
+                else:
+                    db.execute(insert(id_map).values(connection=connection, object=object_name,
+                                                     source_id=str(r["source_id"]), **values))
+
+    def known_external_ids(self, connection: str, object_name: str, external_ids: Iterable[str]) -> set[str]:
+        """Which of these external ids were loaded before (a target record exists for them)."""
+        ids = list({str(e) for e in external_ids})
+        found: set[str] = set()
+        with self.engine.connect() as db:
+            for start in range(0, len(ids), 500):
+                found.update(db.execute(select(id_map.c.external_id).where(
+                    id_map.c.connection == connection, id_map.c.object == object_name,
+                    id_map.c.target_id.is_not(None),
+                    id_map.c.external_id.in_(ids[start:start + 500]))).scalars())
+        return found
+
+    def add_dq_summary(self, run_id: int, connection: str, direction: str, object_name: str,
+                       rows: int, failing_rows: int, reasons: dict[str, int], success: bool,
+                       report_path: str | None) -> None:
+        with self.engine.begin() as db:
+            db.execute(insert(dq_summaries).values(
+                run_id=run_id, connection=connection, direction=direction, object=object_name, rows=rows,
+                failing_rows=failing_rows, failing_share=(failing_rows / rows) if rows else 0.0,
+                reasons=reasons, success=int(success), report_path=report_path, at=_now()))
+
+    # ------------------------------------------------------------ read API (UI plugin, engineers)
+
+    def recent_runs(self, connection: str | None = None, limit: int = 20) -> list[dict]:
+        """The latest runs, newest first (all connections when `connection` is None)."""
+        query = select(runs).order_by(runs.c.id.desc()).limit(limit)
+        if connection:
+            query = query.where(runs.c.connection == connection)
+        with self.engine.connect() as db:
+            return [_run_dict(r) for r in db.execute(query).mappings()]
+
+    def open_quarantine(self, connection: str | None = None) -> list[dict]:
+        """Records held back and not yet through, oldest first, with their reasons."""
+        query = select(quarantine).where(quarantine.c.resolved_at.is_(None)).order_by(quarantine.c.first_seen)
+        if connection:
+            query = query.where(quarantine.c.connection == connection)
+        with self.engine.connect() as db:
+            return [_quarantine_dict(r) for r in db.execute(query).mappings()]
+
+    def record_history(self, connection: str, source_id: str) -> dict:
+        """What happened to record X, and when: outcomes per run (with windows), quarantine, id map."""
+        with self.engine.connect() as db:
+            outcomes = db.execute(
+                select(record_outcomes, runs.c.dag_run_id, runs.c.window_start, runs.c.window_end)
+                .join(runs, runs.c.id == record_outcomes.c.run_id)
+                .where(record_outcomes.c.connection == connection, record_outcomes.c.source_id == str(source_id))
+                .order_by(record_outcomes.c.id)
+            ).mappings().all()
+            held = db.execute(select(quarantine).where(
+                quarantine.c.connection == connection, quarantine.c.source_id == str(source_id))
+                .order_by(quarantine.c.id)).mappings().all()
+            mapped = db.execute(select(id_map).where(
+                id_map.c.connection == connection, id_map.c.source_id == str(source_id))).mappings().all()
+        return {
+            "connection": connection,
+            "source_id": str(source_id),
+            "outcomes": [
+                {"run_id": o["run_id"], "dag_run_id": o["dag_run_id"], "direction": o["direction"],
+                 "object": o["object"], "outcome": o["outcome"], "target_id": o["target_id"],
+                 "error_type": o["error_type"], "message": o["message"], "at": _iso(o["at"]),
+                 "window_start": _iso(o["window_start"]), "window_end": _iso(o["window_end"])}
+                for o in outcomes
+            ],
+            "quarantine": [_quarantine_dict(q) for q in held],
+            "id_map": [{"object": m["object"], "target_id": m["target_id"], "external_id": m["external_id"],
+                        "updated_at": _iso(m["updated_at"])} for m in mapped],
+        }
+
+    def connections(self) -> list[dict]:
+        """Every connection seen in the ledger with its last run and open quarantine count."""
+        with self.engine.connect() as db:
+            names = sorted(db.execute(select(runs.c.connection).distinct()).scalars())
+            result = []
+            for name in names:
+                last = db.execute(select(runs).where(runs.c.connection == name)
+                                  .order_by(runs.c.id.desc()).limit(1)).mappings().first()
+                held = db.execute(select(func.count()).select_from(quarantine).where(
+                    quarantine.c.connection == name, quarantine.c.resolved_at.is_(None))).scalar()
+                result.append({"connection": name, "last_run": _run_dict(last) if last else None,
+                               "open_quarantine": int(held or 0)})
+        return result
+
+    def dq_summaries(self, run_id: int) -> list[dict]:
+        with self.engine.connect() as db:
+            rows = db.execute(select(dq_summaries).where(dq_summaries.c.run_id == run_id)).mappings().all()
+        return [{**dict(r), "at": _iso(r["at"]), "success": bool(r["success"])} for r in rows]
+
+
+def _run_dict(row) -> dict:
+    counts = row["counts"]
+    if isinstance(counts, str):
+        counts = json.loads(counts)
+    return {
+        "run_id": row["id"], "connection": row["connection"], "direction": row["direction"],
+        "dag_run_id": row["dag_run_id"], "window_start": _iso(row["window_start"]),
+        "window_end": _iso(row["window_end"]), "state": row["state"], "counts": counts or {},
+        "dq_report": row["dq_report"], "message": row["message"],
+        "started_at": _iso(row["started_at"]), "ended_at": _iso(row["ended_at"]),
+    }
+
+
+def _quarantine_dict(row) -> dict:
+    return {
+        "connection": row["connection"], "direction": row["direction"], "object": row["object"],
+        "source_id": row["source_id"], "reasons": list(row["reasons"] or []),
+        "first_seen": _iso(row["first_seen"]), "last_seen": _iso(row["last_seen"]),
+        "resolved_at": _iso(row["resolved_at"]),
+    }

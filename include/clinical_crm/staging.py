@@ -1,0 +1,132 @@
+"""Run-scoped parquet files on object storage, so any worker can read what another wrote.
+
+Root: settings.staging_url() (`file://<data>/staging` by default, any fsspec URL such as
+`s3://bucket/prefix` in production). Writers append page by page and readers iterate in
+chunks, so memory follows the page size, not the number of records.
+
+Every column is stored as nullable text: Vault pages differ in which columns are all empty,
+and text keeps one schema for the whole file (booleans become "true"/"false"). The transform
+rules read text (see transform.text / transform.is_yes).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clinical_crm import settings
+
+CHUNK_ROWS = 50_000
+
+
+def _path(url: str):
+    from airflow.sdk import ObjectStoragePath  # light: the Task SDK only
+
+    return ObjectStoragePath(url)
+
+
+def run_dir(connection: str, direction: str, run_key: str) -> str:
+    """The folder of one run's files (a URL); run_key is made safe for paths."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run_key)
+    return f"{settings.staging_url().rstrip('/')}/{connection}/{direction}/{safe}"
+
+
+def _as_text(value) -> str | None:
+    if value is None or value is pd.NA:
+        return None
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return _as_text(value[0]) if value else None
+    return str(value)
+
+
+class FrameWriter:
+    """Appends frames to one parquet file; columns are fixed by `columns` or the first frame."""
+
+    def __init__(self, url: str, columns: Iterable[str] | None = None):
+        self.url = url
+        self.columns = list(columns) if columns is not None else None
+        self.rows = 0
+        self._file = None
+        self._writer = None
+
+    def write(self, frame: pd.DataFrame) -> None:
+        if self.columns is None:
+            self.columns = [str(c) for c in frame.columns]
+        if frame.empty:
+            return
+        self._open()
+        arrays = [
+            pa.array([_as_text(v) for v in frame[c]] if c in frame.columns else [None] * len(frame), pa.string())
+            for c in self.columns
+        ]
+        self._writer.write_table(pa.Table.from_arrays(arrays, schema=self._schema()))
+        self.rows += len(frame)
+
+    def _schema(self) -> pa.Schema:
+        return pa.schema([(c, pa.string()) for c in self.columns or []])
+
+    def _open(self) -> None:
+        if self._writer is None:
+            path = _path(self.url)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("wb")
+            self._writer = pq.ParquetWriter(self._file, self._schema())
+
+    def close(self) -> dict:
+        """Finish the file (an empty one when nothing was written); returns {path, rows}."""
+        self._open()
+        self._writer.close()
+        self._file.close()
+        return {"path": self.url, "rows": self.rows}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def write_frames(url: str, frames: Iterable[pd.DataFrame], columns: Iterable[str] | None = None) -> dict:
+    """Stream frames into one parquet file; returns {path, rows} (what XCom carries)."""
+    writer = FrameWriter(url, columns)
+    for frame in frames:
+        writer.write(frame)
+    return writer.close()
+
+
+def read_chunks(url: str | None, chunk_rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    """Frames of at most chunk_rows rows; text columns with None for missing values."""
+    if not url:
+        return
+    path = _path(url)
+    if not path.exists():
+        return
+    with path.open("rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        for batch in parquet.iter_batches(batch_size=chunk_rows):
+            yield _to_frame(batch.to_pylist(), batch.schema.names)
+
+
+def read_frame(url: str | None) -> pd.DataFrame:
+    """A whole staged file as one frame (for the small ones: accounts, persons, deleted ids)."""
+    chunks = list(read_chunks(url))
+    if not chunks:
+        columns = []
+        if url and _path(url).exists():
+            with _path(url).open("rb") as handle:
+                columns = pq.ParquetFile(handle).schema_arrow.names
+        return pd.DataFrame({c: pd.Series([], dtype=object) for c in columns})
+    return pd.concat(chunks, ignore_index=True) if len(chunks) > 1 else chunks[0]
+
+
+def _to_frame(records: list[dict], columns: list[str]) -> pd.DataFrame:
+    # object dtype keeps None as None (pandas 3 would otherwise turn text columns into NaN-str)
+    return pd.DataFrame({c: pd.Series([r[c] for r in records], dtype=object) for c in columns})
+
