@@ -1,0 +1,195 @@
+"""Sessions, rate limits, request counters and fault injection of one sandbox process."""
+from __future__ import annotations
+
+import random
+import re
+import secrets
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+FAULT_KINDS = ("exception", "http502", "http503", "drop", "slow", "session_expiry", "race_condition")
+CALL_FAULTS = tuple(k for k in FAULT_KINDS if k != "race_condition")
+
+
+@dataclass
+class Session:
+    session_id: str
+    user_id: str
+    profile: str
+    username: str
+    last_used: float
+    created: float
+
+
+class Sessions:
+    MAX_AGE_SECONDS = 48 * 3600
+
+    def __init__(self, idle_seconds: float):
+        self.idle_seconds = idle_seconds
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def open(self, user_id: str, profile: str, username: str) -> Session:
+        now = time.monotonic()
+        session = Session(secrets.token_hex(32).upper(), user_id, profile, username, now, now)
+        with self._lock:
+            self._sessions[session.session_id] = session
+        return session
+
+    def touch(self, session_id: str | None) -> Session | None:
+        """The live session for this id (its idle clock restarted), or None when unknown or expired."""
+        if not session_id:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None:
+                return None
+            if now - session.last_used > self.idle_seconds or now - session.created > self.MAX_AGE_SECONDS:
+                del self._sessions[session_id]
+                return None
+            session.last_used = now
+            return session
+
+    def end(self, session_id: str) -> None:
+        with self._lock:
+            self._sessions.pop(session_id, None)
+
+    def expire_all(self, except_id: str | None = None) -> int:
+        with self._lock:
+            doomed = [s for s in self._sessions if s != except_id]
+            for s in doomed:
+                del self._sessions[s]
+            return len(doomed)
+
+
+class FixedWindow:
+    """Calls per fixed window aligned to the clock (Vault's burst window is 5 minutes)."""
+
+    def __init__(self, limit: int, seconds: float):
+        self.limit = limit
+        self.seconds = seconds
+        self._window = None
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def hit(self) -> int:
+        """Count one call; return how many calls remain in this window (negative past the limit)."""
+        with self._lock:
+            window = int(time.time() // self.seconds)
+            if window != self._window:
+                self._window, self.count = window, 0
+            self.count += 1
+            return self.limit - self.count
+
+    def remaining(self) -> int:
+        with self._lock:
+            window = int(time.time() // self.seconds)
+            return self.limit if window != self._window else self.limit - self.count
+
+    def reset(self) -> None:
+        with self._lock:
+            self._window, self.count = None, 0
+
+
+@dataclass
+class FaultConfig:
+    rate: float = 0.0
+    kinds: list[str] = field(default_factory=lambda: list(FAULT_KINDS))
+    seed: int = 0
+    slow_seconds: float = 3.0
+    queue: list[str] = field(default_factory=list)   # forced faults for the next calls, in order
+
+
+class Faults:
+    """Seeded fault decisions; the same seed and call sequence give the same faults."""
+
+    def __init__(self, config: FaultConfig):
+        self._lock = threading.Lock()
+        self.configure(config)
+        self.counts: Counter = Counter()
+
+    def configure(self, config: FaultConfig) -> None:
+        unknown = [k for k in config.kinds + config.queue if k not in FAULT_KINDS]
+        if unknown:
+            raise ValueError(f"unknown fault kinds {unknown}; known: {', '.join(FAULT_KINDS)}")
+        if not 0.0 <= config.rate <= 1.0:
+            raise ValueError("fault rate must be between 0 and 1")
+        with self._lock:
+            self.config = config
+            self.rng = random.Random(config.seed)
+
+    def for_call(self, is_write: bool) -> str | None:
+        """The call-level fault for this call, if any (race conditions are decided per record)."""
+        with self._lock:
+            if self.config.queue:
+                kind = self.config.queue[0]
+                if kind != "race_condition" or is_write:
+                    self.config.queue.pop(0)
+                    if kind != "race_condition":
+                        self.counts[kind] += 1
+                        return kind
+                    self._force_race = True
+                return None
+            kinds = [k for k in self.config.kinds if k in CALL_FAULTS]
+            if kinds and self.config.rate and self.rng.random() < self.config.rate:
+                kind = self.rng.choice(kinds)
+                self.counts[kind] += 1
+                return kind
+            return None
+
+    def race_for_record(self) -> bool:
+        with self._lock:
+            if getattr(self, "_force_race", False):
+                self._force_race = False
+                self.counts["race_condition"] += 1
+                return True
+            if "race_condition" in self.config.kinds and self.config.rate \
+                    and self.rng.random() < self.config.rate:
+                self.counts["race_condition"] += 1
+                return True
+            return False
+
+    def describe(self) -> dict:
+        c = self.config
+        return {"rate": c.rate, "kinds": c.kinds, "seed": c.seed, "slow_seconds": c.slow_seconds,
+                "queue": list(c.queue)}
+
+
+_VERSION = re.compile(r"^/api/v\d+(\.\d+)?(?=/)")
+_QUERY_ID = re.compile(r"^(/api/\{version\}/query)/[^/]+$")
+_RECORD_ID = re.compile(r"^(/api/\{version\}/vobjects/[^/]+)/[^/]+$")
+
+
+def endpoint_key(method: str, path: str) -> str:
+    """'POST /api/v25.2/query/abc' -> 'POST /api/{version}/query/{query_id}' (objects stay named)."""
+    path = _VERSION.sub("/api/{version}", path.rstrip("/") or "/")
+    path = _QUERY_ID.sub(r"\1/{query_id}", path)
+    path = _RECORD_ID.sub(r"\1/{id}", path)
+    return f"{method} {path}"
+
+
+class RequestCounters:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.endpoints: Counter = Counter()
+            self.auth = 0
+            self.total = 0
+
+    def count(self, key: str, is_auth: bool) -> None:
+        with self._lock:
+            if is_auth:
+                self.auth += 1
+            else:
+                self.endpoints[key] += 1
+                self.total += 1
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"total": self.total, "auth": self.auth, "endpoints": dict(sorted(self.endpoints.items()))}
