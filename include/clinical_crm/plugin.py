@@ -1,0 +1,150 @@
+"""The data engineers' page inside the Airflow UI (an Airflow 3 plugin).
+
+A small FastAPI app, mounted by the api-server under ``/clinical-crm``, renders server-side HTML
+from the sync ledger's read API only: per connection the recent runs (window, state, counts, data
+quality with a link to the run's Data Docs), the open quarantine with its reasons, and a lookup of
+one record's history by source id. The Data Docs HTML is served from the reports folder
+(``settings.reports_dir()``); paths outside it are refused.
+
+The plugin also declares an external view, so the page is listed in the UI's "Browse" menu and
+shown inside the Airflow UI. Every route requires an authenticated Airflow user (the api-server's
+session cookie or bearer token), like Airflow's own API.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import quote
+
+from fastapi import Depends, FastAPI, HTTPException, Query
+from fastapi.responses import FileResponse, HTMLResponse
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from airflow.plugins_manager import AirflowPlugin
+
+from clinical_crm import settings
+
+URL_PREFIX = "/clinical-crm"
+COUNT_COLUMNS = ("extracted", "loaded", "unchanged", "quarantined", "failed")
+TEMPLATES = Environment(
+    loader=FileSystemLoader(Path(__file__).parent / "templates"),
+    autoescape=select_autoescape(default=True, default_for_string=True),
+)
+
+
+def _ledger():
+    from clinical_crm.ledger import Ledger
+
+    return Ledger(settings.ledger_url())
+
+
+def total_counts(counts: dict) -> dict[str, int]:
+    """Run counts as one row: totals of the per-object counts when the counts are nested by object."""
+    totals = {name: 0 for name in COUNT_COLUMNS}
+    for key, value in (counts or {}).items():
+        if isinstance(value, dict):
+            for name in COUNT_COLUMNS:
+                totals[name] += int(value.get(name) or 0)
+        elif key in totals:
+            totals[key] += int(value or 0)
+    return totals
+
+
+def object_counts(counts: dict) -> dict[str, dict]:
+    """The per-object part of a run's counts (empty when the counts are flat totals)."""
+    return {key: value for key, value in (counts or {}).items() if isinstance(value, dict)}
+
+
+def report_link(path: str | None) -> str | None:
+    """Relative URL of a Data Docs file under the reports folder, or None when it is elsewhere."""
+    if not path:
+        return None
+    root = settings.reports_dir().resolve()
+    target = Path(path)
+    if not target.is_absolute():
+        target = root / target
+    target = target.resolve()
+    if target.is_dir():
+        target = target / "index.html"
+    if not target.is_relative_to(root) or not target.is_file():
+        return None
+    return "reports/" + quote(target.relative_to(root).as_posix())
+
+
+def data_quality(ledger, run: dict) -> dict:
+    """Pass/fail of a run's quality checks with a link to its Data Docs."""
+    summaries = ledger.dq_summaries(run["run_id"]) if hasattr(ledger, "dq_summaries") else []
+    if summaries:
+        passed: bool | None = all(s["success"] for s in summaries)
+    elif "dq_success" in (run.get("counts") or {}):
+        passed = bool(run["counts"]["dq_success"])
+    else:
+        passed = None
+    link = report_link(run.get("dq_report"))
+    if link is None:
+        link = next((report_link(s.get("report_path")) for s in summaries if report_link(s.get("report_path"))), None)
+    failing = sum(int(s.get("failing_rows") or 0) for s in summaries)
+    return {"passed": passed, "link": link, "failing_rows": failing, "objects": summaries}
+
+
+def render(template: str, **context) -> HTMLResponse:
+    return HTMLResponse(TEMPLATES.get_template(template).render(count_columns=COUNT_COLUMNS, **context))
+
+
+def create_app(require_airflow_login: bool = True) -> FastAPI:
+    """The page's app; `require_airflow_login=False` only for tests of the app on its own."""
+    dependencies = []
+    if require_airflow_login:
+        from airflow.api_fastapi.core_api.security import requires_authenticated
+
+        dependencies.append(Depends(requires_authenticated()))
+    app = FastAPI(
+        title="Clinical CRM connection: data engineers' page",
+        dependencies=dependencies,
+        docs_url=None, redoc_url=None, openapi_url=None,
+    )
+
+    @app.get("/", response_class=HTMLResponse)
+    def overview(limit: Annotated[int, Query(ge=1, le=200)] = 20) -> HTMLResponse:
+        ledger = _ledger()
+        sections = []
+        for connection in ledger.connections():
+            name = connection["connection"]
+            runs = []
+            for run in ledger.recent_runs(name, limit=limit):
+                runs.append({**run, "totals": total_counts(run.get("counts")),
+                             "objects": object_counts(run.get("counts")), "dq": data_quality(ledger, run)})
+            sections.append({"name": name, "runs": runs, "quarantine": ledger.open_quarantine(name),
+                             "open_quarantine": connection.get("open_quarantine", 0)})
+        return render("overview.html", sections=sections, connections=[s["name"] for s in sections])
+
+    @app.get("/record", response_class=HTMLResponse)
+    def record(connection: Annotated[str, Query(min_length=1, max_length=100)],
+               source_id: Annotated[str, Query(min_length=1, max_length=255)]) -> HTMLResponse:
+        ledger = _ledger()
+        connections = [c["connection"] for c in ledger.connections()]
+        history = ledger.record_history(connection, source_id.strip())
+        found = bool(history["outcomes"] or history["quarantine"] or history["id_map"])
+        return render("record.html", history=history, found=found, connections=connections)
+
+    @app.get("/reports/{path:path}")
+    def reports(path: str) -> FileResponse:
+        root = settings.reports_dir().resolve()
+        target = (root / path).resolve()
+        if not target.is_relative_to(root) or not target.is_file():
+            raise HTTPException(status_code=404, detail="No such report file")
+        return FileResponse(target)
+
+    return app
+
+
+class ClinicalCrmPlugin(AirflowPlugin):
+    name = "clinical_crm"
+    fastapi_apps = [{"app": create_app(), "url_prefix": URL_PREFIX, "name": "Clinical CRM connection"}]
+    external_views = [{
+        "name": "Clinical CRM connection",
+        "href": URL_PREFIX.lstrip("/") + "/",
+        "url_route": "clinical-crm",
+        "destination": "nav",
+        "category": "browse",
+    }]

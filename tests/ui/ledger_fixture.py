@@ -1,0 +1,49 @@
+"""A small ledger story for the page tests, written through the ledger's write API."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+from clinical_crm.ledger import Ledger
+
+# Text that must come out escaped, never as markup.
+NASTY_REASON = '<script>alert("x")</script> no CRM account for person'
+
+
+def fill_ledger(url: str, reports_dir: Path) -> dict:
+    """Two runs of `demo` (one with a failing DQ check), one run of `other`, quarantine, history."""
+    ledger = Ledger(url)
+    report = reports_dir / "demo" / "run-1" / "index.html"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("<html><body><h1>Data Docs of run 1</h1></body></html>")
+
+    run1 = ledger.start_run("demo", "ctms_to_crm", "scheduled__2026-11-25T10:00:00+00:00",
+                            datetime(2026, 11, 25, 9, 50, tzinfo=timezone.utc),
+                            datetime(2026, 11, 25, 11, 0, tzinfo=timezone.utc))
+    ledger.add_outcomes(run1, "demo", "ctms_to_crm", "clinical_interaction__v", [
+        {"source_id": "V1A0000000000001", "target_id": "V2C0000000000001", "outcome": "created"},
+        {"source_id": "V1A0000000000002", "target_id": "V2C0000000000002", "outcome": "unchanged"},
+        {"source_id": "V1A0000000000003", "outcome": "failed", "error_type": "INVALID_DATA",
+         "message": "call_channel__v: unknown value"},
+    ])
+    ledger.quarantine_records(run1, "demo", "ctms_to_crm", "clinical_interaction__v",
+                              {"V1A0000000000004": [NASTY_REASON, "missing channel"]})
+    ledger.map_ids("demo", "clinical_interaction__v", [
+        {"source_id": "V1A0000000000001", "target_id": "V2C0000000000001", "external_id": "1001_V1A0000000000001"}])
+    ledger.add_dq_summary(run1, "demo", "ctms_to_crm", "clinical_interaction__v", rows=4, failing_rows=1,
+                          reasons={"no CRM account for person": 1}, success=True, report_path=str(report))
+    counts1 = {"clinical_interaction__v": {"extracted": 4, "loaded": 1, "unchanged": 1, "quarantined": 1, "failed": 1}}
+    ledger.finish_run(run1, "success", counts=counts1, dq_report=str(report))
+
+    run2 = ledger.start_run("demo", "crm_to_ctms", "scheduled__2026-11-25T11:00:00+00:00",
+                            datetime(2026, 11, 25, 10, 50, tzinfo=timezone.utc),
+                            datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc))
+    ledger.add_dq_summary(run2, "demo", "crm_to_ctms", "crm_activity__v", rows=10, failing_rows=6,
+                          reasons={"unknown channel": 6}, success=False, report_path=None)
+    ledger.finish_run(run2, "failed", counts={"extracted": 10, "quarantined": 6}, message="too many rows quarantined")
+
+    run3 = ledger.start_run("other", "ctms_to_crm", "manual__2026-11-25T12:00:00+00:00",
+                            datetime(2026, 11, 25, 11, 0, tzinfo=timezone.utc),
+                            datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc))
+    ledger.finish_run(run3, "success", counts={"extracted": 0, "loaded": 0})
+    return {"report": report, "runs": [run1, run2, run3]}

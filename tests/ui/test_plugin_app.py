@@ -1,0 +1,127 @@
+"""The data engineers' page as a FastAPI app, against a real ledger filled through its write API."""
+from __future__ import annotations
+
+import re
+
+import pytest
+from fastapi.testclient import TestClient
+
+from clinical_crm import plugin
+from ledger_fixture import NASTY_REASON, fill_ledger
+
+
+@pytest.fixture
+def story(tmp_path, monkeypatch):
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    monkeypatch.setenv("CLINICAL_CRM_LEDGER_URL", url)
+    monkeypatch.setenv("CLINICAL_CRM_REPORTS_DIR", str(reports))
+    (tmp_path / "secret.txt").write_text("not for the browser")
+    return fill_ledger(url, reports)
+
+
+@pytest.fixture
+def client(story):
+    return TestClient(plugin.create_app(require_airflow_login=False))
+
+
+def section(html: str, connection: str) -> str:
+    match = re.search(rf'<section class="connection" data-connection="{connection}">(.*?)</section>', html, re.S)
+    assert match, f"no section for {connection}"
+    return match.group(1)
+
+
+def test_overview_lists_runs_per_connection_with_windows_counts_and_dq(client):
+    response = client.get("/")
+    assert response.status_code == 200
+    demo = section(response.text, "demo")
+    assert "scheduled__2026-11-25T10:00:00+00:00" in demo
+    assert "2026-11-25T09:50:00" in demo and "2026-11-25T11:00:00" in demo
+    first_run = demo.split('data-dag-run-id="scheduled__2026-11-25T10:00:00+00:00"')[1].split("</tr>")[0]
+    counts = dict(re.findall(r'class="num count-(\w+)">(\d+)<', first_run))
+    assert counts == {"extracted": "4", "loaded": "1", "unchanged": "1", "quarantined": "1", "failed": "1"}
+    assert 'class="dq-pass"' in first_run
+    assert 'href="reports/demo/run-1/index.html"' in first_run
+    second_run = demo.split('data-dag-run-id="scheduled__2026-11-25T11:00:00+00:00"')[1].split("</tr>")[0]
+    assert 'class="dq-fail"' in second_run and "too many rows quarantined" in second_run
+    assert "data-docs" not in second_run  # no report file, no link
+    other = section(response.text, "other")
+    assert "manual__2026-11-25T12:00:00+00:00" in other
+    assert "scheduled__" not in other  # runs are listed under their own connection
+
+
+def test_open_quarantine_shows_reasons_escaped(client):
+    html = client.get("/").text
+    demo = section(html, "demo")
+    assert "V1A0000000000004" in demo and "missing channel" in demo
+    assert NASTY_REASON not in html
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt; no CRM account for person" in html
+    assert "Nothing held back." in section(html, "other")
+
+
+def test_record_lookup_shows_outcomes_quarantine_and_id_map(client):
+    response = client.get("/record", params={"connection": "demo", "source_id": "V1A0000000000001"})
+    assert response.status_code == 200
+    assert "created" in response.text and "V2C0000000000001" in response.text
+    assert "1001_V1A0000000000001" in response.text
+    failed = client.get("/record", params={"connection": "demo", "source_id": "V1A0000000000003"}).text
+    assert "INVALID_DATA: call_channel__v: unknown value" in failed
+    held = client.get("/record", params={"connection": "demo", "source_id": "V1A0000000000004"}).text
+    assert "missing channel" in held and "still open" in held
+
+
+def test_record_lookup_of_unknown_record_says_so(client):
+    response = client.get("/record", params={"connection": "demo", "source_id": "<b>nope</b>"})
+    assert response.status_code == 200
+    assert 'id="record-not-found"' in response.text
+    assert "<b>nope</b>" not in response.text
+
+
+def test_record_lookup_requires_a_source_id(client):
+    assert client.get("/record", params={"connection": "demo", "source_id": ""}).status_code == 422
+
+
+def test_data_docs_are_served_from_the_reports_folder(client):
+    response = client.get("/reports/demo/run-1/index.html")
+    assert response.status_code == 200
+    assert "Data Docs of run 1" in response.text
+
+
+@pytest.mark.parametrize("path", [
+    "../secret.txt", "..%2Fsecret.txt", "demo/../../secret.txt", "%2e%2e/secret.txt", "/etc/passwd",
+    "demo/run-1", "missing.html",
+])
+def test_report_paths_outside_the_reports_folder_are_refused(client, path):
+    response = client.get(f"/reports/{path}")
+    assert response.status_code == 404
+    assert "not for the browser" not in response.text
+
+
+def test_empty_ledger_says_there_are_no_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLINICAL_CRM_LEDGER_URL", f"sqlite:///{tmp_path / 'empty.db'}")
+    monkeypatch.setenv("CLINICAL_CRM_REPORTS_DIR", str(tmp_path))
+    response = TestClient(plugin.create_app(require_airflow_login=False)).get("/")
+    assert response.status_code == 200
+    assert 'id="no-runs"' in response.text
+
+
+def test_the_page_requires_an_airflow_login(story):
+    client = TestClient(plugin.create_app())
+    assert client.get("/").status_code == 401
+    assert client.get("/reports/demo/run-1/index.html").status_code == 401
+
+
+def test_plugin_registers_the_app_and_a_nav_view():
+    registered = plugin.ClinicalCrmPlugin
+    assert registered.fastapi_apps[0]["url_prefix"] == "/clinical-crm"
+    view = registered.external_views[0]
+    assert view["destination"] == "nav" and view["url_route"] == "clinical-crm"
+    assert not view["href"].startswith("/")
+
+
+def test_airflow_loads_the_plugin_once():
+    from airflow import plugins_manager
+
+    names = [p.name for p in plugins_manager._get_plugins()[0]]
+    assert names.count("clinical_crm") == 1
