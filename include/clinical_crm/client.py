@@ -489,11 +489,11 @@ def _permissions_of(object_name: str, entries: list[dict]) -> dict:
     """Vault's permission entries ("object.X.object_actions", and object-type ones) as a dict."""
     permissions: dict[str, Any] = {"read": False, "create": False, "edit": False, "delete": False, "object_types": {}}
     for entry in entries:
-        name = entry.get("name", "")
+        name = entry.get("name__v") or entry.get("name") or ""
         actions = {k: bool(v) for k, v in (entry.get("permissions") or {}).items()}
         parts = name.split(".")
         if name == f"object.{object_name}.object_actions":
             permissions.update(actions)
-        elif len(parts) >= 4 and parts[0] == "object" and parts[1] == object_name and parts[2] in ("objecttype", "object_type"):
+        elif len(parts) >= 4 and parts[0] == "object" and parts[1] == object_name and parts[2] in ("object_type", "objecttype"):
             permissions["object_types"][parts[3]] = actions
     return permissions

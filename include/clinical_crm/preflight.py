@@ -276,7 +276,7 @@ def check_crm(cfg: ConnectionConfig, catalog: VaultCatalog) -> list[Check]:
 
     for section in (crm.user, crm.account):
         side.permissions(section.object, {"read"})
-    side.permissions(crm.call.object, {"read"} | ({"edit"} if features.medical_activities else set()))
+    side.permissions(crm.call.object, {"read"})
     if features.clinical_activities:
         side.permissions(crm.interaction.object, {"read", "create", "edit"})
     if features.studies_and_sites:
