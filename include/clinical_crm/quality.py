@@ -32,8 +32,7 @@ EARLIEST_DATE = date(1990, 1, 1)  # an activity before this is a typo, not histo
 LATEST_YEARS_AHEAD = 10  # planned activities may be in the future, not in another decade
 
 
-class QualityThresholdExceeded(Exception):
-    """Too large a share of rows failed the checks: the run loads nothing."""
+from clinical_crm.quality_errors import QualityThresholdExceeded  # noqa: E402,F401 (re-exported)
 
 
 # ---------------------------------------------------------------- rules

@@ -1,0 +1,8 @@
+"""The Clinical Operations to Medical CRM connection: two DAGs per connection file.
+
+Thin on purpose: the DAGs are built by clinical_crm.dag_factory from include/connections/*.yaml
+(or $CLINICAL_CRM_CONNECTIONS_DIR). Adding a connection = adding a YAML file.
+"""
+from clinical_crm.dag_factory import build_dags
+
+globals().update(build_dags())
