@@ -38,6 +38,18 @@ def _ledger():
     return Ledger(settings.ledger_url())
 
 
+
+def timestamp(value: str | None) -> str:
+    """ISO timestamps of the ledger (UTC) as `YYYY-MM-DD HH:MM:SS`."""
+    if not value:
+        return ""
+    text = str(value).replace("T", " ")
+    return text[:19] if text.endswith("+00:00") or text.endswith("Z") else text
+
+
+TEMPLATES.filters["timestamp"] = timestamp
+
+
 def total_counts(counts: dict) -> dict[str, int]:
     """Run counts as one row: totals of the per-object counts when the counts are nested by object."""
     totals = {name: 0 for name in COUNT_COLUMNS}

@@ -37,7 +37,7 @@ def test_overview_lists_runs_per_connection_with_windows_counts_and_dq(client):
     assert response.status_code == 200
     demo = section(response.text, "demo")
     assert "scheduled__2026-11-25T10:00:00+00:00" in demo
-    assert "2026-11-25T09:50:00" in demo and "2026-11-25T11:00:00" in demo
+    assert "2026-11-25 09:50:00" in demo and "2026-11-25 11:00:00" in demo
     first_run = demo.split('data-dag-run-id="scheduled__2026-11-25T10:00:00+00:00"')[1].split("</tr>")[0]
     counts = dict(re.findall(r'class="num count-(\w+)">(\d+)<', first_run))
     assert counts == {"extracted": "4", "loaded": "1", "unchanged": "1", "quarantined": "1", "failed": "1"}
