@@ -7,7 +7,7 @@ import io
 import json
 import threading
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
@@ -63,6 +63,7 @@ class Sandbox:
         self.counters = RequestCounters()
         self.faults = Faults(options.fault)
         self.cursors: OrderedDict[str, Cursor] = OrderedDict()
+        self.paging: Counter = Counter()          # pages served by keyset vs by OFFSET
         self.cursor_lock = threading.Lock()
 
     # -- auth -----------------------------------------------------------------------------
@@ -133,8 +134,10 @@ class Sandbox:
                 after = keyset_after(compiled.order, cursor.last_key)
             if after is not None:
                 statement = statement.where(after).limit(pagesize)   # O(page): continue from the last row
+                self.paging["keyset"] += 1
             else:
                 statement = statement.limit(pagesize).offset(offset)
+                self.paging["offset"] += 1
             with self.store.engine.connect() as conn:
                 rows = conn.execute(statement).all()
             if rows:
@@ -519,7 +522,7 @@ def create_app(app_name: str, db_path: str, options: Options | None = None) -> F
     @app.get("/sandbox/counters")
     async def counters():
         return {"responseStatus": "SUCCESS", **sandbox.counters.snapshot(),
-                "faults": dict(sandbox.faults.counts),
+                "faults": dict(sandbox.faults.counts), "paging": dict(sandbox.paging),
                 "burst": {"limit": sandbox.burst.limit, "remaining": sandbox.burst.remaining(),
                           "window_seconds": sandbox.burst.seconds}}
 
@@ -527,6 +530,7 @@ def create_app(app_name: str, db_path: str, options: Options | None = None) -> F
     async def reset_counters():
         sandbox.counters.reset()
         sandbox.faults.counts.clear()
+        sandbox.paging.clear()
         return {"responseStatus": "SUCCESS"}
 
     @app.get("/sandbox/faults")
