@@ -184,15 +184,13 @@ def validate(cfg, run: dict, staged: dict, ledger: Ledger | None = None) -> dict
             continue
         checks = make_checks(chunk)
         suites += validator.validate(object_name, checks, rules)
-        reasons = quality.row_reasons(checks, rules)
+        reasons, per_rule = quality.row_reasons(checks, rules)
+        for name, count in per_rule.items():
+            reason_counts[name] = reason_counts.get(name, 0) + count
         bad = reasons.map(bool)
         rows += len(chunk)
         failing += int(bad.sum())
         held = {str(checks.at[i, "source_id"]): reasons[i] for i in checks.index[bad]}
-        for texts in held.values():
-            for reason in texts:
-                key = reason.split(" '")[0].split(" Person ")[0]
-                reason_counts[key] = reason_counts.get(key, 0) + 1
         ledger.quarantine_records(run["run_id"], cfg.name, run["direction"], object_name, held)
         ledger.add_outcomes(run["run_id"], cfg.name, run["direction"], object_name,
                             [{"source_id": s, "outcome": "quarantined", "message": "; ".join(r)}
@@ -205,7 +203,7 @@ def validate(cfg, run: dict, staged: dict, ledger: Ledger | None = None) -> dict
                "window_start": run["window_start"], "window_end": run["window_end"], "object": object_name,
                "rows": rows, "failing_rows": failing, "reasons": reason_counts, "suites": suites,
                "max_failing_share": cfg.quality.max_failing_share, "passed": passed, "data_docs": report}
-    summary_path = quality.write_summary(cfg.name, run["dag_run_id"], summary)
+    summary_path = quality.write_summary(cfg.name, run["direction"], run["dag_run_id"], summary)
     ledger.add_dq_summary(run["run_id"], cfg.name, run["direction"], object_name, rows, failing, reason_counts,
                           passed, report)
     add_counts(ledger, run, {object_name: {"quarantined": failing, "valid": rows - failing}}, dq_report=report)

@@ -52,6 +52,8 @@ def _gx():
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     import great_expectations as gx
 
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # GX logs every registration
+
     return gx
 
 
@@ -131,7 +133,6 @@ def inbound_rules(cfg, today: date | None = None) -> list[Rule]:
     """Rules for CRM calls going to CTMS as Medical Activities."""
     ident = cfg.identifiers
     channels = list(cfg.channel_map.values())
-    statuses = [cfg.status.submitted, cfg.status.planned]
     return [
         Rule("account_present", MAPPING_COMPLETENESS, "account", _not_null("account"),
              lambda s: s.map(blank).astype(bool), lambda r: "no Account on the call"),
@@ -141,9 +142,10 @@ def inbound_rules(cfg, today: date | None = None) -> list[Rule]:
         Rule("channel_mapped", MAPPING_COMPLETENESS, "channel", _in_set("channel", channels),
              lambda s: ~s.isin(channels),
              lambda r: "channel missing" if blank(r["channel"]) else f"channel '{r['channel']}' is not in the channel map"),
-        Rule("status_mapped", MAPPING_COMPLETENESS, "status", _in_set("status", statuses),
-             lambda s: ~s.isin(statuses),
-             lambda r: "status missing" if blank(r["status"]) else f"status '{r['status']}' is not in the status map"),
+        # Status: Submitted -> Complete Yes, any other status (Planned, Saved, ...) -> No; only a
+        # missing status is a defect.
+        Rule("status_present", MAPPING_COMPLETENESS, "status", _not_null("status"),
+             lambda s: s.map(blank).astype(bool), lambda r: "status missing"),
         _date_rule(today),
         Rule("account_person_match", IDENTIFIER_MATCH, "person_matches", _exactly_one("person_matches"),
              lambda s: s != 1,
@@ -205,8 +207,8 @@ def activity_checks(activities: pd.DataFrame, accounts: pd.DataFrame, known_stud
         refs = study_reference_columns(cfg)
         checks["study_ref"] = col(refs["study"]).map(text)
         checks["site_ref"] = col(refs["site"]).map(text)
-        checks["study_resolved"] = checks["study_ref"].map(lambda v: v is None or v in known_studies).astype(object)
-        checks["site_resolved"] = checks["site_ref"].map(lambda v: v is None or v in known_sites).astype(object)
+        checks["study_resolved"] = checks["study_ref"].map(lambda v: blank(v) or v in known_studies).astype(object)
+        checks["site_resolved"] = checks["site_ref"].map(lambda v: blank(v) or v in known_sites).astype(object)
     account_field = cfg.identifiers.crm_account_field
     checks["account_matches"] = _match_counts(checks["person_identifier"], accounts, account_field)
     checks["account_id"] = _unique_target(checks["person_identifier"], accounts, account_field)
@@ -232,14 +234,18 @@ def call_checks(calls: pd.DataFrame, persons: pd.DataFrame, cfg) -> pd.DataFrame
     return checks
 
 
-def row_reasons(checks: pd.DataFrame, rules: list[Rule]) -> pd.Series:
-    """Every reason each row fails (an empty list for good rows)."""
+def row_reasons(checks: pd.DataFrame, rules: list[Rule]) -> tuple[pd.Series, dict[str, int]]:
+    """Every reason each row fails (an empty list for good rows), and failing rows per rule."""
     reasons = pd.Series([[] for _ in range(len(checks))], index=checks.index, dtype=object)
+    per_rule: dict[str, int] = {}
     for rule in rules:
         mask = rule.failing(checks[rule.column]).fillna(True).astype(bool)
+        if mask.any():
+            per_rule[rule.name] = int(mask.sum())
         for index in checks.index[mask]:
-            reasons[index] = reasons[index] + [rule.reason(checks.loc[index].to_dict())]
-    return reasons
+            row = {k: (None if blank(v) else v) for k, v in checks.loc[index].to_dict().items()}
+            reasons[index] = reasons[index] + [rule.reason(row)]
+    return reasons, per_rule
 
 
 # ---------------------------------------------------------------- Great Expectations
@@ -255,7 +261,7 @@ class Validator:
     results: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
-        self.root = settings.reports_dir() / self.connection / "gx"
+        self.root = settings.reports_dir() / self.connection / "gx"  # GX makes this folder itself
         self._context = None
 
     @property
@@ -264,8 +270,8 @@ class Validator:
             gx = _gx()
             from great_expectations.data_context.types.base import ProgressBarsConfig
 
-            self.root.mkdir(parents=True, exist_ok=True)
-            context = gx.get_context(mode="file", project_root_dir=str(self.root))
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            context = gx.get_context(mode="file", project_root_dir=str(self.root.parent))
             context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
             context.variables.save()
             self._context = context
@@ -308,10 +314,10 @@ class Validator:
         return str(self.root / "uncommitted" / "data_docs" / "local_site" / "index.html")
 
 
-def write_summary(connection: str, run_key: str, summary: dict) -> str:
-    """The run's JSON summary next to the Data Docs."""
+def write_summary(connection: str, direction: str, run_key: str, summary: dict) -> str:
+    """The run's JSON summary next to the Data Docs: <reports>/<connection>/runs/<direction>/<run>.json"""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run_key)
-    path = settings.reports_dir() / connection / "runs" / f"{safe}.json"
+    path = settings.reports_dir() / connection / "runs" / direction / f"{safe}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2, default=str))
     return str(path)
