@@ -1,0 +1,177 @@
+"""Preflight against the two sandbox vaults over HTTP; the hook and the CLI with Airflow connections."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from clinical_crm import settings
+from clinical_crm.client import VaultClient
+from clinical_crm.config import parse_connection
+from clinical_crm.preflight import report, run_preflight
+
+DEMO = settings.PROJECT_ROOT / "include" / "connections" / "demo.yaml"
+
+
+@pytest.fixture
+def demo() -> dict:
+    return yaml.safe_load(DEMO.read_text())
+
+
+def preflight(data: dict, ctms, crm, crm_user: str = "integration@sandbox.example"):
+    cfg = parse_connection(data, "test.yaml")
+    servers = {cfg.ctms_conn_id: (ctms, "integration@sandbox.example"), cfg.crm_conn_id: (crm, crm_user)}
+
+    def get_client(conn_id: str) -> VaultClient:
+        server, user = servers[conn_id]
+        return VaultClient(server.url, user, "sandbox", max_retries=1)
+
+    checks = run_preflight(cfg, get_client)
+    return checks, [c.line() for c in checks if c.failed]
+
+
+def test_demo_configuration_passes(demo, ctms, crm):
+    checks, failed = preflight(demo, ctms, crm)
+    assert failed == []
+    assert len(checks) > 100
+    lines = [c.line() for c in checks]
+    assert "OK    ctms  field crm_activity__v.person__v (ctms.activity.fields.person): object" in lines
+    assert any(line.startswith("OK    crm   field clinical_interaction__v.external_id__v") and "unique" in line
+               for line in lines)
+    assert any("permissions on crm_activity__v object type medical_activity__v" in line for line in lines)
+
+
+def test_wrong_field_name_fails_naming_the_field(demo, ctms, crm):
+    demo["ctms"]["activity"]["fields"]["subject"] = "subjet__v"
+    demo["crm"]["interaction"]["fields"]["channel"] = "channel__v"
+    _, failed = preflight(demo, ctms, crm)
+    assert failed == [
+        "FAIL  ctms  field crm_activity__v.subjet__v (ctms.activity.fields.subject): crm_activity__v has no field subjet__v",
+        "FAIL  crm   field clinical_interaction__v.channel__v (crm.interaction.fields.channel): "
+        "clinical_interaction__v has no field channel__v",
+    ]
+
+
+def test_wrong_object_type_and_field_type(demo, ctms, crm):
+    demo["ctms"]["activity"]["medical_type"] = "medical_activty__v"
+    demo["ctms"]["activity"]["fields"]["complete"] = "subject__v"
+    _, failed = preflight(demo, ctms, crm)
+    assert len(failed) == 2
+    assert "(ctms.activity.medical_type): not an object type of crm_activity__v" in failed[1]
+    assert "(ctms.activity.fields.complete): is text, expected boolean" in failed[0]
+
+
+def test_picklist_values_are_checked(demo, ctms, crm):
+    demo["channel_map"]["phone__v"] = "telephone__v"
+    demo["status"]["planned"] = "scheduled__v"
+    demo["deletion"]["crm_deleted_status"] = "gone__v"
+    _, failed = preflight(demo, ctms, crm)
+    assert any("channel_map values on crm.interaction" in f and "telephone__v" in f for f in failed)
+    assert any("channel_map values on crm.call" in f and "telephone__v" in f for f in failed)
+    assert any("status values on crm.interaction" in f and "scheduled__v" in f for f in failed)
+    assert any("deletion statuses on crm.clinical_study" in f and "gone__v" in f for f in failed)
+
+
+def test_id_param_must_be_unique(demo, ctms, crm):
+    demo["crm"]["interaction"]["fields"]["external_id"] = "subject__v"
+    _, failed = preflight(demo, ctms, crm)
+    assert failed == ["FAIL  crm   field clinical_interaction__v.subject__v (crm.interaction.fields.external_id): "
+                      "must be unique to serve as idParam (external id)"]
+
+
+def test_missing_object_and_identifier(demo, ctms, crm):
+    demo["crm"]["clinical_site"]["object"] = "study_site__v"
+    demo["identifiers"]["crm_account_field"] = "network_id__c"
+    _, failed = preflight(demo, ctms, crm)
+    assert any("object study_site__v (crm.clinical_site.object): not found" in f for f in failed)
+    assert any("(identifiers.crm_account_field): account__v has no field network_id__c" in f for f in failed)
+
+
+def test_missing_permissions_are_reported(demo, ctms, crm):
+    _, failed = preflight(demo, ctms, crm, crm_user="crmreadonly@sandbox.example")
+    assert "FAIL  crm   permissions on clinical_interaction__v (create, edit, read): missing: create, edit" in failed
+    assert all("permissions" in f for f in failed)
+
+
+def test_unreachable_vault_is_one_failure(demo, ctms, crm):
+    cfg = parse_connection(demo, "test.yaml")
+    checks = run_preflight(cfg, lambda conn_id: VaultClient(ctms.url, "integration@sandbox.example", "nope", max_retries=0))
+    failed = [c.line() for c in checks if c.failed]
+    assert len(checks) == len(failed) == 2  # one per vault; nothing else is tried
+    assert failed[0].startswith("FAIL  ctms  connection vault_ctms_demo: VaultAuthenticationError: USERNAME_OR_PASSWORD")
+    assert "NOT ready to activate" in report(cfg, checks)
+
+
+def airflow_env(ctms, crm, tmp_path) -> dict:
+    env = dict(os.environ, AIRFLOW_HOME=str(tmp_path / "airflow"))
+    for name, server in (("VAULT_CTMS_DEMO", ctms), ("VAULT_CRM_DEMO", crm)):
+        env[f"AIRFLOW_CONN_{name}"] = json.dumps({
+            "conn_type": "veeva_vault", "host": server.url, "login": "integration@sandbox.example",
+            "password": "sandbox", "extra": {"api_version": "v25.2", "read_timeout": 30, "burst_floor": 20},
+        })
+    return env
+
+
+def run_cli(args, env):
+    return subprocess.run([sys.executable, "-m", "clinical_crm", *args], env=env, capture_output=True, text=True,
+                          timeout=180)
+
+
+def test_cli_with_airflow_connections(ctms, crm, tmp_path, demo):
+    env = airflow_env(ctms, crm, tmp_path)
+    passed = run_cli(["preflight", str(DEMO)], env)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert "0 failed: ready to activate" in passed.stdout
+    assert "sandbox\"" not in passed.stdout + passed.stderr  # no password echoed
+
+    demo["ctms"]["person"]["fields"]["email"] = "e_mail__sys"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump(demo))
+    failed = run_cli(["preflight", str(broken)], env)
+    assert failed.returncode == 1
+    assert "FAIL  ctms  field person__sys.e_mail__sys (ctms.person.fields.email)" in failed.stdout
+
+    invalid = tmp_path / "invalid.yaml"
+    invalid.write_text("name: [unclosed\n")
+    assert run_cli(["preflight", str(invalid)], env).returncode == 2
+
+
+def test_hook_builds_client_and_tests_connection(ctms, monkeypatch):
+    from clinical_crm.hooks import VaultHook
+
+    monkeypatch.setenv("AIRFLOW_CONN_VAULT_HOOK_TEST", json.dumps({
+        "conn_type": "veeva_vault", "host": ctms.url, "login": "integration@sandbox.example",
+        "password": "sandbox", "extra": {"client_id": "hook-test", "connect_timeout": "3", "burst_floor": 5},
+    }))
+    hook = VaultHook("vault_hook_test")
+    client = hook.get_client()
+    assert (client.base_url, client.timeout, client.burst_floor) == (ctms.url, (3.0, 120.0), 5)
+    assert client.vault_id == "1001"
+    client.close()
+    assert hook.test_connection() == (True, "Authenticated to vault 1001 as integration@sandbox.example")
+    monkeypatch.setenv("AIRFLOW_CONN_VAULT_HOOK_BAD", json.dumps({
+        "conn_type": "veeva_vault", "host": ctms.url, "login": "integration@sandbox.example", "password": "nope"}))
+    ok, message = VaultHook("vault_hook_bad").test_connection()
+    assert not ok and "USERNAME_OR_PASSWORD_INCORRECT" in message
+
+
+def test_provider_registers_the_connection_type():
+    from clinical_crm.provider import get_provider_info
+
+    info = get_provider_info()
+    [conn] = info["connection-types"]
+    assert conn["connection-type"] == "veeva_vault" and conn["hook-class-name"] == "clinical_crm.hooks.VaultHook"
+    assert set(conn["conn-fields"]) == {"api_version", "client_id", "connect_timeout", "read_timeout", "burst_floor"}
+
+
+def test_airflow_lists_the_connection_type(tmp_path):
+    env = dict(os.environ, AIRFLOW_HOME=str(tmp_path / "airflow"))
+    listed = subprocess.run([sys.executable, "-m", "airflow", "providers", "hooks", "-o", "json"], env=env,
+                            capture_output=True, text=True, timeout=180)
+    hooks = {h["connection_type"]: h for h in json.loads(listed.stdout[listed.stdout.index("["):])}
+    assert hooks["veeva_vault"]["class"] == "clinical_crm.hooks.VaultHook"
+    assert hooks["veeva_vault"]["package_name"] == "clinical-crm-connection"
