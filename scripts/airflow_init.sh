@@ -6,7 +6,7 @@
 #   1. airflow db migrate
 #   2. admin access (simple auth manager): writes the passwords file for the configured users
 #   3. the Airflow connections of the two vaults (type veeva_vault), overwritten if present
-#   4. the pools that cap concurrent calls to each vault
+#   4. the pools that cap concurrent calls to each vault (one per vault of every connection file)
 #   5. the sync ledger's tables (CLINICAL_CRM_LEDGER_URL)
 #
 # Environment (all optional, defaults in brackets):
@@ -16,7 +16,8 @@
 #   CTMS_VAULT_URL / CRM_VAULT_URL   base URLs of the vaults        [http://vault-ctms:8000, http://vault-crm:8000]
 #   CTMS_CONN_ID / CRM_CONN_ID       Airflow connection ids         [vault_ctms_demo, vault_crm_demo]
 #   VAULT_USERNAME / VAULT_PASSWORD  integration user               [integration@sandbox.example / sandbox]
-#   CLINICAL_CRM_POOLS          "pool:slots" pairs, comma separated                   [vault_ctms:4,vault_crm:4]
+#   CLINICAL_CRM_POOL_SLOTS     slots of each vault's pool                           [4]
+#   CLINICAL_CRM_CONNECTIONS_DIR     the connection files (pools are made for their vaults)   [include/connections]
 set -euo pipefail
 
 AIRFLOW_BIN=${AIRFLOW_BIN:-airflow}
@@ -62,13 +63,8 @@ with open(sys.argv[1], "w") as f:
 EOF
 "$AIRFLOW_BIN" connections import --overwrite "$connections_file"
 
-echo "==> pools"
-IFS=',' read -r -a pools <<< "${CLINICAL_CRM_POOLS:-vault_ctms:4,vault_crm:4}"
-for pool in "${pools[@]}"; do
-  name=${pool%%:*}
-  slots=${pool##*:}
-  "$AIRFLOW_BIN" pools set "$name" "$slots" "Concurrent calls to one vault (Clinical CRM connection)"
-done
+echo "==> pools (one per vault of every connection file)"
+"$PYTHON_BIN" -m clinical_crm.dag_factory pools --slots "${CLINICAL_CRM_POOL_SLOTS:-4}"
 
 echo "==> sync ledger tables"
 "$PYTHON_BIN" -c 'from clinical_crm import settings; from clinical_crm.ledger import Ledger; Ledger(settings.ledger_url())' \

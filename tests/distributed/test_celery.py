@@ -1,0 +1,112 @@
+"""The distributed path, without a Docker engine: Airflow with the CeleryExecutor on this machine.
+
+A fresh PostgreSQL database (Airflow metadata, Celery results and the sync ledger) and a Redis
+database of its own (the broker); `scripts/airflow_init.sh` (the docker-compose init service)
+migrates the database and creates the vault connections and pools; then the api-server,
+dag-processor, scheduler and a Celery worker run as separate processes, two sandbox vaults serve the
+demo data, and a manual run of `ctms_to_crm__demo` must succeed and leave its records in the CRM
+vault. Everything started here is stopped, and the database dropped, whatever happens.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import redis
+
+from airflow_cluster import REDIS_URL, AirflowCluster, PostgresDatabase
+
+pytestmark = [pytest.mark.celery, pytest.mark.timeout(600)]
+
+REPO = Path(__file__).resolve().parents[2]
+DAG_ID = "ctms_to_crm__demo"
+REDIS_DB = 13  # this test's own Redis database (flushed before and after)
+CTMS_VAULT_ID = "1001"
+
+
+def _require_services() -> None:
+    import psycopg2
+
+    try:
+        psycopg2.connect(dbname="postgres", host="127.0.0.1", port=5432, user="postgres", connect_timeout=5).close()
+    except psycopg2.OperationalError as error:
+        pytest.fail(f"PostgreSQL on 127.0.0.1:5432 (user postgres) is needed: {error}")
+    try:
+        redis.Redis.from_url(f"{REDIS_URL}/{REDIS_DB}", socket_timeout=5).ping()
+    except redis.RedisError as error:
+        pytest.fail(f"Redis on 127.0.0.1:6379 is needed: {error}")
+
+
+@pytest.fixture
+def broker():
+    _require_services()
+    client = redis.Redis.from_url(f"{REDIS_URL}/{REDIS_DB}")
+    client.flushdb()
+    yield REDIS_DB
+    client.flushdb()
+
+
+def crm_interactions(crm_url: str) -> list[dict]:
+    from clinical_crm.client import VaultClient
+
+    client = VaultClient(crm_url, "integration@sandbox.example", "sandbox")
+    try:
+        frames = list(client.query("SELECT id, external_id__v FROM clinical_interaction__v"))
+    finally:
+        client.close()
+    return [row for frame in frames for row in frame.to_dict("records")]
+
+
+def test_connection_dag_runs_on_celery_workers(tmp_path, broker):
+    from vault_sandbox.testing import SandboxServer
+
+    from clinical_crm.ledger import Ledger
+
+    home = tmp_path / "airflow"
+    home.mkdir()
+    data = tmp_path / "data"
+    connections = tmp_path / "connections"
+    shutil.copytree(REPO / "include" / "connections", connections)
+
+    with PostgresDatabase() as database, \
+            SandboxServer("ctms", tmp_path / "ctms.db", seed="demo") as ctms, \
+            SandboxServer("crm", tmp_path / "crm.db", seed="demo") as crm:
+        before = [r for r in crm_interactions(crm.url) if str(r["external_id__v"]).startswith(CTMS_VAULT_ID + "_")]
+        assert before == [], "the CRM vault must start without interactions from the CTMS vault"
+
+        cluster = AirflowCluster(home, database.url, broker, REPO / "dags", {
+            "CLINICAL_CRM_LEDGER_URL": database.url,
+            "CLINICAL_CRM_DATA_DIR": str(data),
+            "CLINICAL_CRM_CONNECTIONS_DIR": str(connections),
+            "CTMS_VAULT_URL": ctms.url,
+            "CRM_VAULT_URL": crm.url,
+            # only the run triggered below: no scheduled runs racing it
+            "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+        })
+        try:
+            cluster.init()
+            cluster.start_all()
+            cluster.wait_for_dag(DAG_ID)
+            run_id = cluster.trigger(DAG_ID, logical_date=None)
+            state = cluster.wait_for_run(DAG_ID, run_id, timeout=300)
+            tasks = cluster.task_states(DAG_ID, run_id)
+            assert state == "success", f"run {run_id} ended {state}: {tasks}\n{cluster.all_logs()}"
+            assert set(tasks.values()) <= {"success", "skipped"}, tasks
+            assert DAG_ID in cluster.tail("celery-worker", 200_000), "the Celery worker did not run the tasks"
+        finally:
+            logs = cluster.all_logs()
+            cluster.stop()
+        print(logs[-6000:])
+
+        ledger = Ledger(database.url)
+        runs = [r for r in ledger.recent_runs("demo") if r["dag_run_id"] == run_id]
+        assert len(runs) == 1 and runs[0]["state"] == "success", runs
+        counts = runs[0]["counts"]
+        loaded = counts["crm_activity__v"]["loaded"]
+        assert loaded > 0, json.dumps(counts)
+
+        after = [r for r in crm_interactions(crm.url) if str(r["external_id__v"]).startswith(CTMS_VAULT_ID + "_")]
+        assert len(after) == loaded, f"CRM has {len(after)} interactions, the ledger says {loaded} loaded: {counts}"
+        assert len({r["external_id__v"] for r in after}) == len(after), "duplicate external ids in the CRM vault"
