@@ -65,6 +65,37 @@ class Writer:
         self.caller = caller
         self.version = version
         self.race = race          # fault injection: True fails this record with RACE_CONDITION
+        # Per-call caches that keep a 500-record call to a handful of statements.
+        self._ids: list[str] = []                      # pre-allocated record ids
+        self._known: dict[str, set[str]] = {}          # referenced ids known to exist, per object
+        self._pending: list[dict] = []                 # created rows not yet inserted
+
+    def _prefetch_references(self, conn, records: list) -> None:
+        wanted: dict[str, set[str]] = {}
+        for record in records:
+            if not isinstance(record, dict):
+                continue
+            for key, value in record.items():
+                f = self.obj.fields.get(key)
+                if f is not None and f.type == "object" and f.object != "object_type__v" and isinstance(value, str):
+                    wanted.setdefault(f.object, set()).add(value)
+        for object_name, values in wanted.items():
+            table = self.store.table(object_name)
+            found = self._known.setdefault(object_name, set())
+            values = list(values)
+            for start in range(0, len(values), 400):
+                found.update(conn.execute(select(table.c.id).where(table.c.id.in_(values[start:start + 400])))
+                             .scalars())
+
+    def _new_id(self, conn, remaining: int) -> str:
+        if not self._ids:
+            self._ids = self.store.allocate_ids(conn, self.obj.prefix, max(1, remaining))
+        return self._ids.pop(0)
+
+    def _flush(self, conn) -> None:
+        if self._pending:
+            conn.execute(self.table.insert(), self._pending)
+            self._pending = []
 
     # -- values ---------------------------------------------------------------------------
 
@@ -112,6 +143,8 @@ class Writer:
             if f.object == "object_type__v":
                 if value not in self.store.object_type_names or self.store.object_type_names[value][0] != self.obj.name:
                     raise RecordError("INVALID_DATA", f"Invalid object type id '{value}'")
+                return value
+            if value in self._known.get(f.object, ()):
                 return value
             target = self.store.table(f.object)
             if conn.execute(select(target.c.id).where(target.c.id == value)).scalar() is None:
@@ -167,10 +200,11 @@ class Writer:
                 why = f" for object type {type_name}" if not f.required else ""
                 raise RecordError("INVALID_DATA", f"Missing required field '{f.name}'{why}")
 
-    def _check_unique(self, conn, values: dict, record_id: str | None) -> None:
+    def _check_unique(self, conn, values: dict, record_id: str | None, known_absent: str | None = None) -> None:
         for name, value in values.items():
             f = self.obj.fields[name]
-            if f.unique and value is not None:
+            if f.unique and value is not None and name != known_absent:
+                self._flush(conn)   # earlier records of this call must be visible to the check
                 other = conn.execute(select(self.table.c.id).where(self.table.c[name] == value)).scalar()
                 if other is not None and other != record_id:
                     raise RecordError("INVALID_DATA", f"Duplicate value '{value}' for unique field '{name}' "
@@ -184,12 +218,12 @@ class Writer:
 
     # -- operations -----------------------------------------------------------------------
 
-    def _create(self, conn, values: dict) -> dict:
+    def _create(self, conn, values: dict, known_absent: str | None = None) -> dict:
         values.setdefault("object_type__v", self.store.object_type_id(self.obj.name, self.obj.default_type))
         self._check_access("create", values["object_type__v"])
         self._check_required(values)
-        self._check_unique(conn, values, None)
-        record_id = self.store.allocate_ids(conn, self.obj.prefix, 1)[0]
+        self._check_unique(conn, values, None, known_absent)
+        record_id = self._new_id(conn, self._remaining)
         stamp = now_text()
         row = {f: None for f in self.obj.fields}
         row.update(values)
@@ -197,7 +231,7 @@ class Writer:
                    modified_by__v=self.caller.user_id, created_date__v=stamp, modified_date__v=stamp)
         row["status__v"] = row.get("status__v") or "active__v"
         row["name__v"] = row.get("name__v") or record_id    # system-managed name when none is given
-        conn.execute(self.table.insert(), row)
+        self._pending.append(row)
         return self._success(record_id, "created")
 
     def _update(self, conn, existing: dict, values: dict) -> dict:
@@ -253,7 +287,9 @@ class Writer:
         results = []
         with self.store.write_lock, self.store.engine.begin() as conn:
             existing = self._existing(conn, key_field, [str(k) for k in keys if k is not None]) if keyed else {}
-            for record in records:
+            self._prefetch_references(conn, records)
+            for position, record in enumerate(records):
+                self._remaining = len(records) - position
                 try:
                     if not isinstance(record, dict):
                         raise RecordError("INVALID_DATA", "Each record must be an object")
@@ -264,6 +300,7 @@ class Writer:
                 except RecordError as exc:
                     results.append({"responseStatus": "FAILURE",
                                     "errors": [{"type": exc.error_type, "message": exc.message}]})
+            self._flush(conn)
         return results
 
     def _apply(self, conn, record: dict, mode: str, key_field: str, id_param: str | None, existing: dict) -> dict:
@@ -283,7 +320,8 @@ class Writer:
                 values[id_param] = self._coerce(conn, self.obj.fields[id_param], key)
             else:
                 raise RecordError("INVALID_DATA", f"No {self.obj.name} record has id '{key}'")
-            return self._create(conn, values)
+            # Absent from the store (looked up above) and unique within the call (checked above).
+            return self._create(conn, values, known_absent=id_param)
         if current is None:
             raise RecordError("INVALID_DATA", f"No {self.obj.name} record has {key_field} '{key}'")
         if mode == "delete":
