@@ -211,9 +211,9 @@ class VaultClient:
         try:
             body = response.json()
         except ValueError:
-            raise VaultError(
-                f"HTTP_{response.status_code}", f"{method} {_path_only(path)} answered with non-JSON"
-            ) from None
+            body = None
+        if not isinstance(body, dict):
+            raise VaultError(f"HTTP_{response.status_code}", f"{method} {_path_only(path)} answered without a JSON envelope")
         status = body.get("responseStatus")
         if status in ("SUCCESS", "WARNING"):
             return body
