@@ -53,5 +53,6 @@ def make_client(ctms, sleeps):
         client.close()
     # leave the shared sandbox as we found it
     ctms.admin.faults(rate=0, queue=[])
-    ctms.admin.limits(burst_limit=2000, burst_delay_ms=500, page_size=1000, reset_windows=True)
+    ctms.admin.limits(burst_limit=2000, burst_delay_ms=500, burst_window_seconds=300, page_size=1000,
+                      reset_windows=True)
     ctms.admin.reset_counters()

@@ -318,7 +318,8 @@ def test_race_condition_reported_after_retries(make_client, ctms):
 def test_paces_when_burst_limit_runs_low(make_client, ctms, sleeps):
     client = make_client(burst_floor=10, pace_max_seconds=1.0)
     record_id = any_activity_id(client)
-    ctms.admin.limits(burst_limit=30, burst_delay_ms=5, reset_windows=True)
+    # a day-long window, so the clock-aligned window cannot roll over during the test
+    ctms.admin.limits(burst_limit=30, burst_delay_ms=5, burst_window_seconds=86_400, reset_windows=True)
     for _ in range(18):  # remaining 29 .. 12: above the floor, no pauses
         client.get_record(ACTIVITY, record_id)
     assert client.counters["paced"] == 0

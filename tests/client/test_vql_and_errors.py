@@ -6,7 +6,7 @@ from datetime import date, datetime, timedelta, timezone
 import pytest
 
 from clinical_crm import errors, vql
-from clinical_crm.client import VaultClient, records_frame, selected_columns
+from clinical_crm.client import VaultClient, _json_ready, records_frame, selected_columns
 
 
 @pytest.mark.parametrize(
@@ -93,3 +93,17 @@ def test_batch_size_over_500_is_refused():
     client = VaultClient("http://127.0.0.1:9", "u", "p")
     with pytest.raises(ValueError):
         client.upsert("x__v", [{"a": 1}], id_param="external_id__v", batch_size=501)
+
+
+def test_records_are_made_json_ready():
+    import numpy as np
+    import pandas as pd
+
+    record = {
+        "a": np.int64(3), "b": float("nan"), "c": pd.NaT, "d": pd.Timestamp("2026-01-02T03:04:05Z"),
+        "e": date(2026, 1, 2), "f": None, "g": "text", "h": True, "i": ["x__v"], "j": pd.NA,
+    }
+    assert _json_ready(record) == {
+        "a": 3, "b": None, "c": None, "d": "2026-01-02T03:04:05.000Z", "e": "2026-01-02", "f": None,
+        "g": "text", "h": True, "i": ["x__v"], "j": None,
+    }
