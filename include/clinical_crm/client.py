@@ -42,7 +42,6 @@ from clinical_crm.vql import VQL_MAX_CHARS, format_datetime
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 500  # Vault's limit of records per write call
-OUTCOMES = ("created", "updated", "unchanged", "failed")
 
 
 @dataclass(frozen=True)
