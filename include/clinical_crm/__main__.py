@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         "connection_file", nargs="+")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("clinical_crm").setLevel(logging.WARNING)  # the report is the output
     if args.command == "preflight":
         return preflight(args.connection_file)
     status = 0
