@@ -220,7 +220,10 @@ class VaultClient:
             return body  # per-record results; the caller reads each one
         errors = body.get("errors") or [{"type": status or f"HTTP_{response.status_code}", "message": ""}]
         first = errors[0]
-        raise error_for(first.get("type") or "UNKNOWN", first.get("message") or "")
+        error_type, message = first.get("type") or "UNKNOWN", first.get("message") or ""
+        if status == "EXCEPTION":  # a server-side fault, whatever type it names: worth a retry
+            raise VaultTransientError(error_type, message)
+        raise error_for(error_type, message)
 
     def _observe_limits(self, response: requests.Response) -> None:
         """Pace from the burst headers; a Vault response delay is not a fault, just counted."""
