@@ -120,6 +120,7 @@ class Faults:
         with self._lock:
             self.config = config
             self.rng = random.Random(config.seed)
+            self._force_race = False      # a queued race_condition waits for the next write call
 
     def for_call(self, is_write: bool) -> str | None:
         """The call-level fault for this call, if any (race conditions are decided per record)."""
@@ -142,7 +143,7 @@ class Faults:
 
     def race_for_record(self) -> bool:
         with self._lock:
-            if getattr(self, "_force_race", False):
+            if self._force_race:
                 self._force_race = False
                 self.counts["race_condition"] += 1
                 return True

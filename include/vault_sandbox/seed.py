@@ -366,16 +366,20 @@ def seed_scale(store: Store, activities: int, seed_number: int = 1, now: datetim
         creators = [users["clinops@sandbox.example"], users["mia.keller@sandbox.example"],
                     users["tomas.horvat@sandbox.example"]]
         span = (end - start).total_seconds()
-        rows, stamps = [], []
-        for i in range(activities):
-            site_index = i % len(site_ids)
-            modified = start + timedelta(seconds=rng.random() * (span - 1))
-            stamps.append((modified, modified))
-            rows.append({"person__v": person_ids[i % len(person_ids)], "study__v": site_rows[site_index]["study__v"],
-                         "site__v": site_ids[site_index], "activity_date__v": modified.strftime("%Y-%m-%d"),
-                         "channel__v": CHANNELS[i % len(CHANNELS)], "complete__v": i % 2 == 0,
-                         "subject__v": ACTIVITY_SUBJECTS[i % len(ACTIVITY_SUBJECTS)]})
-        loader.insert("crm_activity__v", rows, created_by=creators, stamps=stamps, object_type="clinical_activity__v")
+        # Built and inserted in chunks so that a million activities never sit in memory at once.
+        for chunk_start in range(0, activities, 50_000):
+            rows, stamps = [], []
+            for i in range(chunk_start, min(chunk_start + 50_000, activities)):
+                site_index = i % len(site_ids)
+                modified = start + timedelta(seconds=rng.random() * (span - 1))
+                stamps.append((modified, modified))
+                rows.append({"person__v": person_ids[i % len(person_ids)],
+                             "study__v": site_rows[site_index]["study__v"], "site__v": site_ids[site_index],
+                             "activity_date__v": modified.strftime("%Y-%m-%d"),
+                             "channel__v": CHANNELS[i % len(CHANNELS)], "complete__v": i % 2 == 0,
+                             "subject__v": ACTIVITY_SUBJECTS[i % len(ACTIVITY_SUBJECTS)]})
+            loader.insert("crm_activity__v", rows, created_by=creators, stamps=stamps,
+                          object_type="clinical_activity__v")
         return {"user__sys": len(users), "person__sys": len(person_ids), "study__v": len(study_ids),
                 "site__v": len(site_ids), "crm_activity__v": activities}
 
