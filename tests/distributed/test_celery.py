@@ -9,12 +9,15 @@ vault. Everything started here is stopped, and the database dropped, whatever ha
 """
 from __future__ import annotations
 
+import html
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import redis
+import requests
 
 from airflow_cluster import REDIS_URL, AirflowCluster, PostgresDatabase
 
@@ -95,6 +98,15 @@ def test_connection_dag_runs_on_celery_workers(tmp_path, broker):
             assert state == "success", f"run {run_id} ended {state}: {tasks}\n{cluster.all_logs()}"
             assert set(tasks.values()) <= {"success", "skipped"}, tasks
             assert DAG_ID in cluster.tail("celery-worker", 200_000), "the Celery worker did not run the tasks"
+
+            # The data engineers' page of this deployment shows the run and links its Data Docs.
+            page = requests.get(f"{cluster.api_url}/clinical-crm/", timeout=60)
+            assert page.status_code == 200
+            row = page.text.split(f'data-dag-run-id="{html.escape(run_id)}"')[1].split("</tr>")[0]
+            assert "state-success" in row
+            docs = re.search(r'class="data-docs" href="([^"]+)"', row)
+            assert docs, row
+            assert requests.get(f"{cluster.api_url}/clinical-crm/{html.unescape(docs.group(1))}", timeout=60).ok
         finally:
             logs = cluster.all_logs()
             cluster.stop()
@@ -104,6 +116,7 @@ def test_connection_dag_runs_on_celery_workers(tmp_path, broker):
         runs = [r for r in ledger.recent_runs("demo") if r["dag_run_id"] == run_id]
         assert len(runs) == 1 and runs[0]["state"] == "success", runs
         counts = runs[0]["counts"]
+        print("ledger counts of the run:", json.dumps(counts))
         loaded = counts["crm_activity__v"]["loaded"]
         assert loaded > 0, json.dumps(counts)
 
