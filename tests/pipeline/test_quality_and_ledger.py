@@ -1,0 +1,155 @@
+"""Quarantine reasons (the same rules GX validates) and the ledger's read API."""
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta, timezone
+
+import pandas as pd
+import pytest
+
+from clinical_crm import quality
+from clinical_crm.ledger import Ledger
+
+TODAY = date(2026, 6, 1)
+
+
+def activities(*rows):
+    base = {"id": None, "person__v": "P1", "person__vr.veeva_network_id__c": "N1", "person__vr.first_name__sys": "Ann",
+            "person__vr.last_name__sys": "Lee", "activity_date__v": "2026-05-01", "channel__v": "phone__v",
+            "study__vr.global_id__sys": "1001_S1", "site__vr.global_id__sys": None}
+    return pd.DataFrame([{**base, **r} for r in rows])
+
+
+ACCOUNTS = pd.DataFrame({"id": ["A1", "A2", "A3"], "veeva_network_id__v": ["N1", "N2", "N2"]})
+
+
+def reasons_of(cfg, frame, known_studies=("1001_S1",)):
+    checks = quality.activity_checks(frame, ACCOUNTS, set(known_studies), set(), cfg)
+    reasons, per_rule = quality.row_reasons(checks, quality.outbound_rules(cfg, today=TODAY))
+    return checks, dict(zip(frame["id"], reasons)), per_rule
+
+
+def test_good_activity_has_no_reason_and_its_account(demo_cfg):
+    checks, reasons, per_rule = reasons_of(demo_cfg, activities({"id": "ok"}))
+    assert reasons == {"ok": []} and per_rule == {}
+    assert checks["account_id"].tolist() == ["A1"]
+
+
+def test_each_rule_gives_a_readable_reason(demo_cfg):
+    frame = activities(
+        {"id": "no_person", "person__v": None, "person__vr.veeva_network_id__c": None},
+        {"id": "no_identifier", "person__vr.veeva_network_id__c": None},
+        {"id": "no_account", "person__vr.veeva_network_id__c": "N9"},
+        {"id": "ambiguous", "person__vr.veeva_network_id__c": "N2"},
+        {"id": "bad_channel", "channel__v": "fax__c"},
+        {"id": "bad_date", "activity_date__v": "2026-02-30"},
+        {"id": "absurd_date", "activity_date__v": "1899-01-01"},
+        {"id": "no_study", "study__vr.global_id__sys": "1001_S404"},
+    )
+    _, reasons, per_rule = reasons_of(demo_cfg, frame)
+    assert "no Person on the Clinical Activity" in reasons["no_person"]
+    assert reasons["no_identifier"][0] == "Person Ann Lee has no veeva_network_id__c"
+    assert reasons["no_account"] == ["no CRM Account has veeva_network_id__v = 'N9'"]
+    assert reasons["ambiguous"] == ["ambiguous: 2 CRM Accounts have veeva_network_id__v = 'N2'"]
+    assert reasons["bad_channel"] == ["channel 'fax__c' is not in the channel map"]
+    assert "not a valid date" in reasons["bad_date"][0]
+    assert "not a valid date" in reasons["absurd_date"][0]
+    assert reasons["no_study"] == ["Study 1001_S404 has no Clinical Study in CRM (not sent yet)"]
+    assert len(reasons["no_person"]) >= 2  # a row may have several reasons
+    assert per_rule["person_account_match"] == 4
+
+
+def test_gx_validates_the_same_rules(demo_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLINICAL_CRM_REPORTS_DIR", str(tmp_path))
+    frame = activities({"id": "ok"}, {"id": "bad", "channel__v": "fax__c", "person__vr.veeva_network_id__c": "N2"})
+    checks = quality.activity_checks(frame, ACCOUNTS, {"1001_S1"}, set(), demo_cfg)
+    validator = quality.Validator("unit", "run1")
+    summaries = {s["suite"]: s for s in validator.validate("crm_activity__v", checks, quality.outbound_rules(demo_cfg))}
+    assert summaries["mapping_completeness"]["success"] is False
+    assert summaries["identifier_match"]["success"] is False
+    good = checks.loc[checks["source_id"] == "ok"]
+    summaries = {s["suite"]: s for s in validator.validate("crm_activity__v", good, quality.outbound_rules(demo_cfg))}
+    assert all(s["success"] for s in summaries.values())
+    docs = validator.build_docs()
+    assert docs.endswith("index.html") and (tmp_path / "unit" / "gx").is_dir()
+    from pathlib import Path
+    assert Path(docs).is_file()
+
+
+def test_inbound_rules(demo_cfg):
+    calls = pd.DataFrame([
+        {"id": "ok", "account__v": "A1", "account__vr.veeva_network_id__v": "N1", "call_channel__v": "phone__v",
+         "call2_status__v": "saved__v", "call_date__v": "2026-05-01"},
+        {"id": "two", "account__v": "A2", "account__vr.veeva_network_id__v": "N2", "call_channel__v": "phone__v",
+         "call2_status__v": None, "call_date__v": "2026-05-01"},
+    ])
+    persons = pd.DataFrame({"id": ["P1", "P2", "P3"], "veeva_network_id__c": ["N1", "N2", "N2"]})
+    checks = quality.call_checks(calls, persons, demo_cfg)
+    reasons, _ = quality.row_reasons(checks, quality.inbound_rules(demo_cfg, today=TODAY))
+    assert reasons.tolist()[0] == [] and checks["person_id"].tolist()[0] == "P1"
+    assert reasons.tolist()[1] == ["status missing", "ambiguous: 2 CTMS Persons have veeva_network_id__c = 'N2'"]
+
+
+def test_threshold_fails_only_past_the_share():
+    quality.check_threshold(4, 1, 0.25)
+    quality.check_threshold(0, 0, 0.25)
+    with pytest.raises(quality.QualityThresholdExceeded):
+        quality.check_threshold(4, 2, 0.25)
+
+
+# ---------------------------------------------------------------- ledger
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    return Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+
+
+def test_ledger_answers_what_happened_to_a_record(ledger):
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    run1 = ledger.start_run("demo", "ctms_to_crm", "r1", t0, t0 + timedelta(hours=1))
+    ledger.quarantine_records(run1, "demo", "ctms_to_crm", "crm_activity__v", {"V1": ["no CRM Account has x = '1'"]})
+    ledger.add_outcomes(run1, "demo", "ctms_to_crm", "crm_activity__v",
+                        [{"source_id": "V1", "outcome": "quarantined", "message": "no CRM Account"}])
+    ledger.finish_run(run1, "success", counts={"crm_activity__v": {"quarantined": 1}})
+    assert [q["source_id"] for q in ledger.open_quarantine("demo")] == ["V1"]
+    assert ledger.quarantined_ids("demo", "ctms_to_crm", "crm_activity__v") == ["V1"]
+
+    run2 = ledger.start_run("demo", "ctms_to_crm", "r2", t0 + timedelta(hours=1), t0 + timedelta(hours=2))
+    ledger.add_outcomes(run2, "demo", "ctms_to_crm", "crm_activity__v",
+                        [{"source_id": "V1", "target_id": "CI1", "outcome": "created", "external_id": "1001_V1"}])
+    ledger.map_ids("demo", "clinical_interaction__v", [{"source_id": "V1", "target_id": "CI1", "external_id": "1001_V1"}])
+    assert ledger.resolve_quarantine("demo", "ctms_to_crm", "crm_activity__v", ["V1"]) == 1
+    ledger.finish_run(run2, "success", counts={})
+
+    assert ledger.open_quarantine("demo") == []
+    history = ledger.record_history("demo", "V1")
+    assert [o["outcome"] for o in history["outcomes"]] == ["quarantined", "created"]
+    assert history["outcomes"][1]["window_end"] == (t0 + timedelta(hours=2)).isoformat()
+    assert history["quarantine"][0]["resolved_at"] is not None
+    assert history["id_map"][0]["target_id"] == "CI1"
+    assert ledger.known_external_ids("demo", "clinical_interaction__v", ["1001_V1", "1001_V2"]) == {"1001_V1"}
+
+    runs = ledger.recent_runs("demo")
+    assert [r["dag_run_id"] for r in runs] == ["r2", "r1"]
+    assert runs[1]["counts"] == {"crm_activity__v": {"quarantined": 1}}
+    assert ledger.last_success_end("demo", "ctms_to_crm") == t0 + timedelta(hours=2)
+    assert ledger.last_success_end("demo", "crm_to_ctms") is None
+    [conn] = ledger.connections()
+    assert conn["connection"] == "demo" and conn["open_quarantine"] == 0 and conn["last_run"]["dag_run_id"] == "r2"
+
+
+def test_failed_runs_do_not_move_the_last_success(ledger):
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    ok = ledger.start_run("demo", "crm_to_ctms", "a", t0, t0 + timedelta(hours=1))
+    ledger.finish_run(ok, "success")
+    bad = ledger.start_run("demo", "crm_to_ctms", "b", t0 + timedelta(hours=1), t0 + timedelta(hours=2))
+    ledger.finish_run(bad, "failed", message="VaultAuthenticationError: wrong password")
+    assert ledger.last_success_end("demo", "crm_to_ctms") == t0 + timedelta(hours=1)
+    assert ledger.recent_runs("demo")[0]["message"].startswith("VaultAuthenticationError")
+
+
+def test_a_retried_run_reuses_its_row(ledger):
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    first = ledger.start_run("demo", "ctms_to_crm", "same", t0, t0)
+    assert ledger.start_run("demo", "ctms_to_crm", "same", t0, t0) == first
+    assert len(ledger.recent_runs("demo")) == 1

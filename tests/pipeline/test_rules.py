@@ -1,0 +1,163 @@
+"""The field rules (transform.py) and the window rule (windows.py): pure functions."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pandas as pd
+import pytest
+
+from clinical_crm import transform as t
+from clinical_crm.windows import run_window
+
+UTC = timezone.utc
+
+
+def test_channel_picklist_both_ways(demo_cfg):
+    for ctms_value, crm_value in demo_cfg.channel_map.items():
+        assert t.crm_channel(ctms_value, demo_cfg) == crm_value
+        assert t.ctms_channel(crm_value, demo_cfg) == ctms_value
+    assert t.crm_channel("fax__c", demo_cfg) is None
+    assert t.crm_channel(None, demo_cfg) is None
+    assert t.ctms_channel(float("nan"), demo_cfg) is None
+
+
+def test_channel_map_is_read_from_the_configuration(demo_cfg):
+    cfg = demo_cfg.model_copy(update={"channel_map": {"phone__v": "telephone__c"}})
+    assert t.crm_channel("phone__v", cfg) == "telephone__c"
+    assert t.ctms_channel("telephone__c", cfg) == "phone__v"
+
+
+@pytest.mark.parametrize("complete, status", [
+    (True, "submitted__v"), ("true", "submitted__v"), (False, "planned__v"), ("false", "planned__v"),
+    (None, "planned__v"), ("", "planned__v"),
+])
+def test_complete_yes_is_submitted_otherwise_planned(demo_cfg, complete, status):
+    assert t.crm_status(complete, demo_cfg) == status
+
+
+@pytest.mark.parametrize("status, complete", [
+    ("submitted__v", True), ("planned__v", False), ("saved__v", False), (None, False),
+])
+def test_inbound_status_submitted_is_complete(demo_cfg, status, complete):
+    assert t.ctms_complete(status, demo_cfg) is complete
+
+
+@pytest.mark.parametrize("first, last, email, label", [
+    ("Claire", "Dubois", "clinops@sandbox.example", "Claire Dubois (clinops@sandbox.example)"),
+    ("Jonas", "Berg", None, "Jonas Berg"),            # no email: readable, no empty parentheses
+    (None, None, "x@example.com", "(x@example.com)"),
+    (None, None, None, None),
+    (" Ana ", float("nan"), "", "Ana"),
+])
+def test_from_label(first, last, email, label):
+    assert t.from_label(first, last, email) == label
+
+
+def test_deleted_subject_appended_exactly_once(demo_cfg):
+    once = t.deleted_subject("Safety update", demo_cfg)
+    assert once == "Safety update Deleted"
+    assert t.deleted_subject(once, demo_cfg) == once
+    assert t.deleted_subject(None, demo_cfg) == "Deleted"
+    assert t.deleted_subject("Deleted", demo_cfg) == "Deleted"
+    assert not t.is_deleted_subject("Undeleted", demo_cfg)
+
+
+def test_deletion_status_and_inactivation_updates(demo_cfg):
+    assert t.deleted_status(["X1"], demo_cfg) == [
+        {"id": "X1", "vault_clinical_status__v": "deleted_in_vault_clinical__v"}]
+    assert t.inactivated(["A1"], demo_cfg) == [{"id": "A1", "status__v": "inactive__v"}]
+
+
+def test_automated_external_id_is_deterministic():
+    assert t.automated_external_id("1001_V5M1") == t.automated_external_id("1001_V5M1")
+    assert t.automated_external_id("1001_V5M1") != t.automated_external_id("1001_V5M2")
+
+
+def activity_row(**overrides):
+    row = {
+        "id": "V1A1", "global_id__sys": "1001_V1A1", "account_id": "ACC1", "person__v": "P1",
+        "activity_date__v": "2026-03-01", "channel__v": "video__v", "complete__v": "true",
+        "subject__v": "Kick-off", "created_by__vr.first_name__sys": "Claire",
+        "created_by__vr.last_name__sys": "Dubois", "created_by__vr.email__sys": "c@x.example",
+        "study__v": "S1", "site__v": "SI1", "study_country__v": None, "study_person__v": None,
+        "study__vr.global_id__sys": "1001_S1", "site__vr.global_id__sys": "1001_SI1",
+        "study_country__vr.country__v": "France",
+    }
+    row.update(overrides)
+    return row
+
+
+def test_clinical_interaction_carries_every_rule(demo_cfg):
+    [record] = t.clinical_interactions(pd.DataFrame([activity_row()]), demo_cfg)
+    assert record == {
+        "external_id__v": "1001_V1A1", "account__v": "ACC1", "interaction_date__v": "2026-03-01",
+        "call_channel__v": "video__v", "call2_status__v": "submitted__v",
+        "from__v": "Claire Dubois (c@x.example)", "subject__v": "Kick-off", "context__v": "site",
+        "clinical_study__vr.external_id__v": "1001_S1", "clinical_site__vr.external_id__v": "1001_SI1",
+        "study_country__v": "France",
+    }
+
+
+def test_study_information_only_when_studies_are_sent(demo_cfg):
+    features = demo_cfg.features.model_copy(update={"studies_and_sites": False})
+    cfg = demo_cfg.model_copy(update={"features": features})
+    [record] = t.clinical_interactions(pd.DataFrame([activity_row()]), cfg)
+    assert "clinical_study__vr.external_id__v" not in record
+
+
+def test_activity_context_is_the_most_specific_level(demo_cfg):
+    assert t.activity_context(activity_row(site__v=None), demo_cfg) == "study"
+    assert t.activity_context(activity_row(study_person__v="SP1"), demo_cfg) == "study_person"
+
+
+def test_medical_activity_from_call(demo_cfg):
+    call = {"id": "C1", "global_id__sys": "2002_C1", "person_id": "P9", "call_date__v": "2026-02-02",
+            "call_channel__v": "phone__v", "call2_status__v": "submitted__v", "subject__v": "Question",
+            "created_by__vr.first_name__sys": "Sofia", "created_by__vr.last_name__sys": "Marino",
+            "created_by__vr.email__sys": "medical@sandbox.example"}
+    [record] = t.medical_activities(pd.DataFrame([call]), demo_cfg)
+    assert record == {
+        "external_id__v": "2002_C1", "object_type__vr.api_name__v": "medical_activity__v", "person__v": "P9",
+        "activity_date__v": "2026-02-02", "channel__v": "phone__v", "complete__v": True,
+        "from__v": "Sofia Marino (medical@sandbox.example)", "subject__v": "Question",
+    }
+
+
+# ---------------------------------------------------------------- windows
+
+T0 = datetime(2026, 1, 1, 10, tzinfo=UTC)
+T1 = T0 + timedelta(hours=1)
+
+
+def test_window_is_the_data_interval_less_the_lookback():
+    w = run_window(T0, T1, None, 10)
+    assert (w.start, w.end) == (T0 - timedelta(minutes=10), T1)
+
+
+def test_window_reaches_back_to_the_last_success_after_a_failure():
+    last_success = T0 - timedelta(hours=3)  # the runs of the two hours in between failed
+    w = run_window(T0, T1, last_success, 10)
+    assert w.start == last_success - timedelta(minutes=10)
+
+
+def test_a_backfilled_older_window_keeps_its_own_start():
+    w = run_window(T0 - timedelta(days=2), T0 - timedelta(days=2) + timedelta(hours=1), T1, 0)
+    assert w.start == T0 - timedelta(days=2)
+
+
+def test_manual_params_set_the_window():
+    w = run_window(T0, T1, None, 10, window_start="2025-12-01T00:00:00Z", window_end="2025-12-02T00:00:00")
+    assert (w.start, w.end) == (datetime(2025, 12, 1, tzinfo=UTC), datetime(2025, 12, 2, tzinfo=UTC))
+
+
+def test_manual_run_without_interval_ends_now():
+    now = datetime(2026, 5, 5, 12, tzinfo=UTC)
+    w = run_window(None, None, T0, 5, now=now)
+    assert (w.start, w.end) == (T0 - timedelta(minutes=5), now)
+    first = run_window(None, None, None, 5, first_start=T0, now=now)
+    assert first.start == T0
+
+
+def test_window_start_after_end_is_refused():
+    with pytest.raises(ValueError):
+        run_window(None, None, None, 0, window_start="2026-02-01T00:00:00Z", window_end="2026-01-01T00:00:00Z")
