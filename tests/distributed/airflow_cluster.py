@@ -188,7 +188,11 @@ class AirflowCluster:
             self.check_alive()
             return self.api("GET", f"/dags/{dag_id}").status_code == 200
 
-        wait_until(parsed, timeout, f"the dag-processor to parse {dag_id}", interval=2)
+        try:
+            wait_until(parsed, timeout, f"the dag-processor to parse {dag_id}", interval=2)
+        except TimeoutError as error:
+            import_errors = self.api("GET", "/importErrors").text
+            raise TimeoutError(f"{error}; import errors: {import_errors[:3000]}") from None
 
     def trigger(self, dag_id: str, logical_date: str | None) -> str:
         response = self.api("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
