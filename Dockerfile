@@ -1,6 +1,8 @@
 # The project image: Apache Airflow 3.3.2 with the pinned requirements and the Clinical CRM package
 # (DAG factory, UI plugin, Vault client) plus the Vault sandbox used by the demo vault services.
-FROM apache/airflow:3.3.2
+# The -python3.11 variant: requirements.txt is resolved for Python 3.11 and the project requires it
+# (the plain 3.3.2 tag may carry another Python).
+FROM apache/airflow:3.3.2-python3.11
 
 # Pinned set first (cached while only the code changes). apache-airflow stays at the image's
 # version: requirements.txt pins the same 3.3.2.
