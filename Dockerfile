@@ -12,7 +12,9 @@ RUN pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" -r /opt/clin
 COPY --chown=airflow:root pyproject.toml README.md /opt/clinical-crm/
 COPY --chown=airflow:root include /opt/clinical-crm/include
 COPY --chown=airflow:root scripts /opt/clinical-crm/scripts
-RUN pip install --no-cache-dir --no-deps /opt/clinical-crm
+# Editable, like the local setup: the package reads files next to its modules (templates, the
+# sandbox's models and VQL grammar) straight from /opt/clinical-crm/include.
+RUN pip install --no-cache-dir --no-deps -e /opt/clinical-crm
 
 # DAG files and connection files are baked in (docker-compose.yaml mounts the working copy over them).
 COPY --chown=airflow:root dags /opt/airflow/dags
