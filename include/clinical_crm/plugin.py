@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import Depends, FastAPI, HTTPException, Query
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from airflow.plugins_manager import AirflowPlugin
 
@@ -99,8 +101,16 @@ def data_quality(ledger, run: dict) -> dict:
     return {"passed": passed, "link": link, "failing_rows": failing, "objects": summaries}
 
 
-def render(template: str, **context) -> HTMLResponse:
-    return HTMLResponse(TEMPLATES.get_template(template).render(count_columns=COUNT_COLUMNS, **context))
+def render(template: str, status_code: int = 200, **context) -> HTMLResponse:
+    html = TEMPLATES.get_template(template).render(count_columns=COUNT_COLUMNS, **context)
+    return HTMLResponse(html, status_code=status_code)
+
+
+def ledger_unavailable(request: Request, error: SQLAlchemyError) -> HTMLResponse:
+    """The ledger's database cannot be read: say which one (without its password) and why."""
+    url = make_url(settings.ledger_url()).render_as_string(hide_password=True)
+    return render("unavailable.html", status_code=503, connections=[], ledger_url=url,
+                  error=f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
 
 
 def create_app(require_airflow_login: bool = True) -> FastAPI:
@@ -114,6 +124,7 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
         title="Clinical CRM connection: data engineers' page",
         dependencies=dependencies,
         docs_url=None, redoc_url=None, openapi_url=None,
+        exception_handlers={SQLAlchemyError: ledger_unavailable},
     )
 
     @app.get("/", response_class=HTMLResponse)

@@ -125,3 +125,13 @@ def test_airflow_loads_the_plugin_once():
 
     names = [p.name for p in plugins_manager._get_plugins()[0]]
     assert names.count("clinical_crm") == 1
+
+
+def test_unreachable_ledger_is_reported_without_its_password(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLINICAL_CRM_LEDGER_URL", "postgresql+psycopg2://crm:s3cret@127.0.0.1:1/ledger")
+    monkeypatch.setenv("CLINICAL_CRM_REPORTS_DIR", str(tmp_path))
+    response = TestClient(plugin.create_app(require_airflow_login=False)).get("/")
+    assert response.status_code == 503
+    assert 'id="ledger-unavailable"' in response.text
+    assert "127.0.0.1:1/ledger" in response.text and "OperationalError" in response.text
+    assert "s3cret" not in response.text
