@@ -30,6 +30,15 @@ CTMS_VAULT_ID = "1001"
 
 
 def _require_services() -> None:
+    try:
+        import asyncpg  # noqa: F401
+    except ImportError:
+        pytest.fail("Airflow 3.3 on PostgreSQL needs the async driver asyncpg (pip install asyncpg)")
+    try:
+        from celery.backends.database import retry  # noqa: F401
+    except ImportError:
+        pytest.fail("this celery release breaks apache-airflow-providers-celery 3.26 (no "
+                    "celery.backends.database.retry): install celery 5.6.x")
     import psycopg2
 
     try:
