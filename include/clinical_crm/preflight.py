@@ -197,21 +197,21 @@ class SideChecks:
 def check_ctms(cfg: ConnectionConfig, catalog: VaultCatalog) -> list[Check]:
     side = SideChecks("ctms", catalog)
     ctms, features = cfg.ctms, cfg.features
-    present = {}
     for key in ("user", "person", "study", "study_country", "site", "study_person", "activity",
                 "monitoring_event", "communication_log"):
         section = getattr(ctms, key)
         if section is not None:
-            present[key] = side.section(f"ctms.{key}", section)
+            side.section(f"ctms.{key}", section)
     activity = ctms.activity
-    if present.get("activity") is not None and _object_known(catalog, activity.object):
+    if _object_known(catalog, activity.object):
         types = catalog.object_types(activity.object)
         for key in ("clinical_type", "medical_type"):
             name = getattr(activity, key)
             side.add(f"object type {activity.object}.{name} (ctms.activity.{key})", name in types,
                      "" if name in types else f"not an object type of {activity.object} (has: {', '.join(sorted(types)) or 'none'})")
-        side.values_in_picklist("channel_map keys (CTMS channels)", activity.object,
-                                activity.fields.channel, list(cfg.channel_map))
+        if _field_known(catalog, activity.object, activity.fields.channel):
+            side.values_in_picklist("channel_map keys (CTMS channels)", activity.object,
+                                    activity.fields.channel, list(cfg.channel_map))
         status_values = catalog.picklist_values(activity.object, "status__v") if catalog.field(activity.object, "status__v") else None
         if status_values is None:
             side.skip(f"deletion.ctms_inactive_status {cfg.deletion.ctms_inactive_status}",
@@ -222,7 +222,7 @@ def check_ctms(cfg: ConnectionConfig, catalog: VaultCatalog) -> list[Check]:
     if features.automated_activities:
         for key in ("monitoring_event", "communication_log"):
             section = getattr(ctms, key)
-            if present.get(key):
+            if _field_known(catalog, section.object, section.fields.channel):
                 side.values_in_picklist(f"channel_map keys on ctms.{key}", section.object,
                                         section.fields.channel, list(cfg.channel_map))
     if _object_known(catalog, ctms.person.object):
