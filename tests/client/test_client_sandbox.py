@@ -357,3 +357,18 @@ def test_injection_attempts_come_back_as_data(make_client, evil):
     assert nothing.empty  # the value did not widen the query
     listed = pd_concat(client.query(f"SELECT id FROM {ACTIVITY} WHERE subject__v CONTAINS {vql.in_list([evil, evil + marker])}"))
     assert list(listed["id"]) == [outcome.id]
+
+
+def test_long_contains_lists_are_split_under_the_vql_limit(make_client):
+    client = make_client()
+    known = list(pd_concat(client.query(f"SELECT id FROM {ACTIVITY} PAGESIZE 20"))["id"])[:20]
+    values = [f"V1I{n:013d}9" for n in range(4_000)] + known  # ~80,000 characters of literals
+    prefix = f"SELECT id FROM {ACTIVITY} WHERE id CONTAINS "
+    with pytest.raises(VaultQueryError, match="QUERY_TOO_LONG"):
+        list(client.query(prefix + vql.in_list(values)))
+    assert client.counters["calls.query"] == 1  # only the lookup above was sent
+    found = []
+    for chunk in vql.chunk_values(values, room=vql.VQL_MAX_CHARS - len(prefix)):
+        found += list(pd_concat(client.query(prefix + vql.in_list(chunk)))["id"])
+    assert client.counters["calls.query"] == 3  # two chunks
+    assert sorted(found) == sorted(known)

@@ -153,6 +153,14 @@ def test_hook_builds_client_and_tests_connection(ctms, monkeypatch):
     assert client.vault_id == "1001"
     client.close()
     assert hook.test_connection() == (True, "Authenticated to vault 1001 as integration@sandbox.example")
+    monkeypatch.setenv("AIRFLOW_CONN_VAULT_HOOK_PREFIXED", json.dumps({
+        "conn_type": "veeva_vault", "host": ctms.url.removeprefix("http://"), "schema": "http",
+        "login": "integration@sandbox.example", "password": "sandbox",
+        "extra": {"extra__veeva_vault__api_version": "v25.1", "extra__veeva_vault__read_timeout": "7"}}))
+    prefixed = VaultHook("vault_hook_prefixed").get_client()
+    assert (prefixed.base_url, prefixed.api_version, prefixed.timeout[1]) == (ctms.url, "v25.1", 7.0)
+    assert prefixed.vault_id == "1001"
+    prefixed.close()
     monkeypatch.setenv("AIRFLOW_CONN_VAULT_HOOK_BAD", json.dumps({
         "conn_type": "veeva_vault", "host": ctms.url, "login": "integration@sandbox.example", "password": "nope"}))
     ok, message = VaultHook("vault_hook_bad").test_connection()
