@@ -127,19 +127,20 @@ class Sandbox:
         pagesize = max(1, min(pagesize or cursor.pagesize, self.options.page_size))
         compiled = cursor.compiled
         with cursor.lock:
-            statement = compiled.statement.order_by(
+            ordered = compiled.statement.order_by(
                 *[col.desc() if descending else col.asc() for col, descending in compiled.order])
-            after = None
+            rows = None
             if offset == cursor.next_offset and cursor.last_key is not None and offset > 0:
-                after = keyset_after(compiled.order, cursor.last_key)
-            if after is not None:
-                statement = statement.where(after).limit(pagesize)   # O(page): continue from the last row
-                self.paging["keyset"] += 1
-            else:
-                statement = statement.limit(pagesize).offset(offset)
+                after, exact = keyset_after(compiled.order, cursor.last_key)
+                if after is not None:
+                    # O(page): continue right after the last row served instead of skipping `offset` rows.
+                    rows = self._rows(ordered.where(after).limit(pagesize))
+                    self.paging["keyset"] += 1
+                    if not exact and len(rows) < pagesize and offset + len(rows) < cursor.total:
+                        rows = None     # NULL rows follow a descending first column: read this page by OFFSET
+            if rows is None:
+                rows = self._rows(ordered.limit(pagesize).offset(offset))
                 self.paging["offset"] += 1
-            with self.store.engine.connect() as conn:
-                rows = conn.execute(statement).all()
             if rows:
                 n_select = len(compiled.selected)
                 cursor.last_key = tuple(rows[-1][n_select:])
@@ -156,6 +157,10 @@ class Sandbox:
             details["previous_page"] = (f"/api/{cursor.version}/query/{query_id}"
                                         f"?pagesize={pagesize}&pageoffset={max(0, offset - pagesize)}")
         return {"responseStatus": "SUCCESS", "responseDetails": details, "data": data}
+
+    def _rows(self, statement) -> list:
+        with self.store.engine.connect() as conn:
+            return conn.execute(statement).all()
 
     # -- writes ---------------------------------------------------------------------------
 

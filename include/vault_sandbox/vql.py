@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lark import Lark, Transformer, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, literal, or_, select
 from sqlalchemy.sql import ColumnElement
 
 from vault_sandbox.db import OBJECT_TYPES, Store
@@ -338,17 +338,30 @@ def compile_query(query: Query, store: Store) -> Compiled:
                     query.pageoffset)
 
 
-def keyset_after(order: list[tuple[ColumnElement, bool]], last_key: tuple) -> ColumnElement | None:
-    """Rows strictly after last_key in the given order; None when a NULL key makes it ambiguous."""
+def keyset_after(order: list[tuple[ColumnElement, bool]], last_key: tuple) -> tuple[ColumnElement | None, bool]:
+    """Condition for the rows after last_key in this order, and whether it is exact.
+
+    SQLite sorts NULL first ascending and last descending. The condition always starts with a
+    range on the first sort column so that SQLite seeks in its index instead of scanning it.
+    For a descending first column that range leaves out the NULL rows, which come after every
+    other row: the condition is then not exact, and a short page must be re-read by OFFSET.
+    Returns (None, False) when a NULL in last_key makes the position ambiguous.
+    """
     if any(v is None for v in last_key):
-        return None
-    clauses = []
-    for i, (column, descending) in enumerate(order):
-        equal_prefix = [order[j][0] == last_key[j] for j in range(i)]
-        beyond = column < last_key[i] if descending else column > last_key[i]
-        if descending:
-            beyond = or_(beyond, column.is_(None))   # SQLite sorts NULL first ascending, last descending
-        clauses.append(and_(*equal_prefix, beyond))
-    return or_(*clauses)
+        return None, False
+    # Bound as literals: SQLAlchemy refuses < and > against a bare Python boolean.
+    last_key = tuple(literal(v, type_=col.type) for v, (col, _) in zip(last_key, order))
 
+    def after(i: int) -> ColumnElement:
+        column, descending = order[i]
+        beyond = or_(column < last_key[i], column.is_(None)) if descending else column > last_key[i]
+        if i == len(order) - 1:
+            return beyond
+        return or_(beyond, and_(column == last_key[i], after(i + 1)))
 
+    lead, descending = order[0]
+    if not descending:
+        return and_(lead >= last_key[0], after(0)), True
+    rest = lead < last_key[0] if len(order) == 1 else or_(lead < last_key[0],
+                                                          and_(lead == last_key[0], after(1)))
+    return and_(lead <= last_key[0], rest), False

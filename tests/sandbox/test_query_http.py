@@ -176,3 +176,13 @@ def test_keyset_and_offset_pages_agree(big):
 def test_page_size_is_capped(big):
     body = Client(big.url).query(f"SELECT id FROM {ACT} PAGESIZE 5000")
     assert body["responseDetails"]["pagesize"] == 1000 and len(body["data"]) == 1000
+
+
+@pytest.mark.parametrize("order", ["site__v DESC, modified_date__v ASC", "site__v ASC, modified_date__v DESC",
+                                   "study_person__v DESC", "complete__v DESC, channel__v DESC"])
+def test_sequential_pages_equal_one_page_even_with_nulls_in_sort_keys(ctms, ctms_client, order):
+    whole = ctms_client.query(f"SELECT id FROM {ACT} ORDER BY {order} PAGESIZE 1000")["data"]
+    ctms.admin.reset_counters()
+    paged, _ = ctms_client.query_all(f"SELECT id FROM {ACT} ORDER BY {order} PAGESIZE 7")
+    assert [r["id"] for r in paged] == [r["id"] for r in whole]
+    assert ctms.admin.counters()["paging"].get("keyset", 0) > 0
