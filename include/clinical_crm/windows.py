@@ -25,7 +25,9 @@ def parse_time(value: str | datetime | None) -> datetime | None:
     if value is None or value == "":
         return None
     if isinstance(value, datetime):
-        moment = value
+        # a plain datetime: Airflow hands pendulum DateTimes, whose arithmetic with a stdlib
+        # timezone can drop the tzinfo (naive results that then refuse to compare)
+        moment = datetime.fromisoformat(value.isoformat()) if type(value) is not datetime else value
     else:
         moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     if moment.tzinfo is None:

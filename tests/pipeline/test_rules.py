@@ -161,3 +161,11 @@ def test_manual_run_without_interval_ends_now():
 def test_window_start_after_end_is_refused():
     with pytest.raises(ValueError):
         run_window(None, None, None, 0, window_start="2026-02-01T00:00:00Z", window_end="2026-01-01T00:00:00Z")
+
+
+def test_window_from_airflow_pendulum_datetimes():
+    import pendulum
+
+    start, end = pendulum.datetime(2026, 1, 1, 10, tz="UTC"), pendulum.datetime(2026, 1, 1, 11, tz="UTC")
+    w = run_window(start, end, None, 10)
+    assert w.start == T0 - timedelta(minutes=10) and w.start.tzinfo is not None and type(w.start) is datetime
