@@ -13,7 +13,7 @@ from sqlalchemy import (Boolean, Column, Float, Index, Integer, MetaData, String
                         create_engine, event, select, update)
 from sqlalchemy.engine import Engine
 
-from vault_sandbox.models import ObjectDef, VaultModel
+from vault_sandbox.models import VaultModel
 
 OBJECT_TYPES = "_object_types"     # object types; queried through object_type__vr
 DELETIONS = "_deletions"
@@ -125,8 +125,5 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA cache_size=-65536")   # 64 MB page cache: big seeding transactions spill less
     cursor.close()
-
-
-def object_table(store: Store, obj: ObjectDef) -> Table:
-    return store.tables[obj.name]
