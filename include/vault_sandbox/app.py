@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vault_sandbox.control import (FaultConfig, Faults, FixedWindow, RequestCounters, Sessions, endpoint_key)
 from vault_sandbox.db import CREDENTIALS, DELETIONS, Store
@@ -354,6 +355,13 @@ def create_app(app_name: str, db_path: str, options: Options | None = None) -> F
     app = FastAPI(title=f"Vault sandbox ({app_name})", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.sandbox = sandbox
 
+    @app.exception_handler(StarletteHTTPException)
+    async def vault_style_http_errors(request: Request, exc: StarletteHTTPException):
+        # Vault answers unknown paths and methods with an envelope too.
+        if exc.status_code == 405:
+            return envelope(failure("METHOD_NOT_SUPPORTED", f"{request.method} is not supported on {request.url.path}"))
+        return envelope(failure("MALFORMED_URL", f"Unknown resource: {request.url.path}"))
+
     def caller(request: Request) -> Caller:
         session = request.state.session
         return Caller(session.user_id, session.profile)
@@ -457,6 +465,8 @@ def create_app(app_name: str, db_path: str, options: Options | None = None) -> F
         q = fields.get("q")
         if not q:
             return envelope(failure("PARAMETER_REQUIRED", "Missing required parameter 'q'"))
+        if len(q) > 50_000:
+            return envelope(failure("INVALID_DATA", "A VQL statement may hold at most 50,000 characters"))
         try:
             body = await run_in_threadpool(sandbox.query, q, caller(request), version)
         except VqlError as exc:

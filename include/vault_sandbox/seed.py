@@ -311,12 +311,13 @@ def _demo_crm(loader: _Loader, world: World, users: dict, rng: random.Random, no
     accounts = _account_rows(world, skip={d["person_without_account"]})
     twin = world.persons[d["person_with_two_accounts"]]
     accounts.append({"first_name__v": twin.first, "last_name__v": twin.last,
-                     "formatted_name__v": f"{twin.first} {twin.last} (duplicate)", "veeva_network_id__v": twin.network_id,
-                     "npi__c": twin.npi, "account_identifier__v": "ACC-DUPLICATE", "name__v": f"{twin.first} {twin.last}"})
+                     "formatted_name__v": f"{twin.first} {twin.last} (duplicate)",
+                     "veeva_network_id__v": twin.network_id, "npi__c": twin.npi,
+                     "account_identifier__v": "ACC-DUPLICATE", "name__v": f"{twin.first} {twin.last}"})
     # An account that exists only in CRM (no CTMS person carries its identifiers).
-    accounts.append({"first_name__v": "Henrik", "last_name__v": "Lindgren", "formatted_name__v": "Dr. Henrik Lindgren",
-                     "veeva_network_id__v": "VN99999901", "npi__c": "1999999901", "account_identifier__v": "ACC-CRM-ONLY",
-                     "name__v": "Henrik Lindgren"})
+    accounts.append({"first_name__v": "Henrik", "last_name__v": "Lindgren",
+                     "formatted_name__v": "Dr. Henrik Lindgren", "veeva_network_id__v": "VN99999901",
+                     "npi__c": "1999999901", "account_identifier__v": "ACC-CRM-ONLY", "name__v": "Henrik Lindgren"})
     account_ids = loader.insert("account__v", accounts, created_by=users[INTEGRATION_USER])
     crm_only = account_ids[-1]
     creators = [users["medical@sandbox.example"], users["lena.fischer@sandbox.example"]]

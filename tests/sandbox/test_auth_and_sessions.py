@@ -105,3 +105,10 @@ def test_state_survives_a_restart(tmp_path):
     with SandboxServer("crm", db, seed="demo") as server:   # an existing database is not re-seeded
         body = Client(server.url).request("GET", f"/api/{API}/vobjects/clinical_study__v/{record_id}").json()
         assert body["data"]["external_id__v"] == "1001_KEEP"
+
+
+def test_unknown_paths_and_methods_answer_with_an_envelope(ctms_client):
+    unknown = ctms_client.request("GET", f"/api/{API}/no/such/thing")
+    assert unknown.status_code == 200 and unknown.json()["errors"][0]["type"] == "MALFORMED_URL"
+    wrong = ctms_client.request("PATCH", f"/api/{API}/vobjects/study__v")
+    assert wrong.status_code == 200 and wrong.json()["errors"][0]["type"] == "METHOD_NOT_SUPPORTED"
