@@ -34,6 +34,7 @@ class VqlError(Exception):
 @dataclass
 class FieldRef:
     path: tuple[str, ...]          # ("name__v",) or ("person__vr", "email__sys")
+    column: int | None = field(default=None, compare=False)   # where it starts in the query text
 
     @property
     def text(self) -> str:
@@ -125,7 +126,7 @@ class _ToAst(Transformer):
         return Contains(items[0], list(items[1:]))
 
     def field(self, items):
-        return FieldRef(tuple(str(t).lower() for t in items))
+        return FieldRef(tuple(str(t).lower() for t in items), getattr(items[0], "column", None))
 
     def string(self, items):
         return re.sub(r"\\(.)", r"\1", str(items[0])[1:-1], flags=re.S)
@@ -213,16 +214,18 @@ class _Compiler:
         self.joins: dict[str, Any] = {}          # relationship name -> (alias, onclause)
 
     def resolve(self, ref: FieldRef, clause: str) -> tuple[ColumnElement, FieldDef]:
+        if ref.column is not None:
+            clause = f"{clause} (column {ref.column})"
         if len(ref.path) == 1:
             f = self.obj.fields.get(ref.path[0])
             if f is None:
-                raise VqlError("INVALID_FILTER" if clause == "WHERE" else "INCORRECT_QUERY_SYNTAX_ERROR",
+                raise VqlError("INVALID_FILTER" if clause.startswith("WHERE") else "INCORRECT_QUERY_SYNTAX_ERROR",
                                f"Unknown field '{ref.text}' on object '{self.obj.name}' in {clause}")
             return self.base.c[f.name], f
         rel, target_field = ref.path
         f = self.obj.by_relationship(rel)
         if f is None:
-            raise VqlError("INVALID_FILTER" if clause == "WHERE" else "INCORRECT_QUERY_SYNTAX_ERROR",
+            raise VqlError("INVALID_FILTER" if clause.startswith("WHERE") else "INCORRECT_QUERY_SYNTAX_ERROR",
                            f"Unknown relationship '{rel}' on object '{self.obj.name}' in {clause}")
         if f.object == "object_type__v":
             target_fields = OBJECT_TYPE_FIELDS
@@ -232,7 +235,7 @@ class _Compiler:
             target_table = self.store.table(f.object)
         tf = target_fields.get(target_field)
         if tf is None:
-            raise VqlError("INVALID_FILTER" if clause == "WHERE" else "INCORRECT_QUERY_SYNTAX_ERROR",
+            raise VqlError("INVALID_FILTER" if clause.startswith("WHERE") else "INCORRECT_QUERY_SYNTAX_ERROR",
                            f"Unknown field '{target_field}' on relationship '{rel}' in {clause}")
         if rel not in self.joins:
             alias = target_table.alias(f"r_{rel}")
