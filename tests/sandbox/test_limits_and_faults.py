@@ -123,3 +123,17 @@ def test_seeded_fault_rate_repeats(ctms, ctms_client):
 def test_bad_fault_kind_is_refused(ctms):
     body = ctms.admin.faults(kinds=["meteor"])
     assert body["responseStatus"] == "FAILURE"
+
+
+def test_faults_configured_at_start(tmp_path):
+    from vault_sandbox.testing import SandboxServer
+
+    with SandboxServer("crm", tmp_path / "crm.db", seed="demo", fault_rate=1.0, fault_kinds=["http503"],
+                       fault_seed=3, burst_limit=77) as server:
+        client = Client(server.url)
+        response = client.request("POST", f"/api/{API}/query", data={"q": "SELECT id FROM account__v"})
+        assert response.status_code == 503
+        assert response.headers["X-VaultAPI-BurstLimit"] == "77"
+        assert server.admin.faults()["kinds"] == ["http503"] and server.admin.faults()["seed"] == 3
+        server.admin.faults(rate=0)
+        assert client.query("SELECT id FROM account__v")["responseStatus"] == "SUCCESS"
