@@ -369,9 +369,9 @@ def create_app(app_name: str, db_path: str, options: Options | None = None) -> F
     @app.middleware("http")
     async def vault_behaviour(request: Request, call_next):
         method, path = request.method, request.url.path
-        # The test helper's own logins (X-Sandbox-Admin) count like admin calls: not at all.
-        is_admin = path.startswith("/sandbox") or "x-sandbox-admin" in request.headers
         is_auth = _is_auth(method, path)
+        # The test helper's own logins (X-Sandbox-Admin) count like admin calls: not at all.
+        is_admin = path.startswith("/sandbox") or (is_auth and "x-sandbox-admin" in request.headers)
         is_public = is_auth or path.rstrip("/") == "/api"
         if not is_admin:
             sandbox.counters.count(endpoint_key(method, path), is_auth)
