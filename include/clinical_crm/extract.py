@@ -156,22 +156,32 @@ def extract_ctms_to_crm(cfg, ctms, crm, window: Window, run_dir: str,
         f"{run_dir}/{CLINICAL_ACTIVITIES}.parquet", collect(query_pages(ctms, statements)), columns)
 
     if studies_on:
-        staged[STUDIES] = staging.write_frames(
-            f"{run_dir}/{STUDIES}.parquet", ctms.query(f"{study_query(cfg)} WHERE {window_filter(window)}"))
+        # Studies / Sites changed in the window, plus those the activities (and sites) refer to
+        # that CRM does not have yet (never sent: e.g. unchanged since before the first run), so
+        # the study information of every activity resolves.
+        site_study_refs: set[str] = set()
+        known_sites: set[str] = set()
         staged[STUDY_SITES] = staging.write_frames(
-            f"{run_dir}/{STUDY_SITES}.parquet", ctms.query(f"{site_query(cfg)} WHERE {window_filter(window)}"))
+            f"{run_dir}/{STUDY_SITES}.parquet",
+            _changed_and_referenced(cfg, ctms, ledger, site_query(cfg), window, site_refs,
+                                    cfg.crm.clinical_site.object, known_sites,
+                                    lambda page: site_study_refs.update(
+                                        v for v in map(text, page[f"{relationship(cfg.ctms.site.fields.study)}.{GLOBAL_ID}"]) if v)))
+        known_studies: set[str] = set()
+        staged[STUDIES] = staging.write_frames(
+            f"{run_dir}/{STUDIES}.parquet",
+            _changed_and_referenced(cfg, ctms, ledger, study_query(cfg), window, study_refs | site_study_refs,
+                                    cfg.crm.clinical_study.object, known_studies))
+        staged[KNOWN_STUDIES] = staging.write_frames(
+            f"{run_dir}/{KNOWN_STUDIES}.parquet", [pd.DataFrame({"external_id": sorted(known_studies)})], ["external_id"])
+        staged[KNOWN_SITES] = staging.write_frames(
+            f"{run_dir}/{KNOWN_SITES}.parquet", [pd.DataFrame({"external_id": sorted(known_sites)})], ["external_id"])
         staged[DELETED_STUDIES] = staging.write_frames(
             f"{run_dir}/{DELETED_STUDIES}.parquet",
             deleted_global_ids(ctms, cfg.ctms.study.object, window), [ID, GLOBAL_ID])
         staged[DELETED_SITES] = staging.write_frames(
             f"{run_dir}/{DELETED_SITES}.parquet",
             deleted_global_ids(ctms, cfg.ctms.site.object, window), [ID, GLOBAL_ID])
-        # Study information needs the CRM Clinical Study / Site to exist: in this run, loaded
-        # before (ledger), or already in CRM (one lookup for the rest only).
-        staged[KNOWN_STUDIES] = _known_targets(cfg, crm, ledger, "clinical_study", study_refs,
-                                               f"{run_dir}/{STUDIES}.parquet", f"{run_dir}/{KNOWN_STUDIES}.parquet")
-        staged[KNOWN_SITES] = _known_targets(cfg, crm, ledger, "clinical_site", site_refs,
-                                             f"{run_dir}/{STUDY_SITES}.parquet", f"{run_dir}/{KNOWN_SITES}.parquet")
 
     if cfg.features.clinical_activities:
         staged[DELETED_ACTIVITIES] = staging.write_frames(
@@ -187,22 +197,27 @@ def extract_ctms_to_crm(cfg, ctms, crm, window: Window, run_dir: str,
     return staged
 
 
-def _known_targets(cfg, crm, ledger, crm_entity: str, refs: set[str], this_run_url: str, url: str) -> dict:
-    """External ids (CTMS global ids) among `refs` that resolve to a CRM record."""
-    known: set[str] = set()
-    for chunk in staging.read_chunks(this_run_url):
-        known.update(v for v in map(text, chunk[GLOBAL_ID]) if v)
-    rest = refs - known
-    if rest and ledger is not None:
-        known |= ledger.known_external_ids(cfg.name, getattr(cfg.crm, crm_entity).object, rest)
-        rest -= known
-    if rest:
-        target = getattr(cfg.crm, crm_entity)
-        ext = target.fields.external_id
-        statement = f"SELECT {select([ID, ext])} FROM {target.object}"
-        for page in query_pages(crm, contains_queries(statement, ext, rest)):
-            known.update(v for v in map(text, page[ext]) if v)
-    return staging.write_frames(url, [pd.DataFrame({"external_id": sorted(known & refs)})], ["external_id"])
+def _changed_and_referenced(cfg, ctms, ledger, statement: str, window: Window, refs: set[str],
+                            crm_object: str, known: set[str], on_page=None) -> Iterator[pd.DataFrame]:
+    """Pages of the records changed in the window, then of the referenced ones (by global id)
+    that were neither in the window nor loaded before (ledger). `known` collects every global id
+    that resolves in CRM after this run's load: this run's records and the ledger's."""
+
+    def pages(statements):
+        for page in query_pages(ctms, statements):
+            known.update(v for v in map(text, page[GLOBAL_ID]) if v)
+            if on_page is not None:
+                on_page(page)
+            yield page
+
+    yield from pages([f"{statement} WHERE {window_filter(window)}"])
+    missing = refs - known
+    if missing and ledger is not None:
+        loaded = ledger.known_external_ids(cfg.name, crm_object, missing)
+        known.update(loaded)
+        missing -= loaded
+    if missing:
+        yield from pages(contains_queries(statement, GLOBAL_ID, missing))
 
 
 # ---------------------------------------------------------------- CRM -> CTMS
