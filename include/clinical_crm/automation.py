@@ -20,6 +20,7 @@ from clinical_crm.transform import (
     ID,
     NAME,
     OBJECT_TYPE_API_NAME,
+    SOURCE_ID,
     automated_external_id,
     blank,
     is_yes,
@@ -67,39 +68,45 @@ def clinical_activity(row: dict, cfg, source: str) -> dict:
 def automate_activities(cfg, ctms, ledger=None, run: dict | None = None) -> dict:
     """Create/update the Clinical Activities of flagged records, then clear the flags.
 
+    One upsert for the activities of both sources (fewer calls), then one flag update per source.
     Returns {"activity_ids": [...], "counts": {source object: {...}}}.
     """
+    a = cfg.ctms.activity.fields
+    flagged: dict[str, list[dict]] = {}
+    activities: list[dict] = []
+    source_of: dict[str, str] = {}  # activity external id -> source name
+    for source in SOURCES:
+        obj = getattr(cfg.ctms, source)
+        frames = [p for p in query_pages(ctms, [source_query(cfg, source)]) if not p.empty]
+        flagged[source] = pd.concat(frames, ignore_index=True).to_dict("records") if frames else []
+        for row in flagged[source]:
+            if blank(row.get(obj.fields.person)):
+                log.warning("%s %s (%s) has Activity Update Required but no Person: no Clinical Activity "
+                            "can be created; left flagged", obj.object, row[ID], text(row.get(NAME)))
+                continue
+            activity = clinical_activity(row, cfg, source)
+            activities.append(activity | {SOURCE_ID: row[ID]})
+            source_of[activity[a.external_id]] = source
+    outcomes = load.upsert(ctms, cfg.ctms.activity.object, activities, a.external_id, cfg.load.batch_size)
+
     activity_ids: list[str] = []
     counts: dict[str, dict] = {}
     for source in SOURCES:
         obj = getattr(cfg.ctms, source)
-        frames = [p for p in query_pages(ctms, [source_query(cfg, source)]) if not p.empty]
-        rows = pd.concat(frames, ignore_index=True).to_dict("records") if frames else []
-        without_person = [r for r in rows if blank(r.get(obj.fields.person))]
-        ready = [r for r in rows if not blank(r.get(obj.fields.person))]
-        for r in without_person:
-            log.warning("%s %s (%s) has Activity Update Required but no Person: no Clinical Activity "
-                        "can be created; left flagged", obj.object, r[ID], text(r.get(NAME)))
-        activities = [clinical_activity(r, cfg, source) for r in ready]
-        ext = cfg.ctms.activity.fields.external_id
-        outcomes = load.upsert(ctms, cfg.ctms.activity.object, activities, ext, cfg.load.batch_size,
-                               source_ids={a[ext]: a[cfg.ctms.activity.fields.monitoring_event
-                                                   if source == "monitoring_event"
-                                                   else cfg.ctms.activity.fields.communication_log]
-                                           for a in activities})
-        written = [o for o in outcomes if o["outcome"] in load.LOADED]
+        mine = [o for o in outcomes if source_of.get(o["external_id"]) == source]
+        written = [o for o in mine if o["outcome"] in load.LOADED]
         activity_ids += [o["target_id"] for o in written if o["target_id"]]
         cleared = load.update(ctms, obj.object,
                               [{ID: o["source_id"], obj.fields.update_required: False} for o in written],
                               cfg.load.batch_size)
-        failed_clear = [c for c in cleared if c["outcome"] == "failed"]
+        without_person = [r for r in flagged[source] if blank(r.get(obj.fields.person))]
         report = [o | {"message": o.get("message") or f"Clinical Activity {o['target_id']} {o['outcome']}"}
-                  for o in outcomes]
+                  for o in mine]
         report += [{"source_id": str(r[ID]), "outcome": "needs_person",
                     "message": "Activity Update Required but no Person; left flagged"} for r in without_person]
-        report += [c | {"message": f"flag not cleared: {c.get('message')}"} for c in failed_clear]
+        report += [c | {"message": f"flag not cleared: {c.get('message')}"} for c in cleared if c["outcome"] == "failed"]
         if ledger is not None and run is not None:
             ledger.add_outcomes(run["run_id"], run["connection"], run["direction"], obj.object, report)
-        counts[obj.object] = load.tally(outcomes) | {"flagged": len(rows), "needs_person": len(without_person)}
+        counts[obj.object] = load.tally(mine) | {"flagged": len(flagged[source]), "needs_person": len(without_person)}
         log.info("automated activities from %s: %s", obj.object, counts[obj.object])
     return {"activity_ids": activity_ids, "counts": counts}

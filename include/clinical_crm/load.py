@@ -14,7 +14,7 @@ import pandas as pd
 
 from clinical_crm import staging, vql
 from clinical_crm.extract import contains_queries, query_pages, select
-from clinical_crm.transform import ID, STATUS, OBJECT_TYPE_API_NAME, deleted_subject, is_deleted_subject, text
+from clinical_crm.transform import ID, OBJECT_TYPE_API_NAME, SOURCE_ID, STATUS, deleted_subject, is_deleted_subject, text
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,17 @@ def _outcome(o, source_id: str) -> dict:
 
 def upsert(client, object_name: str, records: Iterable[dict], id_param: str, batch_size: int,
            source_ids: dict[str, str] | None = None) -> list[dict]:
-    """Upsert records by `id_param` in batches; one outcome dict per record (source_id = external id
-    unless `source_ids` maps it). Duplicates in one batch would fail the batch: the last one wins."""
-    unique = {str(r[id_param]): _clean(r) for r in records}
+    """Upsert records by `id_param` in batches; one outcome dict per record. The outcome's source_id
+    is the record's SOURCE_ID (never sent), else `source_ids[external id]`, else the external id.
+    Duplicates in one batch would fail the batch: the last one wins."""
+    source_ids = dict(source_ids or {})
+    unique = {}
+    for r in records:
+        r = dict(r)
+        source = r.pop(SOURCE_ID, None)
+        if source is not None:
+            source_ids[str(r[id_param])] = str(source)
+        unique[str(r[id_param])] = _clean(r)
     ordered = list(unique.values())
     outcomes: list[dict] = []
     started = time.monotonic()

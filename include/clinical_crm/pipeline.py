@@ -253,30 +253,31 @@ def transform(cfg, run: dict, staged: dict, validated: dict) -> dict:
 # ---------------------------------------------------------------- load
 
 
-def _records(staged: dict | None) -> list[dict]:
-    """Staged target records back as dicts (text; missing values None)."""
-    records: list[dict] = []
-    for chunk in staging.read_chunks((staged or {}).get("path")):
-        records += chunk.to_dict("records")
-    return records
-
-
-def _load_object(ledger: Ledger, run: dict, client, target_object: str, source_object: str, records: list[dict],
-                 id_param: str, batch_size: int, source_ids: dict[str, str], resolve: bool) -> dict:
+def _load_object(ledger: Ledger, run: dict, client, target_object: str, source_object: str, staged: dict | None,
+                 id_param: str, batch_size: int, resolve: bool, prepare=None) -> dict:
+    """Upsert one staged records file chunk by chunk (memory follows the chunk, not the file);
+    record outcomes, the id map and (for activities) the quarantine they leave."""
     from clinical_crm import load
 
-    outcomes = load.upsert(client, target_object, records, id_param, batch_size, source_ids)
-    ledger.add_outcomes(run["run_id"], run["connection"], run["direction"], source_object, outcomes)
-    ledger.map_ids(run["connection"], target_object,
-                   [{"source_id": o["source_id"], "target_id": o["target_id"], "external_id": o["external_id"]}
-                    for o in outcomes if o["outcome"] in load.LOADED])
-    if resolve:
-        ledger.resolve_quarantine(run["connection"], run["direction"], source_object,
-                                  [o["source_id"] for o in outcomes if o["outcome"] in load.LOADED])
-    failed = [o for o in outcomes if o["outcome"] == "failed"]
-    for o in failed[:20]:
-        log.warning("%s %s failed: %s %s", source_object, o["source_id"], o.get("error_type"), o.get("message"))
-    return load.tally(outcomes)
+    totals: dict[str, int] = {}
+    for chunk in staging.read_chunks((staged or {}).get("path"), chunk_rows=batch_size * 20):
+        records = chunk.to_dict("records")
+        if prepare is not None:
+            records = [prepare(r) for r in records]
+        outcomes = load.upsert(client, target_object, records, id_param, batch_size)
+        ledger.add_outcomes(run["run_id"], run["connection"], run["direction"], source_object, outcomes)
+        loaded = [o for o in outcomes if o["outcome"] in load.LOADED]
+        ledger.map_ids(run["connection"], target_object,
+                       [{"source_id": o["source_id"], "target_id": o["target_id"], "external_id": o["external_id"]}
+                        for o in loaded])
+        if resolve:
+            ledger.resolve_quarantine(run["connection"], run["direction"], source_object,
+                                      [o["source_id"] for o in loaded])
+        for o in [o for o in outcomes if o["outcome"] == "failed"][:20]:
+            log.warning("%s %s failed: %s %s", source_object, o["source_id"], o.get("error_type"), o.get("message"))
+        for key, value in load.tally(outcomes).items():
+            totals[key] = totals.get(key, 0) + value
+    return totals
 
 
 def load_ctms_to_crm(cfg, run: dict, crm, staged: dict, records: dict, ledger: Ledger | None = None) -> dict:
@@ -290,17 +291,16 @@ def load_ctms_to_crm(cfg, run: dict, crm, staged: dict, records: dict, ledger: L
         ledger.clear_outcomes(run["run_id"], obj, exclude=["quarantined"])  # a retried task starts over
     counts: dict[str, dict] = {}
     c = cfg.crm
-    ctms_ids = lambda key: {str(g): str(i) for g, i in _pairs(staged.get(key))}  # noqa: E731
     if "clinical_studies" in records:
         counts[cfg.ctms.study.object] = _load_object(
-            ledger, run, crm, c.clinical_study.object, cfg.ctms.study.object, _records(records["clinical_studies"]),
-            c.clinical_study.fields.external_id, cfg.load.batch_size, ctms_ids(extract.STUDIES), False)
+            ledger, run, crm, c.clinical_study.object, cfg.ctms.study.object, records["clinical_studies"],
+            c.clinical_study.fields.external_id, cfg.load.batch_size, False)
         counts[cfg.ctms.site.object] = _load_object(
-            ledger, run, crm, c.clinical_site.object, cfg.ctms.site.object, _records(records["clinical_sites"]),
-            c.clinical_site.fields.external_id, cfg.load.batch_size, ctms_ids(extract.STUDY_SITES), False)
+            ledger, run, crm, c.clinical_site.object, cfg.ctms.site.object, records["clinical_sites"],
+            c.clinical_site.fields.external_id, cfg.load.batch_size, False)
     counts[cfg.ctms.activity.object] = _load_object(
-        ledger, run, crm, c.interaction.object, cfg.ctms.activity.object, _records(records.get("clinical_interactions")),
-        c.interaction.fields.external_id, cfg.load.batch_size, ctms_ids(extract.CLINICAL_ACTIVITIES), True)
+        ledger, run, crm, c.interaction.object, cfg.ctms.activity.object, records.get("clinical_interactions"),
+        c.interaction.fields.external_id, cfg.load.batch_size, True)
 
     # deletions: the global ids of deleted CTMS records are the external ids of their CRM records
     deletions = [(extract.DELETED_ACTIVITIES, cfg.ctms.activity.object,
@@ -333,12 +333,13 @@ def load_crm_to_ctms(cfg, run: dict, ctms, staged: dict, records: dict, ledger: 
 
     ledger.clear_outcomes(run["run_id"], cfg.crm.call.object, exclude=["quarantined"])
     a = cfg.ctms.activity
-    rows = _records(records.get("medical_activities"))
-    for row in rows:  # staged as text; Complete is a Yes/No field
-        row[a.fields.complete] = row.get(a.fields.complete) == "true"
+
+    def yes_no(record: dict) -> dict:  # staged as text; Complete is a Yes/No field
+        return record | {a.fields.complete: record.get(a.fields.complete) == "true"}
+
     counts = {cfg.crm.call.object: _load_object(
-        ledger, run, ctms, a.object, cfg.crm.call.object, rows, a.fields.external_id, cfg.load.batch_size,
-        {str(g): str(i) for g, i in _pairs(staged.get(extract.CALLS))}, True)}
+        ledger, run, ctms, a.object, cfg.crm.call.object, records.get("medical_activities"), a.fields.external_id,
+        cfg.load.batch_size, True, prepare=yes_no)}
     gids = dict((g, i) for i, g in _pairs(staged.get(extract.DELETED_CALLS), (extract.ID, extract.GLOBAL_ID)))
     if gids:
         outcomes = [o | {"source_id": gids.get(o["source_id"], o["source_id"])}

@@ -20,6 +20,9 @@ STATUS = "status__v"
 MODIFIED_DATE = "modified_date__v"
 OBJECT_TYPE_API_NAME = "object_type__vr.api_name__v"
 CREATED_BY = "created_by__vr"
+# Carried with each target record from transform to load (never sent): the source record's id,
+# so outcomes are recorded against it without holding an id map in memory.
+SOURCE_ID = "_source_id"
 
 # Activity levels, most specific first: "Activities against a Study, Study Site, Study
 # Country, or Study Person" -- the interaction's context says which one it was logged on.
@@ -189,6 +192,7 @@ def clinical_interactions(activities: pd.DataFrame, cfg) -> list[dict]:
     records = []
     for row in _rows(activities):
         record = {
+            SOURCE_ID: row[ID],
             i.external_id: row[GLOBAL_ID],
             i.account: text(row["account_id"]),
             i.date: text(row.get(a.date)),
@@ -214,6 +218,7 @@ def clinical_studies(studies: pd.DataFrame, cfg) -> list[dict]:
     c = cfg.crm.clinical_study.fields
     return [
         {
+            SOURCE_ID: row[ID],
             c.external_id: row[GLOBAL_ID],
             NAME: text(row.get(NAME)),
             c.title: text(row.get(s.title)),
@@ -240,6 +245,7 @@ def clinical_sites(sites: pd.DataFrame, cfg) -> list[dict]:
     study_ext = cfg.crm.clinical_study.fields.external_id
     return [
         {
+            SOURCE_ID: row[ID],
             c.external_id: row[GLOBAL_ID],
             NAME: text(row.get(NAME)),
             f"{relationship(c.study)}.{study_ext}": text(row.get(site_study_column(cfg))),
@@ -268,6 +274,7 @@ def medical_activities(calls: pd.DataFrame, cfg) -> list[dict]:
     for row in _rows(calls):
         records.append(
             {
+                SOURCE_ID: row[ID],
                 a.external_id: row[GLOBAL_ID],
                 OBJECT_TYPE_API_NAME: cfg.ctms.activity.medical_type,
                 a.person: text(row["person_id"]),
