@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -46,6 +47,14 @@ PARAMS = {
     "window_end": Param(None, type=["null", "string"],
                         description="Manual runs: end of the window (ISO 8601, UTC). Empty: the data interval end, or now."),
 }
+
+
+def task_defaults() -> dict:
+    """TASK_DEFAULTS; the first retry's delay may be set in seconds with the environment variable
+    CLINICAL_CRM_RETRY_DELAY_SECONDS (tests and scripts/fault_run.py use 1 so that dag.test(),
+    which waits for it, does not wait minutes)."""
+    delay = os.environ.get("CLINICAL_CRM_RETRY_DELAY_SECONDS")
+    return {**TASK_DEFAULTS, "retry_delay": timedelta(seconds=float(delay))} if delay else dict(TASK_DEFAULTS)
 
 
 def pool_name(conn_id: str) -> str:
@@ -138,7 +147,7 @@ def _dag(cfg, direction: str) -> DAG:
         max_active_runs=1,
         is_paused_upon_creation=not cfg.active,
         params=PARAMS,
-        default_args=TASK_DEFAULTS,
+        default_args=task_defaults(),
         tags=["clinical-crm", cfg.name, direction],
         owner_links={},
     )
