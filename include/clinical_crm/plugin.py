@@ -69,8 +69,8 @@ def object_counts(counts: dict) -> dict[str, dict]:
     return {key: value for key, value in (counts or {}).items() if isinstance(value, dict)}
 
 
-def report_link(path: str | None) -> str | None:
-    """Relative URL of a Data Docs file under the reports folder, or None when it is elsewhere."""
+def report_file(path: str | None) -> Path | None:
+    """A Data Docs file (a folder means its index.html) if it lies inside the reports folder."""
     if not path:
         return None
     root = settings.reports_dir().resolve()
@@ -82,23 +82,48 @@ def report_link(path: str | None) -> str | None:
         target = target / "index.html"
     if not target.is_relative_to(root) or not target.is_file():
         return None
-    return "reports/" + quote(target.relative_to(root).as_posix())
+    return target
 
 
-def data_quality(ledger, run: dict) -> dict:
-    """Pass/fail of a run's quality checks with a link to its Data Docs."""
-    summaries = ledger.dq_summaries(run["run_id"]) if hasattr(ledger, "dq_summaries") else []
-    if summaries:
-        passed: bool | None = all(s["success"] for s in summaries)
-    elif "dq_success" in (run.get("counts") or {}):
-        passed = bool(run["counts"]["dq_success"])
-    else:
-        passed = None
-    link = report_link(run.get("dq_report"))
-    if link is None:
-        link = next((report_link(s.get("report_path")) for s in summaries if report_link(s.get("report_path"))), None)
+def report_link(path: Path | str | None) -> str | None:
+    """Relative URL (served by this app) of a Data Docs file, or None when it is not servable."""
+    target = report_file(str(path) if path else None)
+    if target is None:
+        return None
+    return "reports/" + quote(target.relative_to(settings.reports_dir().resolve()).as_posix())
+
+
+def validation_pages(site_index: Path | None) -> dict[str, list[dict]]:
+    """The validation result pages of a Data Docs site by run name (the DAG run id).
+
+    Great Expectations lays them out as validations/<suite path>/<run name>/<time>/<batch>.html,
+    where our suite names are <connection>.<object>.<suite>.
+    """
+    pages: dict[str, list[dict]] = {}
+    if site_index is None:
+        return pages
+    validations = site_index.parent / "validations"
+    for page in sorted(validations.glob("*/*/*/*/*/*.html")):
+        suite_parts = page.relative_to(validations).parts[:3]
+        run_name = page.parent.parent.name
+        link = report_link(page)
+        if link:
+            pages.setdefault(run_name, []).append({"label": " / ".join(suite_parts[1:]), "link": link})
+    return pages
+
+
+def data_quality(ledger, run: dict, pages_by_site: dict) -> dict:
+    """Pass/fail of a run's quality checks, with links to the run's own Data Docs pages."""
+    summaries = ledger.dq_summaries(run["run_id"])
+    passed = all(s["success"] for s in summaries) if summaries else None
+    site = report_file(run.get("dq_report")) or next(
+        (report_file(s.get("report_path")) for s in summaries if report_file(s.get("report_path"))), None)
+    if site is not None and site not in pages_by_site:
+        pages_by_site[site] = validation_pages(site)
+    pages = pages_by_site.get(site, {}).get(run["dag_run_id"], []) if site else []
     failing = sum(int(s.get("failing_rows") or 0) for s in summaries)
-    return {"passed": passed, "link": link, "failing_rows": failing, "objects": summaries}
+    return {"passed": passed, "link": report_link(site) if site else None, "pages": pages,
+            "failing_rows": failing, "objects": summaries}
 
 
 def render(template: str, status_code: int = 200, **context) -> HTMLResponse:
@@ -131,12 +156,14 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
     def overview(limit: Annotated[int, Query(ge=1, le=200)] = 20) -> HTMLResponse:
         ledger = _ledger()
         sections = []
+        pages_by_site: dict = {}  # Data Docs sites scanned once per request
         for connection in ledger.connections():
             name = connection["connection"]
             runs = []
             for run in ledger.recent_runs(name, limit=limit):
                 runs.append({**run, "totals": total_counts(run.get("counts")),
-                             "objects": object_counts(run.get("counts")), "dq": data_quality(ledger, run)})
+                             "objects": object_counts(run.get("counts")),
+                             "dq": data_quality(ledger, run, pages_by_site)})
             sections.append({"name": name, "runs": runs, "quarantine": ledger.open_quarantine(name),
                              "open_quarantine": connection.get("open_quarantine", 0)})
         return render("overview.html", sections=sections, connections=[s["name"] for s in sections])

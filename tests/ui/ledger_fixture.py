@@ -13,9 +13,16 @@ NASTY_REASON = '<script>alert("x")</script> no CRM account for person'
 def fill_ledger(url: str, reports_dir: Path) -> dict:
     """Two runs of `demo` (one with a failing DQ check), one run of `other`, quarantine, history."""
     ledger = Ledger(url)
-    report = reports_dir / "demo" / "run-1" / "index.html"
+    # A Data Docs site laid out like Great Expectations' (validations/<suite path>/<run>/<time>/...).
+    report = reports_dir / "demo" / "gx" / "data_docs" / "index.html"
     report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text("<html><body><h1>Data Docs of run 1</h1></body></html>")
+    report.write_text("<html><body><h1>Data Docs of demo</h1></body></html>")
+    for run_name, suite in (("scheduled__2026-11-25T10:00:00+00:00", "identifier_match"),
+                            ("scheduled__2026-11-25T09:00:00+00:00", "identifier_match")):
+        page = (report.parent / "validations" / "demo" / "crm_activity__v" / suite / run_name
+                / "20261125T110000Z" / "demo_checks-crm_activity__v.html")
+        page.parent.mkdir(parents=True, exist_ok=True)
+        page.write_text(f"<html><body><h1>Validation of {run_name}</h1></body></html>")
 
     run1 = ledger.start_run("demo", "ctms_to_crm", "scheduled__2026-11-25T10:00:00+00:00",
                             datetime(2026, 11, 25, 9, 50, tzinfo=timezone.utc),

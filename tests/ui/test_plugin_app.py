@@ -42,7 +42,12 @@ def test_overview_lists_runs_per_connection_with_windows_counts_and_dq(client):
     counts = dict(re.findall(r'class="num count-(\w+)">(\d+)<', first_run))
     assert counts == {"extracted": "4", "loaded": "1", "unchanged": "1", "quarantined": "1", "failed": "1"}
     assert 'class="dq-pass"' in first_run
-    assert 'href="reports/demo/run-1/index.html"' in first_run
+    assert 'class="data-docs" href="reports/demo/gx/data_docs/index.html"' in first_run
+    run_pages = re.findall(r'class="data-docs-run" href="([^"]+)"[^>]*>([^<]+)<', first_run)
+    assert run_pages == [(
+        "reports/demo/gx/data_docs/validations/demo/crm_activity__v/identifier_match/"
+        "scheduled__2026-11-25T10%3A00%3A00%2B00%3A00/20261125T110000Z/demo_checks-crm_activity__v.html",
+        "crm_activity__v / identifier_match")]  # this run's page only, not the 09:00 run's
     second_run = demo.split('data-dag-run-id="scheduled__2026-11-25T11:00:00+00:00"')[1].split("</tr>")[0]
     assert 'class="dq-fail"' in second_run and "too many rows quarantined" in second_run
     assert "data-docs" not in second_run  # no report file, no link
@@ -83,14 +88,19 @@ def test_record_lookup_requires_a_source_id(client):
 
 
 def test_data_docs_are_served_from_the_reports_folder(client):
-    response = client.get("/reports/demo/run-1/index.html")
+    response = client.get("/reports/demo/gx/data_docs/index.html")
     assert response.status_code == 200
-    assert "Data Docs of run 1" in response.text
+    assert "Data Docs of demo" in response.text
+    first_run = client.get("/").text.split('data-dag-run-id="scheduled__2026-11-25T10:00:00+00:00"')[1]
+    link = re.search(r'class="data-docs-run" href="([^"]+)"', first_run).group(1)
+    page = client.get("/" + link)
+    assert page.status_code == 200
+    assert "Validation of scheduled__2026-11-25T10:00:00+00:00" in page.text
 
 
 @pytest.mark.parametrize("path", [
     "../secret.txt", "..%2Fsecret.txt", "demo/../../secret.txt", "%2e%2e/secret.txt", "/etc/passwd",
-    "demo/run-1", "missing.html",
+    "demo/gx/data_docs", "missing.html",
 ])
 def test_report_paths_outside_the_reports_folder_are_refused(client, path):
     response = client.get(f"/reports/{path}")
@@ -109,7 +119,7 @@ def test_empty_ledger_says_there_are_no_runs(tmp_path, monkeypatch):
 def test_the_page_requires_an_airflow_login(story):
     client = TestClient(plugin.create_app())
     assert client.get("/").status_code == 401
-    assert client.get("/reports/demo/run-1/index.html").status_code == 401
+    assert client.get("/reports/demo/gx/data_docs/index.html").status_code == 401
 
 
 def test_plugin_registers_the_app_and_a_nav_view():
