@@ -39,7 +39,8 @@ def fill_ledger(url: str, reports_dir: Path) -> dict:
         {"source_id": "V1A0000000000001", "target_id": "V2C0000000000001", "external_id": "1001_V1A0000000000001"}])
     ledger.add_dq_summary(run1, "demo", "ctms_to_crm", "clinical_interaction__v", rows=4, failing_rows=1,
                           reasons={"no CRM account for person": 1}, success=True, report_path=str(report))
-    counts1 = {"clinical_interaction__v": {"extracted": 4, "loaded": 1, "unchanged": 1, "quarantined": 1, "failed": 1}}
+    counts1 = {"clinical_interaction__v": {"extracted": 4, "loaded": 1, "unchanged": 1, "quarantined": 1, "failed": 1,
+                                           "deletions_applied": 2, "created": 0}}
     ledger.finish_run(run1, "success", counts=counts1, dq_report=str(report))
 
     run2 = ledger.start_run("demo", "crm_to_ctms", "scheduled__2026-11-25T11:00:00+00:00",

@@ -48,6 +48,9 @@ def test_overview_lists_runs_per_connection_with_windows_counts_and_dq(client):
         "reports/demo/gx/data_docs/validations/demo/crm_activity__v/identifier_match/"
         "scheduled__2026-11-25T10%3A00%3A00%2B00%3A00/20261125T110000Z/demo_checks-crm_activity__v.html",
         "crm_activity__v / identifier_match")]  # this run's page only, not the 09:00 run's
+    breakdown = demo.split('data-dag-run-id="scheduled__2026-11-25T10:00:00+00:00"')[1].split('<tr class="objects">')[1]
+    breakdown = re.sub(r"<[^>]+>|\s+", " ", breakdown.split("</tr>")[0])
+    assert "clinical_interaction__v: extracted 4, loaded 1, unchanged 1, quarantined 1, failed 1, deletions_applied 2" in " ".join(breakdown.split())
     second_run = demo.split('data-dag-run-id="scheduled__2026-11-25T11:00:00+00:00"')[1].split("</tr>")[0]
     assert 'class="dq-fail"' in second_run and "too many rows quarantined" in second_run
     assert "data-docs" not in second_run  # no report file, no link
