@@ -81,6 +81,8 @@ class AirflowCluster:
         self.api_url = f"http://127.0.0.1:{self.api_port}"
         self.redis_db = redis_db
         self.processes: dict[str, subprocess.Popen] = {}
+        self.admin_password = secrets.token_urlsafe(12)
+        self._token: str | None = None
         self.env = {
             **os.environ,
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -90,7 +92,10 @@ class AirflowCluster:
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__FERNET_KEY": urlsafe_b64encode(secrets.token_bytes(32)).decode(),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.api_url}/execution/",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+            # Admin access as in docker-compose: airflow_init.sh writes the password file.
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "simple_auth_manager_passwords.json"),
+            "AIRFLOW_ADMIN_PASSWORD": self.admin_password,
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
             "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
             "AIRFLOW__API__PORT": str(self.api_port),
@@ -177,11 +182,24 @@ class AirflowCluster:
             except ProcessLookupError:
                 pass
 
-    # --- the REST API (the all-admins auth manager adds a token to every request) ---
+    # --- the REST API, as the admin user the init script gave access to ---
+
+    def token(self) -> str:
+        if self._token is None:
+            response = requests.post(f"{self.api_url}/auth/token", timeout=30,
+                                     json={"username": "admin", "password": self.admin_password})
+            assert response.status_code == 201, f"admin login failed: {response.status_code} {response.text}"
+            self._token = response.json()["access_token"]
+        return self._token
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        """GET any api-server path (e.g. a plugin page) as the admin user."""
+        return requests.get(f"{self.api_url}{path}", headers={"Authorization": f"Bearer {self.token()}"},
+                            timeout=60, **kwargs)
 
     def api(self, method: str, path: str, **kwargs) -> requests.Response:
-        response = requests.request(method, f"{self.api_url}/api/v2{path}", timeout=30, **kwargs)
-        return response
+        return requests.request(method, f"{self.api_url}/api/v2{path}", timeout=30,
+                                headers={"Authorization": f"Bearer {self.token()}"}, **kwargs)
 
     def wait_for_dag(self, dag_id: str, timeout: float = 180) -> None:
         def parsed():

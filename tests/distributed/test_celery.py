@@ -109,13 +109,14 @@ def test_connection_dag_runs_on_celery_workers(tmp_path, broker):
             assert DAG_ID in cluster.tail("celery-worker", 200_000), "the Celery worker did not run the tasks"
 
             # The data engineers' page of this deployment shows the run and links its Data Docs.
-            page = requests.get(f"{cluster.api_url}/clinical-crm/", timeout=60)
+            assert requests.get(f"{cluster.api_url}/clinical-crm/", timeout=60).status_code == 401  # login needed
+            page = cluster.get("/clinical-crm/")
             assert page.status_code == 200
             row = page.text.split(f'data-dag-run-id="{html.escape(run_id)}"')[1].split("</tr>")[0]
             assert "state-success" in row
             docs = re.search(r'class="data-docs" href="([^"]+)"', row)
             assert docs, row
-            assert requests.get(f"{cluster.api_url}/clinical-crm/{html.unescape(docs.group(1))}", timeout=60).ok
+            assert cluster.get(f"/clinical-crm/{html.unescape(docs.group(1))}").ok
         finally:
             cluster.stop()
             print(cluster.all_logs())  # shown by pytest when the test fails (or with -rP)
