@@ -11,6 +11,8 @@ Two suites per direction: `mapping_completeness` and `identifier_match`.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -277,8 +279,24 @@ class Validator:
             self._context = context
         return self._context
 
+    @contextlib.contextmanager
+    def _locked(self):
+        """Both DAGs of a connection share its GX project: one writer at a time (file lock)."""
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.root.parent / ".gx.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            self._context = None  # re-read the project: the other DAG may have changed it
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def validate(self, object_name: str, checks: pd.DataFrame, rules: list[Rule]) -> list[dict]:
         """Run each suite's expectations over the check frame; returns one summary per suite."""
+        with self._locked():
+            return self._validate(object_name, checks, rules)
+
+    def _validate(self, object_name: str, checks: pd.DataFrame, rules: list[Rule]) -> list[dict]:
         gx = _gx()
         context = self.context
         source = context.data_sources.add_or_update_pandas(name=f"{self.connection}_checks")
@@ -310,7 +328,8 @@ class Validator:
 
     def build_docs(self) -> str:
         """Build Data Docs once per run; returns the path of index.html."""
-        self.context.build_data_docs()
+        with self._locked():
+            self.context.build_data_docs()
         return str(self.root / "uncommitted" / "data_docs" / "local_site" / "index.html")
 
 
