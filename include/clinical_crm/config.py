@@ -383,7 +383,8 @@ def load_connection(path: str | Path) -> ConnectionConfig:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
     try:
-        data = yaml.safe_load(text)
+        # libyaml's C loader when present: ten files parse in ~0.04 s instead of ~0.5 s (DAG parse time)
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
