@@ -83,6 +83,10 @@ CLINICAL_ACTIVITIES = (
 
 def test_ctms_to_crm_sends_every_rule(clients, story):
     ctms, crm = clients
+    study_id = rows(ctms, "SELECT id FROM study__v")[0]["id"]
+    [no_person] = ctms.create("monitoring_event__ctms", [
+        {"name__v": "IMV without a person", "study__ctms": study_id, "event_date__ctms": "2026-01-15",
+         "activity_update_required__ctms": True}])
     dr = run_dag("ctms_to_crm__demo", window(now() - timedelta(days=30), now()))
     assert dr.state == "success"
     run = last_run("ctms_to_crm")
@@ -97,6 +101,10 @@ def test_ctms_to_crm_sends_every_rule(clients, story):
     assert linked, "no Clinical Activity was created for a flagged Monitoring Event"
     assert all(e["activity_update_required__ctms"] is False for e in linked)
     assert count(ctms, "monitoring_event__ctms", "activity_update_required__ctms = true AND person__ctms != null") == 0
+    # ... and one without a Person is reported and left flagged
+    flag = rows(ctms, f"SELECT activity_update_required__ctms FROM monitoring_event__ctms WHERE id = {vql.quote(no_person.id)}")
+    assert flag == [{"activity_update_required__ctms": True}]
+    assert [o["outcome"] for o in Ledger().record_history("demo", no_person.id)["outcomes"]] == ["needs_person"]
 
     # Clinical Activities -> Vault Clinical Interactions, rule by rule.
     accounts = rows(crm, "SELECT id, veeva_network_id__v FROM account__v")
