@@ -27,6 +27,7 @@ from airflow.plugins_manager import AirflowPlugin
 from clinical_crm import settings
 
 URL_PREFIX = "/clinical-crm"
+REPORT_CSP = "sandbox allow-scripts allow-forms"
 COUNT_COLUMNS = ("extracted", "loaded", "unchanged", "quarantined", "failed")
 TEMPLATES = Environment(
     loader=FileSystemLoader(Path(__file__).parent / "templates"),
@@ -183,7 +184,9 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
         target = (root / path).resolve()
         if not target.is_relative_to(root) or not target.is_file():
             raise HTTPException(status_code=404, detail="No such report file")
-        return FileResponse(target)
+        # Reports show vault data: run them in an opaque origin, away from the Airflow session.
+        return FileResponse(target, headers={"Content-Security-Policy": REPORT_CSP,
+                                             "X-Content-Type-Options": "nosniff"})
 
     return app
 

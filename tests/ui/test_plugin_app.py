@@ -94,6 +94,8 @@ def test_data_docs_are_served_from_the_reports_folder(client):
     response = client.get("/reports/demo/gx/data_docs/index.html")
     assert response.status_code == 200
     assert "Data Docs of demo" in response.text
+    assert response.headers["content-security-policy"].startswith("sandbox")  # no access to the Airflow session
+    assert response.headers["x-content-type-options"] == "nosniff"
     first_run = client.get("/").text.split('data-dag-run-id="scheduled__2026-11-25T10:00:00+00:00"')[1]
     link = re.search(r'class="data-docs-run" href="([^"]+)"', first_run).group(1)
     page = client.get("/" + link)

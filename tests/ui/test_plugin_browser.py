@@ -105,6 +105,17 @@ def browser():
         chromium.close()
 
 
+def next_frame(page, url_part: str, timeout: float = 30):
+    """The page's frame whose URL contains url_part (a sandboxed report gets a frame of its own)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for frame in page.frames:
+            if url_part in frame.url:
+                return frame
+        page.wait_for_timeout(200)
+    raise AssertionError(f"no frame with {url_part} in its URL: {[f.url for f in page.frames]}")
+
+
 def test_plugin_is_registered_with_the_api_server(api_server):
     plugins = requests.get(f"{api_server}/api/v2/plugins", timeout=30).json()["plugins"]
     ours = [p for p in plugins if p["name"] == "clinical_crm"]
@@ -145,10 +156,13 @@ def test_page_inside_the_airflow_ui_shows_runs_quarantine_and_record_lookup(api_
 
         # The run's Data Docs page opens in place (the UI's iframe sandbox allows no pop-ups).
         first.locator("a.data-docs-run").click()
-        frame.wait_for_url("**/validations/**", timeout=30_000)
-        heading = frame.wait_for_selector("h1", timeout=30_000)
+        docs = next_frame(page, "/validations/")
+        heading = docs.wait_for_selector("h1", timeout=30_000)
         assert heading.inner_text() == "Validation of scheduled__2026-11-25T10:00:00+00:00"
-        frame.goto(f"{api_server}/clinical-crm/")
+
+        # Back to the page for the record lookup.
+        page.goto(f"{api_server}/plugin/clinical-crm", wait_until="networkidle")
+        frame = page.wait_for_selector("iframe", timeout=60_000).content_frame()
         frame.wait_for_selector("#lookup-source-id", timeout=30_000)
 
         # Record lookup through the form.
