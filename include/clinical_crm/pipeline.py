@@ -273,11 +273,35 @@ def _load_object(ledger: Ledger, run: dict, client, target_object: str, source_o
         if resolve:
             ledger.resolve_quarantine(run["connection"], run["direction"], source_object,
                                       [o["source_id"] for o in loaded])
-        for o in [o for o in outcomes if o["outcome"] == "failed"][:20]:
+        failed = [o for o in outcomes if o["outcome"] == "failed"]
+        for o in failed[:20]:
             log.warning("%s %s failed: %s %s", source_object, o["source_id"], o.get("error_type"), o.get("message"))
+        transient = [o for o in failed if o.get("error_type") in TRANSIENT_RECORD_ERRORS]
+        if resolve:
+            # a record the target vault refuses stays visible and is tried again by every run
+            ledger.quarantine_records(run["run_id"], run["connection"], run["direction"], source_object, {
+                o["source_id"]: [f"{target_object} refused the record: {o.get('error_type')}: {o.get('message') or ''}".rstrip(": ")]
+                for o in failed if o not in transient})
         for key, value in load.tally(outcomes).items():
             totals[key] = totals.get(key, 0) + value
+        if transient:
+            totals["transient_failed"] = totals.get("transient_failed", 0) + len(transient)
     return totals
+
+
+# Per-record errors a later attempt can clear (the client already re-sent these records a few
+# times): the load task fails after writing everything else, so Airflow retries it; the upserts
+# by external id make the retry safe.
+TRANSIENT_RECORD_ERRORS = ("RACE_CONDITION", "UNEXPECTED_ERROR")
+
+
+def _retry_transient(counts: dict[str, dict]) -> None:
+    from clinical_crm.errors import VaultTransientError
+
+    left = {obj: c["transient_failed"] for obj, c in counts.items() if c.get("transient_failed")}
+    if left:
+        raise VaultTransientError("RACE_CONDITION", f"records refused with a transient error after the client's "
+                                  f"re-sends ({left}); the load task is retried (upserts are idempotent)")
 
 
 def load_ctms_to_crm(cfg, run: dict, crm, staged: dict, records: dict, ledger: Ledger | None = None) -> dict:
@@ -321,6 +345,7 @@ def load_ctms_to_crm(cfg, run: dict, crm, staged: dict, records: dict, ledger: L
         counts.setdefault(source_object, {})["deletions_applied"] = sum(o["outcome"] == "marked_deleted" for o in outcomes)
         counts[source_object]["deletions_already_applied"] = sum(o["outcome"] == "unchanged" for o in outcomes)
     add_counts(ledger, run, counts)
+    _retry_transient(counts)
     return counts
 
 
@@ -348,6 +373,7 @@ def load_crm_to_ctms(cfg, run: dict, ctms, staged: dict, records: dict, ledger: 
         counts[cfg.crm.call.object]["deletions_applied"] = sum(o["outcome"] == "marked_deleted" for o in outcomes)
         counts[cfg.crm.call.object]["deletions_already_applied"] = sum(o["outcome"] == "unchanged" for o in outcomes)
     add_counts(ledger, run, counts)
+    _retry_transient(counts)
     return counts
 
 

@@ -1,0 +1,57 @@
+"""Faults: both vaults inject faults at a 10% rate (every kind, plus burst-limit delays) while
+both DAGs move N records each way; afterwards both vaults hold exactly what a fault-free run over
+an identical copy of the seeded databases produces. The full-size run (N=10,000) is
+scripts/fault_run.py; CI runs N=1,000 here.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import harness
+
+pytestmark = pytest.mark.usefixtures("airflow_db")
+
+
+def test_fault_run_ends_exactly_like_a_fault_free_run(tmp_path, capsys):
+    report = harness.fault_run(tmp_path, n=1000, rate=0.10, fault_seed=11, batch_size=50, page_size=100,
+                               burst_limit=12, burst_window_seconds=10, burst_delay_ms=100, slow_seconds=0.5,
+                               log=lambda *_: None)
+    (tmp_path / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    with capsys.disabled():
+        print("\n[fault run] " + "\n[fault run] ".join(harness.summary_lines(report)))
+    for name in ("reference", "faults"):
+        assert all(r["state"] == "success" for r in report[name]["dag_runs"].values()), report[name]["dag_runs"]
+    assert report["reference"]["faults_injected"] == {}
+    injected = report["faults"]["faults_injected"]
+    assert set(injected) == set(harness.ALL_FAULTS), injected  # every kind happened
+    assert report["faults"]["client"].get("delayed_responses", 0) > 0  # the burst limit bit
+    assert report["faults"]["client"]["retry"] > 0 and report["faults"]["client"]["race_retry"] > 0
+    assert report["missing"] == 0 and report["extra"] == 0, {
+        app: {t: r for t, r in c.items() if r["missing"] or r["extra"]} for app, c in report["comparison"].items()}
+    written = report["records_written_by_runs"]
+    assert written["crm"]["clinical_interaction__v"] == 1000
+    assert written["ctms"]["crm_activity__v"] == 2000  # 1,000 Clinical + 1,000 Medical Activities
+
+
+def test_a_record_that_keeps_racing_is_not_lost(small_seed, tmp_path):
+    """A record refused with RACE_CONDITION more often than the client re-sends it must not end
+    as a silent per-record failure of a successful run: the load task fails and is retried, and
+    the record arrives."""
+    folder = harness.copy_world(small_seed, tmp_path / "w")
+    with harness.World(folder) as world, harness.client_counters() as clients:
+        world.arm()
+        # the first write call: its first record races 4 times (client re-sends it 3 times)
+        world.ctms.admin.faults(queue=["race_condition"] * 4)
+        dr = world.run_dag("crm_to_ctms__demo", harness.wide_window())
+        tries = {ti.task_id: ti.try_number for ti in dr.get_task_instances()}
+        counters = world.disarm()
+        outcomes = world.ledger().recent_runs("demo", limit=1)[0]
+    assert counters["ctms"]["faults"] == {"race_condition": 4}
+    assert clients["race_retry"] == 3
+    assert dr.state == "success", outcomes
+    assert tries["load"] == 2  # the task was retried, and the retry wrote the record
+    snap = harness.snapshot(folder / "ctms.db")
+    medical = [json.loads(r) for r in snap["crm_activity__v"] if '"external_id__v": "2002_' in r]
+    assert len(medical) == 60
