@@ -41,7 +41,6 @@ def _ledger():
     return Ledger(settings.ledger_url())
 
 
-
 def timestamp(value: str | None) -> str:
     """ISO timestamps of the ledger (UTC) as `YYYY-MM-DD HH:MM:SS`."""
     if not value:
@@ -117,8 +116,8 @@ def data_quality(ledger, run: dict, pages_by_site: dict) -> dict:
     """Pass/fail of a run's quality checks, with links to the run's own Data Docs pages."""
     summaries = ledger.dq_summaries(run["run_id"])
     passed = all(s["success"] for s in summaries) if summaries else None
-    site = report_file(run.get("dq_report")) or next(
-        (report_file(s.get("report_path")) for s in summaries if report_file(s.get("report_path"))), None)
+    candidates = [run.get("dq_report"), *(s.get("report_path") for s in summaries)]
+    site = next((found for found in map(report_file, candidates) if found), None)
     if site is not None and site not in pages_by_site:
         pages_by_site[site] = validation_pages(site)
     pages = pages_by_site.get(site, {}).get(run["dag_run_id"], []) if site else []
@@ -165,8 +164,7 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
                 runs.append({**run, "totals": total_counts(run.get("counts")),
                              "objects": object_counts(run.get("counts")),
                              "dq": data_quality(ledger, run, pages_by_site)})
-            sections.append({"name": name, "runs": runs, "quarantine": ledger.open_quarantine(name),
-                             "open_quarantine": connection.get("open_quarantine", 0)})
+            sections.append({"name": name, "runs": runs, "quarantine": ledger.open_quarantine(name)})
         return render("overview.html", sections=sections, connections=[s["name"] for s in sections])
 
     @app.get("/record", response_class=HTMLResponse)
