@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 CTMS_TO_CRM = "ctms_to_crm"
 CRM_TO_CTMS = "crm_to_ctms"
 DIRECTIONS = (CTMS_TO_CRM, CRM_TO_CTMS)
+LOAD_OUTCOMES = ["created", "updated", "unchanged", "failed", "marked_deleted"]  # what load writes
 
 
 def _quality():  # GX and its imports only when a run validates
@@ -180,7 +181,7 @@ def validate(cfg, run: dict, staged: dict, ledger: Ledger | None = None) -> dict
     reason_counts: dict[str, int] = {}
     suites: list[dict] = []
     seen: set[str] = set()
-    ledger.clear_outcomes(run["run_id"], object_name, only=["quarantined"])  # a retried task starts over
+    ledger.clear_outcomes(run["run_id"], object_name, only=["quarantined", "source_deleted"])  # a retry starts over
     for chunk in staging.read_chunks(staged[source_name]["path"]):
         # a quarantined record may also have changed in the window: keep one copy
         chunk = chunk[~chunk["id"].isin(seen)].drop_duplicates("id", keep="last")
@@ -205,6 +206,14 @@ def validate(cfg, run: dict, staged: dict, ledger: Ledger | None = None) -> dict
                              for s, r in held.items()])
         good.write(chunk[~bad].assign(**{target_column: checks.loc[~bad, target_column]}))
     good_file = good.close()
+    feature_on = cfg.features.clinical_activities if outbound else cfg.features.medical_activities
+    gone = sorted(held_before - seen) if feature_on else []
+    if gone:  # read again by id and not found: deleted in the source, nothing left to send
+        ledger.resolve_quarantine(cfg.name, run["direction"], object_name, gone)
+        ledger.add_outcomes(run["run_id"], cfg.name, run["direction"], object_name,
+                            [{"source_id": s, "outcome": "source_deleted",
+                              "message": "quarantined record no longer exists in the source vault"} for s in gone])
+        log.info("%d quarantined %s records no longer exist in the source: quarantine closed", len(gone), object_name)
     report = validator.build_docs() if suites else None
     passed = not new_failing or new_failing / new_rows <= cfg.quality.max_failing_share
     summary = {"connection": cfg.name, "direction": run["direction"], "dag_run_id": run["dag_run_id"],
@@ -312,7 +321,7 @@ def load_ctms_to_crm(cfg, run: dict, crm, staged: dict, records: dict, ledger: L
     from clinical_crm import load
 
     for obj in (cfg.ctms.study.object, cfg.ctms.site.object, cfg.ctms.activity.object):
-        ledger.clear_outcomes(run["run_id"], obj, exclude=["quarantined"])  # a retried task starts over
+        ledger.clear_outcomes(run["run_id"], obj, only=LOAD_OUTCOMES)  # a retried task starts over
     counts: dict[str, dict] = {}
     c = cfg.crm
     if "clinical_studies" in records:
@@ -356,7 +365,7 @@ def load_crm_to_ctms(cfg, run: dict, ctms, staged: dict, records: dict, ledger: 
         return {}
     from clinical_crm import load
 
-    ledger.clear_outcomes(run["run_id"], cfg.crm.call.object, exclude=["quarantined"])
+    ledger.clear_outcomes(run["run_id"], cfg.crm.call.object, only=LOAD_OUTCOMES)
     a = cfg.ctms.activity
 
     def yes_no(record: dict) -> dict:  # staged as text; Complete is a Yes/No field

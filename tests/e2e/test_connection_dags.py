@@ -174,8 +174,9 @@ def test_deletions_are_marked_once(clients, vaults, story):
     sent = interactions(crm)
     activity = next(a for a in rows(ctms, CLINICAL_ACTIVITIES) if a["global_id__sys"] in sent)
     site = rows(ctms, "SELECT id, global_id__sys FROM site__v")[0]
+    held = next(q["source_id"] for q in Ledger().open_quarantine("demo") if "ambiguous" in q["reasons"][0])
     start = now() - timedelta(minutes=1)
-    for obj, rid in (("crm_activity__v", activity["id"]), ("site__v", site["id"])):
+    for obj, rid in (("crm_activity__v", activity["id"]), ("site__v", site["id"]), ("crm_activity__v", held)):
         body = ctms_server.admin.call("DELETE", f"/api/v25.2/vobjects/{obj}/{rid}")
         assert body["responseStatus"] == "SUCCESS", body
     for _ in range(2):  # the second run must not append the suffix again
@@ -187,6 +188,9 @@ def test_deletions_are_marked_once(clients, vaults, story):
                       + vql.quote(site["global_id__sys"]))
         assert status == [{"vault_clinical_status__v": "deleted_in_vault_clinical__v"}]
     assert count(crm, "clinical_site__v") == count(ctms, "site__v") + 1  # marked, never removed or created
+    # a quarantined record deleted in CTMS leaves the quarantine (nothing left to send)
+    assert held not in {q["source_id"] for q in Ledger().open_quarantine("demo")}
+    assert "source_deleted" in [o["outcome"] for o in Ledger().record_history("demo", held)["outcomes"]]
 
 
 def test_quarantined_record_goes_through_once_the_account_appears(clients, story):
