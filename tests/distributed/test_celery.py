@@ -60,20 +60,24 @@ def broker():
     client.flushdb()
 
 
-def crm_interactions(crm_url: str) -> list[dict]:
+def interactions_from_ctms(crm_url: str, cfg) -> list[str]:
+    """External ids of the CRM's Vault Clinical Interactions that came from the CTMS vault."""
     from clinical_crm.client import VaultClient
 
+    external_id = cfg.crm.interaction.fields.external_id
     client = VaultClient(crm_url, "integration@sandbox.example", "sandbox")
     try:
-        frames = list(client.query("SELECT id, external_id__v FROM clinical_interaction__v"))
+        frames = list(client.query(f"SELECT id, {external_id} FROM {cfg.crm.interaction.object}"))
     finally:
         client.close()
-    return [row for frame in frames for row in frame.to_dict("records")]
+    values = [str(value) for frame in frames for value in frame.get(external_id, [])]
+    return [value for value in values if value.startswith(CTMS_VAULT_ID + "_")]
 
 
 def test_connection_dag_runs_on_celery_workers(tmp_path, broker):
     from vault_sandbox.testing import SandboxServer
 
+    from clinical_crm.config import load_connection
     from clinical_crm.ledger import Ledger
 
     home = tmp_path / "airflow"
@@ -81,12 +85,12 @@ def test_connection_dag_runs_on_celery_workers(tmp_path, broker):
     data = tmp_path / "data"
     connections = tmp_path / "connections"
     shutil.copytree(REPO / "include" / "connections", connections)
+    cfg = load_connection(connections / "demo.yaml")
 
     with PostgresDatabase() as database, \
             SandboxServer("ctms", tmp_path / "ctms.db", seed="demo") as ctms, \
             SandboxServer("crm", tmp_path / "crm.db", seed="demo") as crm:
-        before = [r for r in crm_interactions(crm.url) if str(r["external_id__v"]).startswith(CTMS_VAULT_ID + "_")]
-        assert before == [], "the CRM vault must start without interactions from the CTMS vault"
+        assert interactions_from_ctms(crm.url, cfg) == [], "the CRM vault must start without CTMS interactions"
 
         cluster = AirflowCluster(home, database.url, broker, REPO / "dags", {
             "CLINICAL_CRM_LEDGER_URL": database.url,
@@ -126,9 +130,9 @@ def test_connection_dag_runs_on_celery_workers(tmp_path, broker):
         assert len(runs) == 1 and runs[0]["state"] == "success", runs
         counts = runs[0]["counts"]
         print("ledger counts of the run:", json.dumps(counts))
-        loaded = counts["crm_activity__v"]["loaded"]
+        loaded = counts[cfg.ctms.activity.object]["loaded"]
         assert loaded > 0, json.dumps(counts)
 
-        after = [r for r in crm_interactions(crm.url) if str(r["external_id__v"]).startswith(CTMS_VAULT_ID + "_")]
+        after = interactions_from_ctms(crm.url, cfg)
         assert len(after) == loaded, f"CRM has {len(after)} interactions, the ledger says {loaded} loaded: {counts}"
-        assert len({r["external_id__v"] for r in after}) == len(after), "duplicate external ids in the CRM vault"
+        assert len(set(after)) == len(after), "duplicate external ids in the CRM vault"
