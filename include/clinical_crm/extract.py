@@ -64,9 +64,10 @@ def contains_queries(statement: str, field: str, values: Iterable[str]) -> Itera
         yield head + vql.in_list(chunk)
 
 
-def query_pages(client, statements: Iterable[str]) -> Iterator[pd.DataFrame]:
+def query_pages(client, statements: Iterable[str], page_size: int | None = None) -> Iterator[pd.DataFrame]:
+    """Every page of every statement; `page_size` asks Vault for pages of that size (it may lower it)."""
     for statement in statements:
-        yield from client.query(statement)
+        yield from client.query(f"{statement} PAGESIZE {int(page_size)}" if page_size else statement)
 
 
 # ---------------------------------------------------------------- CTMS -> CRM
@@ -153,7 +154,7 @@ def extract_ctms_to_crm(cfg, ctms, crm, window: Window, run_dir: str,
         statements.append(f"{base} AND {window_filter(window)}")
         statements += list(contains_queries(base, ID, activity_ids))
     staged[CLINICAL_ACTIVITIES] = staging.write_frames(
-        f"{run_dir}/{CLINICAL_ACTIVITIES}.parquet", collect(query_pages(ctms, statements)), columns)
+        f"{run_dir}/{CLINICAL_ACTIVITIES}.parquet", collect(query_pages(ctms, statements, cfg.load.query_page_size)), columns)
 
     if studies_on:
         # Studies / Sites changed in the window, plus those the activities (and sites) refer to
@@ -192,7 +193,8 @@ def extract_ctms_to_crm(cfg, ctms, crm, window: Window, run_dir: str,
     statement = f"SELECT {select([ID, account_field])} FROM {cfg.crm.account.object}"
     staged[ACCOUNTS] = staging.write_frames(
         f"{run_dir}/{ACCOUNTS}.parquet",
-        query_pages(crm, contains_queries(statement, account_field, identifiers)), [ID, account_field])
+        query_pages(crm, contains_queries(statement, account_field, identifiers), cfg.load.query_page_size),
+        [ID, account_field])
     log.info("extracted %s", {k: v["rows"] for k, v in staged.items()})
     return staged
 
@@ -204,7 +206,7 @@ def _changed_and_referenced(cfg, ctms, ledger, statement: str, window: Window, r
     that resolves in CRM after this run's load: this run's records and the ledger's."""
 
     def pages(statements):
-        for page in query_pages(ctms, statements):
+        for page in query_pages(ctms, statements, cfg.load.query_page_size):
             known.update(v for v in map(text, page[GLOBAL_ID]) if v)
             if on_page is not None:
                 on_page(page)
@@ -254,7 +256,7 @@ def extract_crm_to_ctms(cfg, ctms, crm, window: Window, run_dir: str, call_ids: 
     statements = []
     if cfg.features.medical_activities:
         statements = [f"{base} AND {window_filter(window)}", *contains_queries(base, ID, call_ids)]
-    staged[CALLS] = staging.write_frames(f"{run_dir}/{CALLS}.parquet", collect(query_pages(crm, statements)), columns)
+    staged[CALLS] = staging.write_frames(f"{run_dir}/{CALLS}.parquet", collect(query_pages(crm, statements, cfg.load.query_page_size)), columns)
     staged[DELETED_CALLS] = staging.write_frames(
         f"{run_dir}/{DELETED_CALLS}.parquet",
         deleted_global_ids(crm, cfg.crm.call.object, window) if cfg.features.medical_activities else [],
@@ -263,6 +265,7 @@ def extract_crm_to_ctms(cfg, ctms, crm, window: Window, run_dir: str, call_ids: 
     statement = f"SELECT {select([ID, person_field])} FROM {cfg.ctms.person.object}"
     staged[PERSONS] = staging.write_frames(
         f"{run_dir}/{PERSONS}.parquet",
-        query_pages(ctms, contains_queries(statement, person_field, identifiers)), [ID, person_field])
+        query_pages(ctms, contains_queries(statement, person_field, identifiers), cfg.load.query_page_size),
+        [ID, person_field])
     log.info("extracted %s", {k: v["rows"] for k, v in staged.items()})
     return staged
