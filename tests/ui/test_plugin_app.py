@@ -135,11 +135,12 @@ def test_plugin_registers_the_app_and_a_nav_view():
     assert not view["href"].startswith("/")
 
 
-def test_airflow_loads_the_plugin_once():
+def test_airflow_loads_the_plugin_once_through_its_entry_point():
     from airflow import plugins_manager
 
-    names = [p.name for p in plugins_manager._get_plugins()[0]]
-    assert names.count("clinical_crm") == 1
+    apps, _ = plugins_manager.get_fastapi_plugins()
+    assert [app["url_prefix"] for app in apps].count("/clinical-crm") == 1
+    assert not any("clinical_crm" in source for source in plugins_manager.get_import_errors())
 
 
 def test_unreachable_ledger_is_reported_without_its_password(tmp_path, monkeypatch):
