@@ -46,6 +46,25 @@ def _as_text(value) -> str | None:
     return str(value)
 
 
+_TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_null, pa.types.is_boolean)
+
+
+def _text_array(values: pd.Series) -> pa.Array:
+    """A column as an Arrow text array, the same values `_as_text` gives one by one.
+
+    Fast path (C, no Python per value) for what Vault pages hold almost always: columns of text
+    and missing values (None / NaN / NA) or of booleans ("true"/"false"); anything else (numbers,
+    lists, mixed types) goes value by value through `_as_text`.
+    """
+    try:
+        array = pa.array(values, from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, ValueError):
+        array = None
+    if array is not None and any(is_type(array.type) for is_type in _TEXT_TYPES):
+        return array.cast(pa.string())
+    return pa.array([_as_text(v) for v in values], pa.string())
+
+
 class FrameWriter:
     """Appends frames to one parquet file; columns are fixed by `columns` or the first frame."""
 
@@ -62,10 +81,8 @@ class FrameWriter:
         if frame.empty:
             return
         self._open()
-        arrays = [
-            pa.array([_as_text(v) for v in frame[c]] if c in frame.columns else [None] * len(frame), pa.string())
-            for c in self.columns
-        ]
+        arrays = [_text_array(frame[c]) if c in frame.columns else pa.nulls(len(frame), pa.string())
+                  for c in self.columns]
         self._writer.write_table(pa.Table.from_arrays(arrays, schema=self._schema()))
         self.rows += len(frame)
 
@@ -111,7 +128,9 @@ def read_chunks(url: str | None, chunk_rows: int = CHUNK_ROWS) -> Iterator[pd.Da
     with path.open("rb") as handle:
         parquet = pq.ParquetFile(handle)
         for batch in parquet.iter_batches(batch_size=chunk_rows):
-            yield _to_frame(batch.to_pylist(), batch.schema.names)
+            # column by column in C (object arrays: text and None), not row dicts
+            yield pd.DataFrame({name: pd.Series(batch.column(i).to_numpy(zero_copy_only=False), dtype=object)
+                                for i, name in enumerate(batch.schema.names)})
 
 
 def read_frame(url: str | None) -> pd.DataFrame:
