@@ -1,0 +1,595 @@
+"""API-call floor vs the pipeline: `ctms_to_crm` over a seeded `scale` state, side by side.
+
+    .venv/bin/python bench/floor.py                       # N = 10,000 and 100,000
+    .venv/bin/python bench/floor.py --n 1000 --n 10000    # any sizes
+    .venv/bin/python bench/floor.py --n 1000000           # see bench/million.py (not CI)
+
+For each N, in one run of this script:
+
+1. Seed. Both vaults with the `scale` scenario, the same --seed-number and --now (CTMS: N
+   Clinical Activities on N/20 Persons, N/1000+1 Studies with 2 Sites each; CRM: one Account
+   per Person). The seeded SQLite files are kept as pristine copies; every measured phase starts
+   from a fresh copy of them, so the floor and the pipeline start from the same state.
+2. Floor model. From that state (read over the API once, untimed), the minimum number of API
+   calls a correct run needs, and the precomputed calls themselves (see `plan`).
+3. Floor run. A minimal script (plain `requests`, one session per vault, payloads serialised in
+   advance) makes exactly those calls, timed. Calls are counted by the sandbox
+   (/sandbox/counters) and must equal the model.
+4. Pipeline run. The `ctms_to_crm__bench` DAG with dag.test() in a fresh Python process over
+   the same window (params window_start/window_end), fresh ledger/staging/reports, Airflow
+   connections from AIRFLOW_CONN_* env vars, connection file in a temp
+   CLINICAL_CRM_CONNECTIONS_DIR. Timed; calls counted by endpoint; peak RSS and CPU time of the
+   process that runs the tasks (dag.test runs them in-process).
+5. Ratios pipeline/floor (calls, wall time) and a check that CRM holds N interactions after
+   both runs.
+
+Features: the bench connection file enables clinical_activities and studies_and_sites (what the
+floor models); automated_activities and medical_activities are off (the scale state has no
+Monitoring Events / Communication Logs / calls, so they would only add their empty queries).
+
+Auth (and logout) calls are reported separately from the data calls the ratio compares.
+Sandboxes get a burst limit of 10,000,000 so nothing is paced or delayed. Traffic: 127.0.0.1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+API = "v25.2"
+USER, PASSWORD = "integration@sandbox.example", "sandbox"
+NOW = "2026-11-25T12:00:00Z"
+BURST = 10_000_000
+VQL_MAX = 50_000
+WRITE_BATCH = 500
+CONNECTION = "bench"
+DAG_ID = f"ctms_to_crm__{CONNECTION}"
+
+AUTH_KEYS = ("POST /api/{version}/auth", "DELETE /api/{version}/session")
+
+
+# ---------------------------------------------------------------- state
+
+
+def seed(workdir: Path, n: int, seed_number: int, now: str) -> dict:
+    """Seed pristine CTMS and CRM files (in parallel, in fresh processes)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    procs = {app: subprocess.Popen([sys.executable, "-m", "vault_sandbox", "seed", "--app", app,
+                                    "--db", str(workdir / f"{app}.db"), "--scenario", "scale",
+                                    "--activities", str(n), "--seed-number", str(seed_number), "--now", now],
+                                   stdout=subprocess.PIPE, text=True)
+             for app in ("ctms", "crm")}
+    out = {}
+    for app, proc in procs.items():
+        stdout, _ = proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(f"seeding {app} failed ({proc.returncode})")
+        out[app] = json.loads(stdout.strip().splitlines()[-1])
+    return out
+
+
+def fresh_copy(pristine: Path, target: Path) -> Path:
+    """A copy of the pristine vault files for one measured phase."""
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for f in pristine.iterdir():
+        if f.name.endswith((".db", ".db-wal", ".db-shm")):
+            shutil.copy2(f, target / f.name)
+    return target
+
+
+def servers(folder: Path):
+    from vault_sandbox.testing import SandboxServer
+
+    return (SandboxServer("ctms", folder / "ctms.db", seed="none", burst_limit=BURST),
+            SandboxServer("crm", folder / "crm.db", seed="none", burst_limit=BURST))
+
+
+def bench_config(ctms_conn: str = "vault_ctms_bench", crm_conn: str = "vault_crm_bench", name: str = CONNECTION) -> str:
+    """The demo connection file as the bench connection (clinical activities + studies/sites only)."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "include" / "connections" / "demo.yaml").read_text())
+    cfg.update(name=name, ctms_conn_id=ctms_conn, crm_conn_id=crm_conn,
+               description="Benchmark connection (bench/floor.py)")
+    cfg["features"] = {"clinical_activities": True, "studies_and_sites": True,
+                       "medical_activities": False, "automated_activities": False}
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def window_of(now: str) -> tuple[datetime, datetime]:
+    """The scale scenario's hour, opened a minute early (the filter is `> start`)."""
+    from vault_sandbox.seed import scale_window
+
+    start, end = scale_window(datetime.fromisoformat(now.replace("Z", "+00:00")))
+    return start - timedelta(minutes=1), end
+
+
+# ---------------------------------------------------------------- the floor
+
+
+def _pages(rows: int, page_size: int) -> int:
+    return max(1, math.ceil(rows / page_size))
+
+
+def _list_cost(values) -> int:
+    from clinical_crm import vql
+
+    return 2 + sum(len(vql.quote(v)) + 1 for v in values)
+
+
+def page_aligned_chunks(values: list[str], head_len: int, page_size: int) -> list[list[str]]:
+    """CONTAINS chunks under the VQL limit holding a multiple of `page_size` values each (when
+    one statement holds more than a page), so only the last statement has a partial page."""
+    from clinical_crm import vql
+
+    room = VQL_MAX - head_len
+    chunks, i = [], 0
+    while i < len(values):
+        size, cost = 0, 2
+        while i + size < len(values):
+            c = len(vql.quote(values[i + size])) + 1
+            if cost + c > room:
+                break
+            cost += c
+            size += 1
+        if i + size < len(values) and size > page_size:
+            size -= size % page_size
+        chunks.append(values[i:i + size])
+        i += size
+    return chunks
+
+
+def plan(cfg, ctms_url: str, crm_url: str, window: tuple[datetime, datetime]) -> dict:
+    """The minimum calls of a correct run over this state, with their precomputed payloads.
+
+    Reads (pages at the page size the vault gives; a statement costs max(1, ceil(rows/page))):
+    - Clinical Activities changed in the window, with the relationship fields the rules need
+      (person identifier and name, creator, study/site global ids, country): one statement.
+    - Study Sites: one statement, `changed in the window OR global_id CONTAINS (referenced by
+      the activities)`, or a full scan if that is cheaper. Studies: the same, with the studies
+      the activities and those sites refer to.
+    - CRM Accounts holding the activities' person identifiers: CONTAINS chunks under 50,000
+      characters, each a multiple of the page size (so pages = ceil(matches/page) when the
+      statements allow), or a full scan if cheaper.
+    - Deleted records of the window: one deletions call per object (activities, studies, sites).
+    Writes (500 records a call, by external id): Clinical Studies, Clinical Sites, interactions.
+    """
+    import pandas as pd
+
+    from clinical_crm import extract, transform, vql
+    from clinical_crm.client import VaultClient
+
+    start, end = window
+    win = extract.window_filter(type("W", (), {"start": start, "end": end})())
+    ops: list[dict] = []
+    model: Counter = Counter()
+
+    with VaultClient(ctms_url, USER, PASSWORD) as ctms, VaultClient(crm_url, USER, PASSWORD) as crm:
+        page_size = ctms._call("POST", "query", "query", data={"q": "SELECT id FROM user__sys"})[
+            "responseDetails"]["pagesize"]
+
+        def total(client, obj):
+            body = client._call("POST", "query", "query", data={"q": f"SELECT id FROM {obj} PAGESIZE 1"})
+            return int(body["responseDetails"]["total"])
+
+        def read(client, statement):
+            frames = [f for f in client.query(statement)]
+            return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+        # activities
+        act_stmt = f"{extract.clinical_activity_query(cfg)} AND {win}"
+        activities = read(ctms, act_stmt)
+        ops.append({"vault": "ctms", "kind": "query", "what": "clinical activities", "q": act_stmt,
+                    "calls": _pages(len(activities), page_size)})
+        refs = transform.study_reference_columns(cfg)
+        ident_col = extract.person_identifier_column(cfg)
+
+        def referenced(what, base, obj, ids):
+            """One statement: changed in the window OR referenced (global ids); or a full scan."""
+            ids = sorted({i for i in ids if i})
+            head = f"{base} WHERE {win} OR {transform.GLOBAL_ID} CONTAINS "
+            if ids and len(head) + _list_cost(ids) <= VQL_MAX:
+                stmt = head + vql.in_list(ids)
+            elif not ids:
+                stmt = f"{base} WHERE {win}"
+            else:
+                stmt = None
+            scan = total(ctms, obj)
+            frame = read(ctms, stmt) if stmt else None
+            if stmt is None or _pages(scan, page_size) < _pages(len(frame), page_size):
+                changed = set(read(ctms, f"{base} WHERE {win}")[transform.GLOBAL_ID]) if stmt is None else set(
+                    frame[transform.GLOBAL_ID])
+                stmt = base
+                frame = read(ctms, base)
+                frame = frame[frame[transform.GLOBAL_ID].isin(set(ids) | changed)]
+                calls = _pages(scan, page_size)
+            else:
+                calls = _pages(len(frame), page_size)
+            ops.append({"vault": "ctms", "kind": "query", "what": what, "q": stmt, "calls": calls})
+            return frame
+
+        sites = referenced("study sites", extract.site_query(cfg), cfg.ctms.site.object,
+                           set(activities[refs["site"]].map(transform.text)))
+        site_study = f"{transform.relationship(cfg.ctms.site.fields.study)}.{transform.GLOBAL_ID}"
+        studies = referenced("studies", extract.study_query(cfg), cfg.ctms.study.object,
+                             set(activities[refs["study"]].map(transform.text)) | set(sites[site_study].map(transform.text)))
+
+        for obj in (cfg.ctms.activity.object, cfg.ctms.study.object, cfg.ctms.site.object):
+            n_deleted = sum(len(p) for p in ctms.deletions(obj, start, end))
+            ops.append({"vault": "ctms", "kind": "deletions", "what": f"deletions of {obj}", "object": obj,
+                        "params": {"start_date": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                                   "end_date": end.strftime("%Y-%m-%dT%H:%M:%SZ")},
+                        "calls": _pages(n_deleted, 1000)})
+            if n_deleted:
+                raise SystemExit("the floor model assumes a state without deletions (the scale scenario has none)")
+
+        # accounts
+        field = cfg.identifiers.crm_account_field
+        acc_base = f"SELECT {extract.select([transform.ID, field])} FROM {cfg.crm.account.object}"
+        identifiers = sorted({v for v in activities[ident_col].map(transform.text) if v})
+        head_len = len(f"{acc_base} WHERE {field} CONTAINS ")
+        account_frames, acc_ops = [], []
+        for chunk in page_aligned_chunks(identifiers, head_len, page_size):
+            stmt = f"{acc_base} WHERE {field} CONTAINS {vql.in_list(chunk)}"
+            frame = read(crm, stmt)
+            account_frames.append(frame)
+            acc_ops.append({"vault": "crm", "kind": "query", "what": "accounts by identifier", "q": stmt,
+                            "calls": _pages(len(frame), page_size)})
+        scan = total(crm, cfg.crm.account.object)
+        if acc_ops and sum(o["calls"] for o in acc_ops) > _pages(scan, page_size):
+            acc_ops = [{"vault": "crm", "kind": "query", "what": "accounts (full scan)", "q": acc_base,
+                        "calls": _pages(scan, page_size)}]
+        ops += acc_ops
+        accounts = pd.concat(account_frames, ignore_index=True) if account_frames else pd.DataFrame(columns=[transform.ID, field])
+
+    # payloads, exactly as the pipeline's rules build them (precomputed: not timed)
+    unique = accounts.drop_duplicates(field, keep=False).set_index(field)[transform.ID]
+    activities["account_id"] = activities[ident_col].map(transform.text).map(unique)
+    valid = activities[activities["account_id"].notna()]
+    from clinical_crm.client import _json_ready  # the client's JSON conversion (dates, NaN -> null)
+
+    def writes(what, obj, id_param, records):
+        records = [_json_ready({k: v for k, v in r.items() if not k.startswith("_") and not ("." in k and v is None)})
+                   for r in records]
+        for i in range(0, len(records), WRITE_BATCH):
+            ops.append({"vault": "crm", "kind": "write", "what": what, "object": obj, "id_param": id_param,
+                        "body": json.dumps(records[i:i + WRITE_BATCH]).encode(), "calls": 1,
+                        "records": len(records[i:i + WRITE_BATCH])})
+
+    c = cfg.crm
+    writes("clinical studies", c.clinical_study.object, c.clinical_study.fields.external_id,
+           transform.clinical_studies(studies, cfg))
+    writes("clinical sites", c.clinical_site.object, c.clinical_site.fields.external_id,
+           transform.clinical_sites(sites, cfg))
+    writes("clinical interactions", c.interaction.object, c.interaction.fields.external_id,
+           transform.clinical_interactions(valid, cfg))
+    for o in ops:
+        model[f"{o['vault']} {o['what']}"] += o["calls"]
+    return {"ops": ops, "model": dict(model), "calls": sum(model.values()), "page_size": page_size,
+            "rows": {"activities": len(activities), "valid": len(valid), "studies": len(studies),
+                     "sites": len(sites), "identifiers": len(identifiers), "accounts": len(accounts)},
+            "auth": 2}
+
+
+def run_floor(ops: list[dict], urls: dict[str, str]) -> dict:
+    """Make exactly the planned calls (sequentially, one session per vault); returns timings."""
+    import requests
+
+    started = time.perf_counter()
+    http = {}
+    for vault, url in urls.items():
+        s = requests.Session()
+        body = s.post(f"{url}/api/{API}/auth", data={"username": USER, "password": PASSWORD}).json()
+        s.headers["Authorization"] = body["sessionId"]
+        http[vault] = s
+    calls = 0
+    for op in ops:
+        s, url = http[op["vault"]], urls[op["vault"]]
+        if op["kind"] == "query":
+            body = s.post(f"{url}/api/{API}/query", data={"q": op["q"]}).json()
+        elif op["kind"] == "deletions":
+            body = s.get(f"{url}/api/{API}/objects/deletions/vobjects/{op['object']}", params=op["params"]).json()
+        else:
+            body = s.post(f"{url}/api/{API}/vobjects/{op['object']}", params={"idParam": op["id_param"]},
+                          data=op["body"], headers={"Content-Type": "application/json"}).json()
+        calls += 1
+        assert body["responseStatus"] == "SUCCESS", body
+        if op["kind"] == "write":
+            bad = [r for r in body["data"] if r["responseStatus"] != "SUCCESS"]
+            assert not bad, bad[:3]
+        while (body.get("responseDetails") or {}).get("next_page"):
+            body = s.get(url + body["responseDetails"]["next_page"]).json()
+            calls += 1
+    seconds = time.perf_counter() - started
+    for s in http.values():
+        s.close()
+    return {"seconds": seconds, "client_calls": calls}
+
+
+# ---------------------------------------------------------------- the pipeline (child process)
+
+
+def _conn(url: str) -> str:
+    return json.dumps({"conn_type": "veeva_vault", "host": url, "login": USER, "password": PASSWORD})
+
+
+def airflow_env(airflow_home: Path, data_dir: Path, connections: Path) -> dict:
+    return {
+        "AIRFLOW_HOME": str(airflow_home),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home / 'airflow.db'}",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+        "CLINICAL_CRM_DATA_DIR": str(data_dir),
+        "CLINICAL_CRM_CONNECTIONS_DIR": str(connections),
+        "GX_ANALYTICS_ENABLED": "False",
+    }
+
+
+def migrate(airflow_home: Path, env: dict) -> None:
+    airflow_home.mkdir(parents=True, exist_ok=True)
+    subprocess.run([str(Path(sys.executable).with_name("airflow")), "db", "migrate"], check=True,
+                   env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
+
+
+def run_pipeline(env: dict, window: tuple[datetime, datetime], out: Path, profile: str | None = None) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_dag", "--out", str(out),
+           "--window-start", window[0].isoformat(), "--window-end", window[1].isoformat()]
+    if profile:
+        cmd += ["--profile", profile]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode:
+        sys.stderr.write(proc.stdout[-5000:])
+        raise RuntimeError(f"pipeline process exited with {proc.returncode}")
+    result = json.loads(out.read_text())
+    result["process_seconds"] = wall
+    return result
+
+
+def dag_main(args) -> int:
+    """In the fresh process: build the DAG, dag.test() it, write timings and rusage as JSON."""
+    import resource
+
+    process_start = time.perf_counter()
+    from clinical_crm.dag_factory import build_dags
+
+    dag = build_dags()[DAG_ID]
+    conf = {"window_start": args.window_start, "window_end": args.window_end}
+
+    # Time spent inside the pipeline's own step functions (the rest of dag.test() is Airflow's
+    # task orchestration): the tasks call clinical_crm.pipeline.<step> at run time, in-process.
+    from clinical_crm import pipeline
+
+    steps: dict[str, float] = {}
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                steps[name] = steps.get(name, 0.0) + time.perf_counter() - t
+        return wrapper
+
+    for name in ("begin", "automate", "extract_ctms_to_crm", "validate", "transform", "load_ctms_to_crm", "finish"):
+        setattr(pipeline, name, timed(name, getattr(pipeline, name)))
+
+    # RSS sampled every 50 ms: the peak of each step (ru_maxrss gives the peak of the process).
+    import threading
+
+    import psutil
+
+    me, samples, stop = psutil.Process(), [], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            samples.append((time.time(), me.memory_info().rss))
+            stop.wait(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    dr = dag.test(run_conf=conf, logical_date=datetime.now(timezone.utc))
+    seconds = time.perf_counter() - started
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    if profiler:
+        profiler.disable()
+        profiler.dump_stats(args.profile)  # read with: python -m pstats FILE (sort cumtime / tottime)
+    stop.set()
+    sampler.join()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    tasks, task_rss = {}, {}
+    for ti in dr.get_task_instances():
+        if ti.start_date and ti.end_date:
+            tasks[ti.task_id] = round((ti.end_date - ti.start_date).total_seconds(), 2)
+            t0, t1 = ti.start_date.timestamp(), ti.end_date.timestamp()
+            inside = [rss for t, rss in samples if t0 <= t <= t1]
+            task_rss[ti.task_id] = round(max(inside) / 2**20) if inside else None
+    Path(args.out).write_text(json.dumps({
+        "state": str(dr.state), "dag_test_seconds": seconds,
+        "import_and_parse_seconds": started - process_start,
+        "cpu_user": cpu1.ru_utime - cpu0.ru_utime, "cpu_system": cpu1.ru_stime - cpu0.ru_stime,
+        "cpu_total_process": cpu1.ru_utime + cpu1.ru_stime,
+        "max_rss_mib": cpu1.ru_maxrss / 1024, "children_max_rss_mib": children.ru_maxrss / 1024,
+        "tasks": tasks, "task_peak_rss_mib": task_rss, "steps": {k: round(v, 2) for k, v in steps.items()},
+        "steps_seconds": sum(steps.values())}))
+    return 0
+
+
+# ---------------------------------------------------------------- one N
+
+
+def count_interactions(crm_url: str, cfg) -> int:
+    from clinical_crm.client import VaultClient
+
+    with VaultClient(crm_url, USER, PASSWORD) as crm:
+        body = crm._call("POST", "query", "query",
+                         data={"q": f"SELECT id FROM {cfg.crm.interaction.object} PAGESIZE 1"})
+        return int(body["responseDetails"]["total"])
+
+
+def split_counters(counters: dict) -> tuple[int, int, dict]:
+    endpoints = dict(counters["endpoints"])
+    logout = endpoints.pop(AUTH_KEYS[1], 0)
+    return sum(endpoints.values()), counters["auth"] + logout, endpoints
+
+
+def measure(n: int, workdir: Path, seed_number: int, now: str, airflow_home: Path,
+            skip_pipeline: bool = False, profile: str | None = None) -> dict:
+    from clinical_crm.config import parse_connection
+    import yaml
+
+    t = time.perf_counter()
+    seeded = seed(workdir / "pristine", n, seed_number, now)
+    seed_seconds = time.perf_counter() - t
+    window = window_of(now)
+    cfg = parse_connection(yaml.safe_load(bench_config()), "bench.yaml")
+    result = {"n": n, "seed_seconds": seed_seconds, "seeded": {k: v["counts"] for k, v in seeded.items()},
+              "window": [window[0].isoformat(), window[1].isoformat()]}
+
+    # floor: plan (untimed), reset counters, run (timed)
+    ctms_s, crm_s = servers(fresh_copy(workdir / "pristine", workdir / "floor"))
+    with ctms_s, crm_s:
+        p = plan(cfg, ctms_s.url, crm_s.url, window)
+        for s in (ctms_s, crm_s):
+            s.admin.reset_counters()
+        floor = run_floor(p["ops"], {"ctms": ctms_s.url, "crm": crm_s.url})
+        counters = {"ctms": ctms_s.admin.counters(), "crm": crm_s.admin.counters()}
+        floor["interactions_after"] = count_interactions(crm_s.url, cfg)
+    floor_calls = sum(split_counters(c)[0] for c in counters.values())
+    floor.update(model=p["model"], model_calls=p["calls"], rows=p["rows"], page_size=p["page_size"],
+                 server_calls=floor_calls, auth=sum(split_counters(c)[1] for c in counters.values()),
+                 endpoints={k: split_counters(c)[2] for k, c in counters.items()})
+    if floor_calls != p["calls"]:
+        raise SystemExit(f"floor script made {floor_calls} calls, the model says {p['calls']}")
+    result["floor"] = floor
+
+    if not skip_pipeline:
+        phase = fresh_copy(workdir / "pristine", workdir / "pipeline")
+        connections = phase / "connections"
+        connections.mkdir()
+        (connections / "bench.yaml").write_text(bench_config())
+        env = airflow_env(airflow_home, phase / "data", connections)
+        ctms_s, crm_s = servers(phase)
+        with ctms_s, crm_s:
+            env["AIRFLOW_CONN_VAULT_CTMS_BENCH"] = _conn(ctms_s.url)
+            env["AIRFLOW_CONN_VAULT_CRM_BENCH"] = _conn(crm_s.url)
+            for s in (ctms_s, crm_s):
+                s.admin.reset_counters()
+            pipe = run_pipeline(env, window, phase / "pipeline.json", profile)
+            counters = {"ctms": ctms_s.admin.counters(), "crm": crm_s.admin.counters()}
+            pipe["interactions_after"] = count_interactions(crm_s.url, cfg)
+        pipe["server_calls"] = sum(split_counters(c)[0] for c in counters.values())
+        pipe["auth"] = sum(split_counters(c)[1] for c in counters.values())
+        pipe["endpoints"] = {k: split_counters(c)[2] for k, c in counters.items()}
+        result["pipeline"] = pipe
+        result["ratio_calls"] = pipe["server_calls"] / floor_calls
+        result["ratio_time_dag_test"] = pipe["dag_test_seconds"] / floor["seconds"]
+        result["ratio_time_process"] = pipe["process_seconds"] / floor["seconds"]
+    shutil.rmtree(workdir / "floor", ignore_errors=True)
+    return result
+
+
+def report(r: dict) -> str:
+    f = r["floor"]
+    lines = [f"== N = {r['n']:,} (seed {r['seed_seconds']:.1f} s; window {r['window'][0]} .. {r['window'][1]})",
+             f"rows: {f['rows']}; page size {f['page_size']}",
+             "floor model (data calls):"]
+    lines += [f"  {k:<40} {v:>6}" for k, v in f["model"].items()]
+    lines.append(f"  {'total':<40} {f['model_calls']:>6}   (+{f['auth']} auth)")
+    lines.append(f"floor run: {f['server_calls']} calls counted by the sandboxes, {f['seconds']:.2f} s; "
+                 f"CRM interactions after: {f['interactions_after']:,}")
+    if "pipeline" in r:
+        p = r["pipeline"]
+        lines.append(f"pipeline ({DAG_ID}, dag.test() in a fresh process): state {p['state']}")
+        for vault, eps in p["endpoints"].items():
+            for k, v in eps.items():
+                lines.append(f"  {vault} {k:<60} {v:>6}")
+        lines.append(f"  total {p['server_calls']} data calls (+{p['auth']} auth/logout); "
+                     f"CRM interactions after: {p['interactions_after']:,}")
+        lines.append(f"  dag.test(): {p['dag_test_seconds']:.2f} s; whole process (imports, parse, run): "
+                     f"{p['process_seconds']:.2f} s; tasks {p['tasks']}")
+        lines.append(f"  pipeline step functions: {p['steps_seconds']:.2f} s {p['steps']}; "
+                     f"Airflow task orchestration (dag.test() minus steps): {p['dag_test_seconds'] - p['steps_seconds']:.2f} s")
+        lines.append(f"  peak RSS by task (MiB): {p['task_peak_rss_mib']}")
+        lines.append(f"  CPU (run) {p['cpu_user'] + p['cpu_system']:.1f} s (user {p['cpu_user']:.1f}, "
+                     f"sys {p['cpu_system']:.1f}); peak RSS {p['max_rss_mib']:.0f} MiB "
+                     f"(children {p['children_max_rss_mib']:.0f} MiB)")
+        lines.append(f"RATIOS N={r['n']:,}: calls {r['ratio_calls']:.3f} x floor; wall time "
+                     f"{r['ratio_time_dag_test']:.2f} x floor (dag.test), {r['ratio_time_process']:.2f} x "
+                     f"(whole process)")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    load = os.getloadavg()
+    return (f"date {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; nproc {os.cpu_count()}; memory {mem:.0f} GiB; "
+            f"python {platform.python_version()}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command")
+    dag = sub.add_parser("_dag", help="internal: run the DAG in this (fresh) process")
+    dag.add_argument("--out", required=True)
+    dag.add_argument("--window-start", required=True)
+    dag.add_argument("--window-end", required=True)
+    dag.add_argument("--profile")
+    parser.add_argument("--n", type=int, action="append", help="Clinical Activities (repeatable; default 10000 and 100000)")
+    parser.add_argument("--seed-number", type=int, default=1)
+    parser.add_argument("--now", default=NOW)
+    parser.add_argument("--workdir", help="keep the files here (default: a temp dir, removed)")
+    parser.add_argument("--floor-only", action="store_true", help="skip the pipeline run")
+    parser.add_argument("--profile", help="write a cProfile profile of the DAG run to this file (+ .N)")
+    parser.add_argument("--json", help="also write the figures as JSON here")
+    args = parser.parse_args(argv)
+    if args.command == "_dag":
+        return dag_main(args)
+
+    sizes = args.n or [10_000, 100_000]
+    tmp = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_floor_"))
+    results = []
+    try:
+        print(machine(), flush=True)
+        airflow_home = tmp / "airflow_home"
+        if not args.floor_only:
+            migrate(airflow_home, airflow_env(airflow_home, tmp / "data", tmp / "connections"))
+        for n in sizes:
+            r = measure(n, tmp / f"n{n}", args.seed_number, args.now, airflow_home, args.floor_only,
+                        f"{args.profile}.{n}" if args.profile else None)
+            results.append(r)
+            print(report(r), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"machine": machine(), "results": results}, indent=2, default=str))
+    finally:
+        if not args.workdir:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
