@@ -181,7 +181,16 @@ class VaultClient:
             self._session_id = None
             session_id = self._authenticate_once()
             self.counters[f"calls.{kind}"] += 1
-            return self._send(method, path, session_id=session_id, **request_args)
+            try:
+                return self._send(method, path, session_id=session_id, **request_args)
+            except VaultAuthenticationError as again:
+                if again.error_type != "INVALID_SESSION_ID":
+                    raise
+                # the brand-new session ended too (the login itself worked, so the credentials
+                # are fine): a transient fault, retried with backoff, not a reason to fail fast
+                self._session_id = None
+                raise VaultTransientError("INVALID_SESSION_ID", "the session ended again right after "
+                                          "re-authentication") from again
 
     def _url(self, path: str) -> str:
         if path.startswith("/api/"):  # next_page links are absolute paths

@@ -1,0 +1,33 @@
+"""Client-level faults the 10% fault run can hit only rarely, forced with the sandbox's fault queue."""
+from __future__ import annotations
+
+import pytest
+
+from clinical_crm.client import VaultClient
+from vault_sandbox.testing import SandboxServer
+
+USER, PASSWORD = "integration@sandbox.example", "sandbox"
+
+
+@pytest.fixture(scope="module")
+def crm(tmp_path_factory):
+    with SandboxServer("crm", tmp_path_factory.mktemp("crm") / "crm.db", seed="demo") as server:
+        yield server
+
+
+@pytest.mark.parametrize("queue", [
+    ["session_expiry", "session_expiry"],                  # the re-authenticated call expires too
+    ["session_expiry", "http503", "session_expiry"],
+    ["drop", "slow", "exception", "http502", "session_expiry"],
+])
+def test_consecutive_faults_are_retried_not_failed(crm, queue):
+    client = VaultClient(crm.url, USER, PASSWORD, backoff_initial=0.01, backoff_max=0.05, read_timeout=30)
+    try:
+        client.authenticate()
+        crm.admin.faults(queue=list(queue), slow_seconds=0.2)
+        rows = sum(len(page) for page in client.query("SELECT id FROM account__v"))
+    finally:
+        crm.admin.faults(queue=[], rate=0.0)
+        client.close()
+    assert rows > 0
+    assert client.counters["retry"] >= 1 or client.counters["reauth"] >= 1
