@@ -37,8 +37,12 @@ def begin(cfg, direction: str, dag_run_id: str, data_interval_start: datetime | 
     """Decide the run's window and open its ledger row. An inactive configuration moves nothing."""
     ledger = ledger or Ledger()
     params = params or {}
+    # Before the first success the schedule's start date stands for "the end of the last
+    # successful window": the first run (catchup is off) then sends everything since the start
+    # date instead of skipping it.
+    last_success = ledger.last_success_end(cfg.name, direction) or cfg.schedule.start_date
     window = windows.run_window(
-        data_interval_start, data_interval_end, ledger.last_success_end(cfg.name, direction),
+        data_interval_start, data_interval_end, last_success,
         cfg.lookback_minutes, window_start=params.get("window_start"), window_end=params.get("window_end"),
         first_start=cfg.schedule.start_date)
     run = {"connection": cfg.name, "direction": direction, "dag_run_id": dag_run_id, "active": cfg.active,
@@ -265,15 +269,18 @@ def transform(cfg, run: dict, staged: dict, validated: dict) -> dict:
 def _load_object(ledger: Ledger, run: dict, client, target_object: str, source_object: str, staged: dict | None,
                  id_param: str, batch_size: int, resolve: bool, prepare=None) -> dict:
     """Upsert one staged records file chunk by chunk (memory follows the chunk, not the file);
-    record outcomes, the id map and (for activities) the quarantine they leave."""
+    record outcomes, the id map and (for activities) the quarantine they leave.
+
+    Three stages overlap, each in order: this thread reads and prepares chunk i+1 while a writer
+    thread upserts chunk i and a ledger thread records chunk i-1, so the vault's time hides the
+    local work (at most three chunks in memory)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from clinical_crm import load
 
     totals: dict[str, int] = {}
-    for chunk in staging.read_chunks((staged or {}).get("path"), chunk_rows=batch_size * 20):
-        records = chunk.to_dict("records")
-        if prepare is not None:
-            records = [prepare(r) for r in records]
-        outcomes = load.upsert(client, target_object, records, id_param, batch_size)
+
+    def record(outcomes: list[dict]) -> None:
         ledger.add_outcomes(run["run_id"], run["connection"], run["direction"], source_object, outcomes)
         loaded = [o for o in outcomes if o["outcome"] in load.LOADED]
         ledger.map_ids(run["connection"], target_object,
@@ -295,6 +302,24 @@ def _load_object(ledger: Ledger, run: dict, client, target_object: str, source_o
             totals[key] = totals.get(key, 0) + value
         if transient:
             totals["transient_failed"] = totals.get("transient_failed", 0) + len(transient)
+
+    recorded = []
+    with ThreadPoolExecutor(1, thread_name_prefix="load-write") as writer, \
+            ThreadPoolExecutor(1, thread_name_prefix="load-ledger") as recorder:
+        pending = None
+        for chunk in staging.read_chunks((staged or {}).get("path"), chunk_rows=batch_size * 20):
+            records = chunk.to_dict("records")
+            if prepare is not None:
+                records = [prepare(r) for r in records]
+            if pending is not None:
+                recorded.append(recorder.submit(record, pending.result()))
+            for done in [f for f in recorded if f.done()]:
+                done.result()  # a ledger failure stops the load here, as it would have in line
+            pending = writer.submit(load.upsert, client, target_object, records, id_param, batch_size)
+        if pending is not None:
+            recorded.append(recorder.submit(record, pending.result()))
+        for f in recorded:
+            f.result()
     return totals
 
 

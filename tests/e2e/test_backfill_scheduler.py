@@ -18,6 +18,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from clinical_crm.client import VaultClient
+from clinical_crm.config import load_connection
 from clinical_crm.ledger import Ledger
 from vault_sandbox.testing import free_port
 
@@ -131,8 +132,10 @@ def test_backfill_three_windows_with_a_real_scheduler(airflow_env, airflow_proce
     assert len(windows) == 3
     starts = [datetime.fromisoformat(s) for s, _ in windows]
     ends = [datetime.fromisoformat(e) for _, e in windows]
-    # a data-interval timetable's run for logical date L covers [L, L + 1h]
-    assert starts[0] == first - LOOKBACK
+    # a data-interval timetable's run for logical date L covers [L, L + 1h]; the first run of a
+    # connection reaches back to the schedule's start date (nothing before it is skipped)
+    assert starts[0] == load_connection(REPO / "include" / "connections" / "demo.yaml").schedule.start_date - LOOKBACK
+    assert starts[1] == first + timedelta(hours=1) - LOOKBACK
     assert ends[-1] == last + timedelta(hours=1)
     for previous_end, start in zip(ends, starts[1:]):
         assert start <= previous_end  # no gap between windows
