@@ -14,7 +14,10 @@ COPY --chown=airflow:root include /opt/clinical-crm/include
 COPY --chown=airflow:root scripts /opt/clinical-crm/scripts
 # Editable, like the local setup: the package reads files next to its modules (templates, the
 # sandbox's models and VQL grammar) straight from /opt/clinical-crm/include.
-RUN pip install --no-cache-dir --no-deps -e /opt/clinical-crm
+# The build leaves include/*.egg-info, a second copy of the project's metadata on sys.path: Airflow
+# would then load the plugin twice and show "Plugin Import Error" on its home page. Remove it.
+RUN pip install --no-cache-dir --no-deps -e /opt/clinical-crm \
+    && rm -rf /opt/clinical-crm/include/*.egg-info
 
 # DAG files and connection files are baked in (docker-compose.yaml mounts the working copy over them).
 COPY --chown=airflow:root dags /opt/airflow/dags

@@ -121,6 +121,8 @@ def test_plugin_is_registered_with_the_api_server(api_server):
     ours = [p for p in plugins if p["name"] == "clinical_crm"]
     assert len(ours) == 1
     assert ours[0]["external_views"][0]["url_route"] == "clinical-crm"
+    # The UI's home page counts plugin import errors (e.g. the plugin found twice): none.
+    assert requests.get(f"{api_server}/api/v2/plugins/importErrors", timeout=30).json()["import_errors"] == []
 
 
 def test_page_inside_the_airflow_ui_shows_runs_quarantine_and_record_lookup(api_server, browser):
