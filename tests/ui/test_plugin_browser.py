@@ -153,7 +153,6 @@ def test_page_inside_the_airflow_ui_shows_runs_quarantine_and_record_lookup(api_
         assert "<script>" in held.inner_text()  # shown as text, not run
         other = frame.locator('section[data-connection="other"]')
         assert other.locator("tr.run").count() == 1
-        assert "Airflow" in page.title() or page.locator("nav").count() > 0
         page.screenshot(path=str(ARTIFACTS / "plugin.png"), full_page=True)
 
         # The run's Data Docs page opens in place (the UI's iframe sandbox allows no pop-ups).
