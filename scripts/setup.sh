@@ -20,6 +20,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet -r requirements.txt
   .venv/bin/python -m pip install --quiet --no-deps -e .
+  # setuptools leaves an egg-info beside the packages; Airflow would then load the plugin twice
+  rm -rf include/*.egg-info
   echo "$want" > "$stamp"
 fi
 
