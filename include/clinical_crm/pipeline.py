@@ -302,6 +302,9 @@ def _load_object(ledger: Ledger, run: dict, client, target_object: str, source_o
             totals[key] = totals.get(key, 0) + value
         if transient:
             totals["transient_failed"] = totals.get("transient_failed", 0) + len(transient)
+        denied = [o for o in failed if o.get("error_type") == "INSUFFICIENT_ACCESS"]
+        if denied:
+            totals["permission_denied"] = totals.get("permission_denied", 0) + len(denied)
 
     recorded = []
     with ThreadPoolExecutor(1, thread_name_prefix="load-write") as writer, \
@@ -330,8 +333,15 @@ TRANSIENT_RECORD_ERRORS = ("RACE_CONDITION", "UNEXPECTED_ERROR")
 
 
 def _retry_transient(counts: dict[str, dict]) -> None:
-    from clinical_crm.errors import VaultTransientError
+    """After every outcome is in the ledger: records refused for lack of permission fail the task
+    at once (VaultPermissionError: no retries); transient refusals fail it to be retried."""
+    from clinical_crm.errors import VaultPermissionError, VaultTransientError
 
+    denied = {obj: c["permission_denied"] for obj, c in counts.items() if c.get("permission_denied")}
+    if denied:
+        raise VaultPermissionError("INSUFFICIENT_ACCESS", f"the vault refused records of {denied} for lack of "
+                                   f"permission; each record's outcome and the vault's message are in the ledger. "
+                                   f"Give the integration user the missing permission, then re-run")
     left = {obj: c["transient_failed"] for obj, c in counts.items() if c.get("transient_failed")}
     if left:
         raise VaultTransientError("RACE_CONDITION", f"records refused with a transient error after the client's "

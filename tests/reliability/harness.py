@@ -110,12 +110,13 @@ def vault_conn(url: str, login: str = USER, password: str = PASSWORD, **extra) -
     return json.dumps(body)
 
 
-def world_env(folder: Path, ctms_url: str, crm_url: str, conn_extra: dict | None = None) -> dict[str, str]:
+def world_env(folder: Path, ctms_url: str, crm_url: str, conn_extra: dict | None = None,
+              password: str = PASSWORD) -> dict[str, str]:
     """The environment of one connection run against this world's two vaults."""
     extra = conn_extra or {}
     return {
-        "AIRFLOW_CONN_VAULT_CTMS_DEMO": vault_conn(ctms_url, **extra),
-        "AIRFLOW_CONN_VAULT_CRM_DEMO": vault_conn(crm_url, **extra),
+        "AIRFLOW_CONN_VAULT_CTMS_DEMO": vault_conn(ctms_url, password=password, **extra),
+        "AIRFLOW_CONN_VAULT_CRM_DEMO": vault_conn(crm_url, password=password, **extra),
         "CLINICAL_CRM_DATA_DIR": str(folder / "data"),
         "CLINICAL_CRM_LEDGER_URL": f"sqlite:///{folder / 'data' / 'ledger.db'}",
         "CLINICAL_CRM_CONNECTIONS_DIR": str(folder / "connections"),
@@ -141,8 +142,10 @@ class World:
     """Both sandbox vaults of a world, served (optionally with faults), and the env to run DAGs."""
 
     def __init__(self, folder: Path, faults: dict | None = None, limits: dict | None = None,
-                 server_options: dict | None = None, conn_extra: dict | None = None, **load):
+                 server_options: dict | None = None, conn_extra: dict | None = None,
+                 password: str = PASSWORD, **load):
         self.folder = Path(folder)
+        self.password = password
         self.faults = faults
         self.limits = limits
         self.server_options = server_options or {}
@@ -157,7 +160,9 @@ class World:
                                                             **self.server_options))
         self.crm = self._stack.enter_context(SandboxServer("crm", self.folder / "crm.db", seed="none",
                                                            **self.server_options))
-        self.env = world_env(self.folder, self.ctms.url, self.crm.url, self.conn_extra)
+        for server in (self.ctms, self.crm):
+            server.admin.password = self.password
+        self.env = world_env(self.folder, self.ctms.url, self.crm.url, self.conn_extra, self.password)
         self._stack.enter_context(patched_env(self.env))
         return self
 
@@ -312,9 +317,13 @@ ALL_FAULTS = ["exception", "http502", "http503", "drop", "slow", "session_expiry
 
 def fault_run(base: Path, n: int, rate: float = 0.10, fault_seed: int = 11, batch_size: int = 100,
               page_size: int = 200, burst_limit: int = 40, burst_window_seconds: float = 5,
-              burst_delay_ms: int = 100, slow_seconds: float = 0.5, log=print) -> dict:
+              burst_delay_ms: int = 100, slow_seconds: float = 0.5, every_kind_first: bool = True,
+              log=print) -> dict:
     """Seed n records per direction, run both DAGs fault-free on one copy and with faults on an
-    identical copy, and compare the full contents of both vaults. Returns the report."""
+    identical copy, and compare the full contents of both vaults. Returns the report.
+
+    `every_kind_first`: each vault's first calls get one fault of every kind (the sandbox's fault
+    queue), so every kind is exercised whatever the random draws; then the seeded 10% follow."""
     now = datetime.now(timezone.utc)
     log(f"seeding {n} Clinical Activities and {n} flagged CRM calls ...")
     seed_world(base / "seed", n, now)
@@ -328,7 +337,8 @@ def fault_run(base: Path, n: int, rate: float = 0.10, fault_seed: int = 11, batc
         faulty = name == "faults"
         world = World(folder, server_options=server_options, batch_size=batch_size,
                       faults={"rate": rate, "kinds": ALL_FAULTS, "seed": fault_seed,
-                              "slow_seconds": slow_seconds} if faulty else None,
+                              "slow_seconds": slow_seconds,
+                              "queue": ALL_FAULTS if every_kind_first else []} if faulty else None,
                       limits={"burst_limit": burst_limit, "burst_window_seconds": burst_window_seconds,
                               "burst_delay_ms": burst_delay_ms} if faulty else None,
                       conn_extra={"burst_floor": 5} if faulty else None)
