@@ -274,6 +274,25 @@ class Ledger:
                 quarantine.c.connection == connection, quarantine.c.direction == direction,
                 quarantine.c.object == object_name, quarantine.c.resolved_at.is_(None))).scalars())
 
+    def accepted_quarantine_ids(self, connection: str, direction: str, object_name: str) -> set[str]:
+        """Open quarantine records that a successful run has already quarantined: known open items.
+
+        Records first held back by a run that then failed (e.g. on the quality threshold) are not
+        in it, so the next run counts them again instead of waving them through.
+        """
+        with self.engine.connect() as db:
+            return set(db.execute(
+                select(quarantine.c.source_id).distinct()
+                .join(record_outcomes, (record_outcomes.c.source_id == quarantine.c.source_id)
+                      & (record_outcomes.c.object == quarantine.c.object)
+                      & (record_outcomes.c.connection == quarantine.c.connection)
+                      & (record_outcomes.c.outcome == "quarantined"))
+                .join(runs, (runs.c.id == record_outcomes.c.run_id) & (runs.c.state == "success")
+                      & (runs.c.direction == direction))
+                .where(quarantine.c.connection == connection, quarantine.c.direction == direction,
+                       quarantine.c.object == object_name, quarantine.c.resolved_at.is_(None))
+            ).scalars())
+
     def map_ids(self, connection: str, object_name: str, rows: Iterable[dict]) -> None:
         """Remember source id -> target id / external id (rows: source_id, target_id, external_id)."""
         rows = list(rows)

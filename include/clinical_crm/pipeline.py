@@ -177,10 +177,11 @@ def validate(cfg, run: dict, staged: dict, ledger: Ledger | None = None) -> dict
     validator = quality.Validator(cfg.name, run["dag_run_id"])
     good = staging.FrameWriter(f"{run['run_dir']}/{source_name}.valid.parquet")
     rows = failing = 0
-    # Records already quarantined by earlier runs are re-checked every run; while they still fail
-    # they are an open item, not a new defect of this window, so the failing share that can fail
-    # the run counts the other rows only.
+    # Records quarantined by earlier runs are re-checked every run (held_before). While they still
+    # fail, those a successful run already accepted are known open items, not new defects of this
+    # window: the failing share that can fail the run counts the other rows only.
     held_before = set(ledger.quarantined_ids(cfg.name, run["direction"], object_name))
+    accepted = ledger.accepted_quarantine_ids(cfg.name, run["direction"], object_name)
     new_rows = new_failing = 0
     reason_counts: dict[str, int] = {}
     suites: list[dict] = []
@@ -200,7 +201,7 @@ def validate(cfg, run: dict, staged: dict, ledger: Ledger | None = None) -> dict
         bad = reasons.map(bool)
         rows += len(chunk)
         failing += int(bad.sum())
-        new = ~chunk["id"].isin(held_before)
+        new = ~chunk["id"].isin(accepted)
         new_rows += int(new.sum())
         new_failing += int((bad & new).sum())
         held = {str(checks.at[i, "source_id"]): reasons[i] for i in checks.index[bad]}

@@ -303,3 +303,41 @@ def test_inactive_configuration_moves_nothing(clients, vaults, connections_dir):
             assert not [e for e in endpoints if "/query" in e or "/vobjects/" in e], endpoints
     finally:
         path.write_text(original)
+
+
+def test_too_many_failing_rows_fail_the_run_and_load_nothing(clients, connections_dir):
+    ctms, crm = clients
+    accounts: dict[str, int] = {}
+    for a in rows(crm, "SELECT veeva_network_id__v FROM account__v"):
+        accounts[a["veeva_network_id__v"]] = accounts.get(a["veeva_network_id__v"], 0) + 1
+    persons = rows(ctms, "SELECT id, veeva_network_id__c FROM person__sys")
+    matched = next(p["id"] for p in persons if accounts.get(p["veeva_network_id__c"]) == 1)
+    start = now() - timedelta(seconds=5)
+    good_one, bad_one = ctms.create("crm_activity__v", [
+        {"object_type__vr.api_name__v": "clinical_activity__v", "person__v": matched, "activity_date__v": day,
+         "channel__v": "phone__v", "complete__v": False, "subject__v": subject}
+        for day, subject in (("2026-04-01", "Good one"), ("1850-04-01", "Bad one"))])
+    global_ids = {r["id"]: r["global_id__sys"] for r in rows(
+        ctms, f"SELECT id, global_id__sys FROM crm_activity__v WHERE id CONTAINS {vql.in_list([good_one.id, bad_one.id])}")}
+    path = connections_dir / "demo.yaml"
+    original = path.read_text()
+    path.write_text(original.replace("max_failing_share: 0.25", "max_failing_share: 0.1"))
+    try:
+        dr = run_dag("ctms_to_crm__demo", window(start, now() + timedelta(seconds=1)))
+        assert dr.state == "failed"
+        tries = {ti.task_id: (ti.state, ti.try_number) for ti in dr.get_task_instances()}
+        assert tries["validate"] == ("failed", 1)  # not retried: the data, not the system, is wrong
+        assert global_ids[good_one.id] not in interactions(crm)  # nothing loaded, not even the good row
+        assert last_run("ctms_to_crm")["state"] == "failed"
+        assert any("not a valid date" in r for q in Ledger().open_quarantine("demo") if q["source_id"] == bad_one.id
+                   for r in q["reasons"])
+        # the next run counts the row again (a failed run does not accept its quarantine)
+        assert run_dag("ctms_to_crm__demo", window(start, now() + timedelta(seconds=1))).state == "failed"
+    finally:
+        path.write_text(original)
+    # the data engineer fixes the record: the next run sends both
+    assert ctms.update("crm_activity__v", [{"id": bad_one.id, "activity_date__v": "2026-04-02"}])[0].outcome == "updated"
+    assert run_dag("ctms_to_crm__demo", window(start, now() + timedelta(seconds=1))).state == "success"
+    sent = interactions(crm)
+    assert sent[global_ids[good_one.id]]["subject__v"] == "Good one"
+    assert sent[global_ids[bad_one.id]]["interaction_date__v"] == "2026-04-02"

@@ -153,3 +153,14 @@ def test_a_retried_run_reuses_its_row(ledger):
     first = ledger.start_run("demo", "ctms_to_crm", "same", t0, t0)
     assert ledger.start_run("demo", "ctms_to_crm", "same", t0, t0) == first
     assert len(ledger.recent_runs("demo")) == 1
+
+
+def test_quarantine_of_a_failed_run_is_not_accepted(ledger):
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    for dag_run, state, source in (("ok", "success", "A"), ("bad", "failed", "B")):
+        run = ledger.start_run("demo", "ctms_to_crm", dag_run, t0, t0)
+        ledger.quarantine_records(run, "demo", "ctms_to_crm", "crm_activity__v", {source: ["why"]})
+        ledger.add_outcomes(run, "demo", "ctms_to_crm", "crm_activity__v", [{"source_id": source, "outcome": "quarantined"}])
+        ledger.finish_run(run, state)
+    assert ledger.accepted_quarantine_ids("demo", "ctms_to_crm", "crm_activity__v") == {"A"}
+    assert set(ledger.quarantined_ids("demo", "ctms_to_crm", "crm_activity__v")) == {"A", "B"}
