@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import date
 from typing import Any, Callable
 
 from sqlalchemy import select
@@ -25,6 +26,15 @@ class RecordError(Exception):
 class Caller:
     user_id: str
     profile: str
+
+
+def _real_date(value: str) -> bool:
+    """'2026-13-45' has the shape of a date but is none (Vault refuses it)."""
+    try:
+        date.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
 
 
 def failure(error_type: str, message: str) -> dict:
@@ -130,7 +140,7 @@ class Writer:
             except (TypeError, ValueError):
                 raise RecordError("INVALID_DATA", f"Invalid number '{value}' for field '{f.name}'") from None
         if f.type == "date":
-            if not isinstance(value, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+            if not isinstance(value, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value) or not _real_date(value):
                 raise RecordError("INVALID_DATA", f"Invalid date '{value}' for field '{f.name}' (YYYY-MM-DD)")
             return value
         if f.type == "datetime":

@@ -31,3 +31,17 @@ def test_consecutive_faults_are_retried_not_failed(crm, queue):
         client.close()
     assert rows > 0
     assert client.counters["retry"] >= 1 or client.counters["reauth"] >= 1
+
+
+@pytest.mark.parametrize("value", ["2026-13-45", "2027-02-29", "2026-00-10"])
+def test_the_sandbox_refuses_impossible_dates_like_vault(crm, value):
+    """Found by the bad-input corpus: the sandbox stored dates of the right shape that do not exist."""
+    client = VaultClient(crm.url, USER, PASSWORD)
+    try:
+        account = next(client.query("SELECT id FROM account__v")).iloc[0]["id"]
+        out = client.create("call2__v", [{"account__v": account, "call_date__v": value}])[0]
+        good = client.create("call2__v", [{"account__v": account, "call_date__v": "2028-02-29"}])[0]
+    finally:
+        client.close()
+    assert (out.outcome, out.error_type) == ("failed", "INVALID_DATA") and value in out.message
+    assert good.outcome == "created"
