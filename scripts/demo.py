@@ -80,7 +80,7 @@ def summary(since_run_id: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--windows", type=int, default=4, help="hourly windows to run, ending at the last full hour")
+    parser.add_argument("--windows", type=int, default=3, help="hourly windows to run, ending at the last full hour")
     parser.add_argument("--ctms-port", type=int, default=8701)
     parser.add_argument("--crm-port", type=int, default=8702)
     parser.add_argument("--data", type=Path, default=ROOT / "data")
