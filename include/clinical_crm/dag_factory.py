@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 from datetime import timedelta
-from pathlib import Path
 
 from airflow.sdk import DAG, CronDataIntervalTimetable, ExceptionRetryPolicy, Param, RetryAction, RetryRule, task
 

@@ -14,7 +14,17 @@ import pandas as pd
 
 from clinical_crm import staging, vql
 from clinical_crm.extract import contains_queries, query_pages, select
-from clinical_crm.transform import ID, OBJECT_TYPE_API_NAME, SOURCE_ID, STATUS, deleted_subject, is_deleted_subject, text
+from clinical_crm.transform import (
+    ID,
+    OBJECT_TYPE_API_NAME,
+    SOURCE_ID,
+    STATUS,
+    deleted_status,
+    deleted_subject,
+    inactivated,
+    is_deleted_subject,
+    text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +136,7 @@ def mark_deleted_status(cfg, crm, entity: str, deleted_global_ids: list[str]) ->
             outcomes.append({"source_id": source, "target_id": row[ID], "outcome": "unchanged",
                              "message": "already marked deleted"})
         else:
-            changes.append(({ID: row[ID], status_field: cfg.deletion.crm_deleted_status}, source))
+            changes.append((deleted_status([row[ID]], cfg)[0], source))
     for result, (record, source) in zip(update(crm, target.object, [c for c, _ in changes], cfg.load.batch_size), changes):
         outcomes.append(result | {"source_id": source, "outcome": _deleted(result["outcome"])})
     return outcomes
@@ -144,7 +154,7 @@ def inactivate_medical_activities(cfg, ctms, deleted_call_global_ids: list[str])
             outcomes.append({"source_id": source, "target_id": row[ID], "outcome": "unchanged",
                              "message": "already inactive"})
         else:
-            changes.append(({ID: row[ID], STATUS: cfg.deletion.ctms_inactive_status}, source))
+            changes.append((inactivated([row[ID]], cfg)[0], source))
     for result, (record, source) in zip(update(ctms, a.object, [c for c, _ in changes], cfg.load.batch_size), changes):
         outcomes.append(result | {"source_id": source, "outcome": _deleted(result["outcome"])})
     return outcomes
