@@ -72,7 +72,7 @@ class VaultClient:
         backoff_initial: float = 1.0,
         backoff_max: float = 60.0,
         pace_max_seconds: float = 2.0,
-        race_retries: int = 3,
+        race_retries: int = 5,
         sleep: Callable[[float], None] = time.sleep,
     ):
         if "://" not in base_url:

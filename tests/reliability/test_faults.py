@@ -14,9 +14,14 @@ import harness
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
 
+@pytest.fixture(scope="module")
+def small_seed(tmp_path_factory, airflow_db):
+    return harness.seed_world(tmp_path_factory.mktemp("seed"), 60)
+
+
 def test_fault_run_ends_exactly_like_a_fault_free_run(tmp_path, capsys):
-    report = harness.fault_run(tmp_path, n=1000, rate=0.10, fault_seed=11, batch_size=50, page_size=100,
-                               burst_limit=12, burst_window_seconds=10, burst_delay_ms=100, slow_seconds=0.5,
+    report = harness.fault_run(tmp_path, n=1000, rate=0.10, fault_seed=11, batch_size=100, page_size=200,
+                               burst_limit=20, burst_window_seconds=10, burst_delay_ms=100, slow_seconds=0.5,
                                log=lambda *_: None)
     (tmp_path / "report.json").write_text(json.dumps(report, indent=1, default=str))
     with capsys.disabled():
@@ -35,21 +40,28 @@ def test_fault_run_ends_exactly_like_a_fault_free_run(tmp_path, capsys):
     assert written["ctms"]["crm_activity__v"] == 2000  # 1,000 Clinical + 1,000 Medical Activities
 
 
-def test_a_record_that_keeps_racing_is_not_lost(small_seed, tmp_path):
+def test_a_record_that_keeps_racing_is_not_lost(small_seed, tmp_path, monkeypatch):
     """A record refused with RACE_CONDITION more often than the client re-sends it must not end
     as a silent per-record failure of a successful run: the load task fails and is retried, and
     the record arrives."""
+    import functools
+
+    from clinical_crm import hooks
+    from clinical_crm.client import VaultClient
+
     folder = harness.copy_world(small_seed, tmp_path / "w")
+    # the hook's clients with short pauses between race re-sends (1, 2, 4, 8, 16 s by default)
+    monkeypatch.setattr(hooks, "VaultClient", functools.partial(VaultClient, backoff_initial=0.01))
     with harness.World(folder) as world, harness.client_counters() as clients:
         world.arm()
-        # the first write call: its first record races 4 times (client re-sends it 3 times)
-        world.ctms.admin.faults(queue=["race_condition"] * 4)
+        # the first write call: its first record races 6 times (the client re-sends it 5 times)
+        world.ctms.admin.faults(queue=["race_condition"] * 6)
         dr = world.run_dag("crm_to_ctms__demo", harness.wide_window())
         tries = {ti.task_id: ti.try_number for ti in dr.get_task_instances()}
         counters = world.disarm()
         outcomes = world.ledger().recent_runs("demo", limit=1)[0]
-    assert counters["ctms"]["faults"] == {"race_condition": 4}
-    assert clients["race_retry"] == 3
+    assert counters["ctms"]["faults"] == {"race_condition": 6}
+    assert clients["race_retry"] == 5
     assert dr.state == "success", outcomes
     assert tries["load"] == 2  # the task was retried, and the retry wrote the record
     snap = harness.snapshot(folder / "ctms.db")
