@@ -168,6 +168,23 @@ def test_rerunning_the_window_changes_nothing(clients, story):
     assert counts.get("created", 0) == 0
 
 
+def test_automated_activity_is_updated_not_duplicated(clients):
+    ctms, crm = clients
+    event = next(e for e in rows(ctms, "SELECT id, global_id__sys, person__ctms FROM monitoring_event__ctms")
+                 if e["person__ctms"])
+    external_id = automated_external_id(event["global_id__sys"])
+    automated_before = count(ctms, "crm_activity__v", "external_id__v != null AND object_type__vr.api_name__v = 'clinical_activity__v'")
+    assert ctms.update("monitoring_event__ctms", [{"id": event["id"], "event_date__ctms": "2026-05-05",
+                                                   "activity_update_required__ctms": True}])[0].outcome == "updated"
+    assert run_dag("ctms_to_crm__demo", window(now() - timedelta(minutes=1), now())).state == "success"
+    assert count(ctms, "crm_activity__v", "external_id__v != null AND object_type__vr.api_name__v = 'clinical_activity__v'") == automated_before
+    [activity] = rows(ctms, f"SELECT global_id__sys, activity_date__v FROM crm_activity__v WHERE external_id__v = {vql.quote(external_id)}")
+    assert activity["activity_date__v"] == "2026-05-05"
+    assert rows(ctms, f"SELECT activity_update_required__ctms FROM monitoring_event__ctms WHERE id = {vql.quote(event['id'])}") == [
+        {"activity_update_required__ctms": False}]
+    assert interactions(crm)[activity["global_id__sys"]]["interaction_date__v"] == "2026-05-05"  # sent in the same run
+
+
 def test_deletions_are_marked_once(clients, vaults, story):
     ctms, crm = clients
     ctms_server, _ = vaults
