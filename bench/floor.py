@@ -296,7 +296,9 @@ def run_floor(ops: list[dict], urls: dict[str, str]) -> dict:
         s.headers["Authorization"] = body["sessionId"]
         http[vault] = s
     calls = 0
+    by_kind: Counter = Counter()
     for op in ops:
+        op_started = time.perf_counter()
         s, url = http[op["vault"]], urls[op["vault"]]
         if op["kind"] == "query":
             body = s.post(f"{url}/api/{API}/query", data={"q": op["q"]}).json()
@@ -313,10 +315,11 @@ def run_floor(ops: list[dict], urls: dict[str, str]) -> dict:
         while (body.get("responseDetails") or {}).get("next_page"):
             body = s.get(url + body["responseDetails"]["next_page"]).json()
             calls += 1
+        by_kind["reads" if op["kind"] != "write" else "writes"] += time.perf_counter() - op_started
     seconds = time.perf_counter() - started
     for s in http.values():
         s.close()
-    return {"seconds": seconds, "client_calls": calls}
+    return {"seconds": seconds, "client_calls": calls, "seconds_by_kind": {k: round(v, 2) for k, v in by_kind.items()}}
 
 
 # ---------------------------------------------------------------- the pipeline (child process)
@@ -458,7 +461,7 @@ def split_counters(counters: dict) -> tuple[int, int, dict]:
 
 
 def measure(n: int, workdir: Path, seed_number: int, now: str, airflow_home: Path,
-            skip_pipeline: bool = False, profile: str | None = None) -> dict:
+            skip_pipeline: bool = False, profile: str | None = None, floor_repeats: int = 2) -> dict:
     from clinical_crm.config import parse_connection
     import yaml
 
@@ -487,6 +490,18 @@ def measure(n: int, workdir: Path, seed_number: int, now: str, airflow_home: Pat
         raise SystemExit(f"floor script made {floor_calls} calls, the model says {p['calls']}")
     result["floor"] = floor
 
+    def floor_again() -> float:
+        """The same precomputed calls on a fresh copy again (after the pipeline: load drifts)."""
+        a, b = servers(fresh_copy(workdir / "pristine", workdir / "floor"))
+        with a, b:
+            for srv in (a, b):
+                srv.admin.reset_counters()
+            again = run_floor(p["ops"], {"ctms": a.url, "crm": b.url})
+            calls = sum(split_counters(srv.admin.counters())[0] for srv in (a, b))
+        if calls != p["calls"]:
+            raise SystemExit(f"floor script made {calls} calls, the model says {p['calls']}")
+        return again["seconds"]
+
     if not skip_pipeline:
         phase = fresh_copy(workdir / "pristine", workdir / "pipeline")
         connections = phase / "connections"
@@ -506,6 +521,9 @@ def measure(n: int, workdir: Path, seed_number: int, now: str, airflow_home: Pat
         pipe["auth"] = sum(split_counters(c)[1] for c in counters.values())
         pipe["endpoints"] = {k: split_counters(c)[2] for k, c in counters.items()}
         result["pipeline"] = pipe
+        # floor timed before and after the pipeline; the ratio uses their mean
+        floor["seconds_runs"] = [floor["seconds"]] + [floor_again() for _ in range(floor_repeats - 1)]
+        floor["seconds"] = sum(floor["seconds_runs"]) / len(floor["seconds_runs"])
         result["ratio_calls"] = pipe["server_calls"] / floor_calls
         result["ratio_time_dag_test"] = pipe["dag_test_seconds"] / floor["seconds"]
         result["ratio_time_process"] = pipe["process_seconds"] / floor["seconds"]
@@ -520,7 +538,9 @@ def report(r: dict) -> str:
              "floor model (data calls):"]
     lines += [f"  {k:<40} {v:>6}" for k, v in f["model"].items()]
     lines.append(f"  {'total':<40} {f['model_calls']:>6}   (+{f['auth']} auth)")
-    lines.append(f"floor run: {f['server_calls']} calls counted by the sandboxes, {f['seconds']:.2f} s; "
+    runs = " (runs: " + ", ".join(f"{x:.2f}" for x in f["seconds_runs"]) + " s, before/after the pipeline)" if "seconds_runs" in f else ""
+    lines.append(f"floor run: {f['server_calls']} calls counted by the sandboxes, {f['seconds']:.2f} s{runs} "
+                 f"(first run: {f['seconds_by_kind']}); "
                  f"CRM interactions after: {f['interactions_after']:,}")
     if "pipeline" in r:
         p = r["pipeline"]
@@ -541,6 +561,21 @@ def report(r: dict) -> str:
         lines.append(f"RATIOS N={r['n']:,}: calls {r['ratio_calls']:.3f} x floor; wall time "
                      f"{r['ratio_time_dag_test']:.2f} x floor (dag.test), {r['ratio_time_process']:.2f} x "
                      f"(whole process)")
+    return "\n".join(lines)
+
+
+def scaling(results: list[dict]) -> str:
+    """Time at each N against the smallest N measured (target: 1M within 11 x 100k)."""
+    lines = []
+    for a, b in zip(results, results[1:]):
+        f = b["floor"]["seconds"] / a["floor"]["seconds"]
+        line = f"SCALING N={a['n']:,} -> {b['n']:,} ({b['n'] / a['n']:.0f} x rows): floor time x {f:.2f}"
+        if "pipeline" in a and "pipeline" in b:
+            pa_, pb = a["pipeline"], b["pipeline"]
+            line += (f"; pipeline dag.test() x {pb['dag_test_seconds'] / pa_['dag_test_seconds']:.2f}, "
+                     f"whole process x {pb['process_seconds'] / pa_['process_seconds']:.2f}; peak RSS "
+                     f"{pa_['max_rss_mib']:.0f} -> {pb['max_rss_mib']:.0f} MiB")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -566,6 +601,8 @@ def main(argv=None) -> int:
     parser.add_argument("--floor-only", action="store_true", help="skip the pipeline run")
     parser.add_argument("--profile", help="write a cProfile profile of the DAG run to this file (+ .N)")
     parser.add_argument("--json", help="also write the figures as JSON here")
+    parser.add_argument("--floor-repeats", type=int, default=2,
+                        help="floor runs per N (first before, the others after the pipeline; mean used)")
     args = parser.parse_args(argv)
     if args.command == "_dag":
         return dag_main(args)
@@ -580,9 +617,10 @@ def main(argv=None) -> int:
             migrate(airflow_home, airflow_env(airflow_home, tmp / "data", tmp / "connections"))
         for n in sizes:
             r = measure(n, tmp / f"n{n}", args.seed_number, args.now, airflow_home, args.floor_only,
-                        f"{args.profile}.{n}" if args.profile else None)
+                        f"{args.profile}.{n}" if args.profile else None, args.floor_repeats)
             results.append(r)
             print(report(r), flush=True)
+        print(scaling(results), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps({"machine": machine(), "results": results}, indent=2, default=str))
     finally:
