@@ -190,7 +190,7 @@ def plan(cfg, ctms_url: str, crm_url: str, window: tuple[datetime, datetime]) ->
             return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
         # activities
-        act_stmt = f"{extract.clinical_activity_query(cfg)} AND {win}"
+        act_stmt = f"{extract.clinical_activity_query(cfg)} AND {win} ORDER BY {transform.MODIFIED_DATE}"
         activities = read(ctms, act_stmt)
         ops.append({"vault": "ctms", "kind": "query", "what": "clinical activities", "q": act_stmt,
                     "calls": _pages(len(activities), page_size)})

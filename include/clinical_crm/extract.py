@@ -174,7 +174,10 @@ def extract_ctms_to_crm(cfg, ctms, crm, window: Window, run_dir: str,
     columns = [c.strip() for c in base.split(" FROM ")[0].removeprefix("SELECT ").split(",")]
     statements = []
     if cfg.features.clinical_activities:
-        statements.append(f"{base} AND {window_filter(window)}")
+        # ORDER BY the window's own field: each page continues along the modified-date index
+        # (unordered, the sandbox sorted the whole window for every page: 1,000,000 activities
+        # took ~6 s a page instead of ~0.03 s); ids break ties, so pages never overlap
+        statements.append(f"{base} AND {window_filter(window)} ORDER BY {MODIFIED_DATE}")
         statements += list(contains_queries(base, ID, activity_ids))
     staged[CLINICAL_ACTIVITIES] = staging.write_frames(
         f"{run_dir}/{CLINICAL_ACTIVITIES}.parquet", collect(query_pages(ctms, statements, cfg.load.query_page_size)), columns)
@@ -290,7 +293,8 @@ def extract_crm_to_ctms(cfg, ctms, crm, window: Window, run_dir: str, call_ids: 
     columns = [c.strip() for c in base.split(" FROM ")[0].removeprefix("SELECT ").split(",")]
     statements = []
     if cfg.features.medical_activities:
-        statements = [f"{base} AND {window_filter(window)}", *contains_queries(base, ID, call_ids)]
+        statements = [f"{base} AND {window_filter(window)} ORDER BY {MODIFIED_DATE}",
+                      *contains_queries(base, ID, call_ids)]
     staged[CALLS] = staging.write_frames(f"{run_dir}/{CALLS}.parquet", collect(query_pages(crm, statements, cfg.load.query_page_size)), columns)
     staged[DELETED_CALLS] = staging.write_frames(
         f"{run_dir}/{DELETED_CALLS}.parquet",
