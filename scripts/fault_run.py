@@ -12,8 +12,9 @@ same run at N=1,000 in CI):
 2. reference: both DAGs (ctms_to_crm__demo, crm_to_ctms__demo) with dag.test() against sandbox
    servers on the first copy, no faults;
 3. faults: the same against the second copy with --rate faults of every kind (exception,
-   http502, http503, drop, slow, session_expiry, race_condition; each vault's first seven calls
-   get one of each, then the seeded random draws) and a low burst limit (--burst-limit calls per
+   http502, http503, drop, slow, session_expiry; race_condition per written record; each vault's
+   first six calls get one call-level fault of each kind, then the seeded random draws) and a low
+   burst limit (--burst-limit calls per
    --burst-window seconds; past it the sandbox delays answers, and the client paces itself);
 4. compares every row of both vaults (ids, global ids and timestamps left out; references by
    external id) and prints the counts: faults injected (sandbox counters), retries (client

@@ -279,7 +279,9 @@ def _load_object(ledger: Ledger, run: dict, client, target_object: str, source_o
 
     from clinical_crm import load
 
-    totals: dict[str, int] = {}
+    # failure counts always present: a retried load's counts then replace the failed attempt's
+    # in the run's ledger row (add_counts merges key by key)
+    totals: dict[str, int] = dict.fromkeys(("failed", "transient_failed", "permission_denied"), 0)
 
     def record(outcomes: list[dict]) -> None:
         ledger.add_outcomes(run["run_id"], run["connection"], run["direction"], source_object, outcomes)

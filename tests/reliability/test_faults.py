@@ -21,7 +21,7 @@ def small_seed(tmp_path_factory, airflow_db):
 
 def test_fault_run_ends_exactly_like_a_fault_free_run(tmp_path, capsys):
     report = harness.fault_run(tmp_path, n=1000, rate=0.10, fault_seed=11, batch_size=100, page_size=200,
-                               burst_limit=20, burst_window_seconds=10, burst_delay_ms=100, slow_seconds=0.5,
+                               burst_limit=10, burst_window_seconds=10, burst_delay_ms=100, slow_seconds=0.5,
                                log=lambda *_: None)
     (tmp_path / "report.json").write_text(json.dumps(report, indent=1, default=str))
     with capsys.disabled():
@@ -31,7 +31,8 @@ def test_fault_run_ends_exactly_like_a_fault_free_run(tmp_path, capsys):
     assert report["reference"]["faults_injected"] == {}
     injected = report["faults"]["faults_injected"]
     assert set(injected) == set(harness.ALL_FAULTS), injected  # every kind happened
-    assert report["faults"]["client"].get("delayed_responses", 0) > 0  # the burst limit bit
+    client = report["faults"]["client"]
+    assert client.get("paced", 0) + client.get("delayed_responses", 0) > 0  # the burst limit bit
     assert report["faults"]["client"]["retry"] > 0 and report["faults"]["client"]["race_retry"] > 0
     assert report["missing"] == 0 and report["extra"] == 0, {
         app: {t: r for t, r in c.items() if r["missing"] or r["extra"]} for app, c in report["comparison"].items()}
@@ -64,6 +65,8 @@ def test_a_record_that_keeps_racing_is_not_lost(small_seed, tmp_path, monkeypatc
     assert clients["race_retry"] == 5
     assert dr.state == "success", outcomes
     assert tries["load"] == 2  # the task was retried, and the retry wrote the record
+    counts = outcomes["counts"]["call2__v"]  # the retry's counts, not the failed attempt's
+    assert counts["failed"] == counts["transient_failed"] == 0 and counts["loaded"] == 60, counts
     snap = harness.snapshot(folder / "ctms.db")
     medical = [json.loads(r) for r in snap["crm_activity__v"] if '"external_id__v": "2002_' in r]
     assert len(medical) == 60
