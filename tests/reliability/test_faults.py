@@ -19,6 +19,7 @@ def small_seed(tmp_path_factory, airflow_db):
     return harness.seed_world(tmp_path_factory.mktemp("seed"), 60)
 
 
+@pytest.mark.slow
 def test_fault_run_ends_exactly_like_a_fault_free_run(tmp_path, capsys):
     report = harness.fault_run(tmp_path, n=1000, rate=0.10, fault_seed=11, batch_size=100, page_size=200,
                                burst_limit=10, burst_window_seconds=10, burst_delay_ms=100, slow_seconds=0.5,
