@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from clinical_crm import settings
 
-CHUNK_ROWS = 50_000
+CHUNK_ROWS = 20_000
 
 
 def _path(url: str):
