@@ -8,19 +8,15 @@ ledger, staging and reports. `airflow db migrate` runs once, only for tests that
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-INTEGRATION_USER = "integration@sandbox.example"
-PASSWORD = "sandbox"
+from support import REPO, airflow_cli, vault_conn
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="clinical_crm_tests_"))
 _AIRFLOW_HOME = _SESSION_DIR / "airflow_home"
@@ -48,10 +44,6 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SESSION_DIR, ignore_errors=True)
 
 
-def airflow_cli() -> str:
-    return str(Path(sys.executable).with_name("airflow"))
-
-
 @pytest.fixture(scope="session")
 def airflow_db() -> Path:
     """The session's Airflow metadata DB, migrated once."""
@@ -67,10 +59,6 @@ def airflow_db() -> Path:
 def connections_dir() -> Path:
     """The session's connection files (a copy of the demo connection)."""
     return Path(os.environ["CLINICAL_CRM_CONNECTIONS_DIR"])
-
-
-def vault_conn(url: str, login: str = INTEGRATION_USER, password: str = PASSWORD) -> str:
-    return json.dumps({"conn_type": "veeva_vault", "host": url, "login": login, "password": password})
 
 
 @pytest.fixture(scope="module")

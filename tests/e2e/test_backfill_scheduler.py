@@ -22,7 +22,7 @@ from clinical_crm.config import load_connection
 from clinical_crm.ledger import Ledger
 from vault_sandbox.testing import free_port
 
-from conftest import REPO, airflow_cli, vault_conn
+from support import REPO, airflow_cli, vault_conn
 
 pytestmark = pytest.mark.slow
 DAG_ID = "ctms_to_crm__demo"

@@ -10,7 +10,7 @@ from clinical_crm import dag_factory
 from clinical_crm.errors import ConfigError, VaultAuthenticationError, VaultPermissionError, VaultTransientError
 from clinical_crm.quality_errors import QualityThresholdExceeded
 
-from conftest import REPO
+from support import REPO
 
 
 @pytest.fixture
