@@ -84,6 +84,7 @@ def finish(run: dict, ledger: Ledger | None = None) -> dict:
     if not run["active"]:
         return ledger.run(run["run_id"])
     ledger.finish_run(run["run_id"], "success", message="")
+    staging.remove_run(run["run_dir"])
     result = ledger.run(run["run_id"])
     log.info("run %s finished: %s", run["run_id"], result["counts"])
     return result

@@ -34,6 +34,14 @@ def run_dir(connection: str, direction: str, run_key: str) -> str:
     return f"{settings.staging_url().rstrip('/')}/{connection}/{direction}/{safe}"
 
 
+def remove_run(url: str) -> None:
+    """Drop a finished run's files: the ledger keeps what happened, staging only carries data
+    between the tasks of one run (a failed run keeps its files for inspection and retries)."""
+    path = _path(url)
+    if path.exists():
+        path.rmdir(recursive=True)
+
+
 def _as_text(value) -> str | None:
     if value is None or value is pd.NA:
         return None

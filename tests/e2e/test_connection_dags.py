@@ -166,6 +166,13 @@ def test_rerunning_the_window_changes_nothing(clients, story):
     assert after == before  # no duplicates, no changed field
     counts = last_run("ctms_to_crm")["counts"]["crm_activity__v"]
     assert counts.get("created", 0) == 0
+    # a successful run leaves no staged files behind (the ledger keeps what happened)
+    from airflow.sdk import ObjectStoragePath
+
+    from clinical_crm import staging
+
+    assert not ObjectStoragePath(staging.run_dir("demo", "ctms_to_crm", dr.run_id)).exists()
+    assert ObjectStoragePath(staging.run_dir("demo", "ctms_to_crm", "x")).parent.exists()
 
 
 def test_automated_activity_is_updated_not_duplicated(clients):
