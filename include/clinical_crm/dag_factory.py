@@ -152,6 +152,83 @@ def _dag(cfg, direction: str) -> DAG:
     )
 
 
+# ---------------------------------------------------------------- tasks
+# Module-level TaskFlow tasks: `source` is the connection file, re-read at run time.
+
+
+@task
+def begin(source: str, direction: str, **context) -> dict:
+    from clinical_crm import pipeline
+
+    return pipeline.begin(_config(source), direction, context["run_id"],
+                          context.get("data_interval_start"), context.get("data_interval_end"),
+                          dict(context.get("params") or {}))
+
+
+@task
+def automate_activities(source: str, run: dict) -> dict:
+    from clinical_crm import pipeline
+
+    with _recording_failure(run):
+        cfg = _config(source)
+        if not (run["active"] and cfg.features.automated_activities):
+            return {}
+        with _client(cfg.ctms_conn_id) as ctms:
+            return pipeline.automate(cfg, run, ctms)
+
+
+@task
+def extract(source: str, run: dict, automated: dict | None = None) -> dict:
+    from clinical_crm import pipeline
+
+    with _recording_failure(run):
+        if not run["active"]:
+            return {}
+        cfg = _config(source)
+        with _client(cfg.ctms_conn_id) as ctms, _client(cfg.crm_conn_id) as crm:
+            if run["direction"] == CTMS_TO_CRM:
+                return pipeline.extract_ctms_to_crm(cfg, run, ctms, crm, automated)
+            return pipeline.extract_crm_to_ctms(cfg, run, ctms, crm)
+
+
+@task
+def validate(source: str, run: dict, staged: dict) -> dict:
+    from clinical_crm import pipeline
+
+    with _recording_failure(run):
+        return pipeline.validate(_config(source), run, staged)
+
+
+@task
+def transform(source: str, run: dict, staged: dict, validated: dict) -> dict:
+    from clinical_crm import pipeline
+
+    with _recording_failure(run):
+        return pipeline.transform(_config(source), run, staged, validated)
+
+
+@task
+def load(source: str, run: dict, staged: dict, records: dict) -> dict:
+    from clinical_crm import pipeline
+
+    with _recording_failure(run):
+        if not run["active"]:
+            return {}
+        cfg = _config(source)
+        if run["direction"] == CTMS_TO_CRM:
+            with _client(cfg.crm_conn_id) as crm:
+                return pipeline.load_ctms_to_crm(cfg, run, crm, staged, records)
+        with _client(cfg.ctms_conn_id) as ctms:
+            return pipeline.load_crm_to_ctms(cfg, run, ctms, staged, records)
+
+
+@task
+def finish(run: dict, loaded: dict) -> dict:
+    from clinical_crm import pipeline
+
+    return pipeline.finish(run)
+
+
 # ---------------------------------------------------------------- the two DAGs
 
 
@@ -159,72 +236,11 @@ def build_ctms_to_crm(cfg) -> DAG:
     source = str(cfg.source_file)
     ctms_pool, crm_pool = pool_name(cfg.ctms_conn_id), pool_name(cfg.crm_conn_id)
     with _dag(cfg, CTMS_TO_CRM) as dag:
-
-        @task(pool=ctms_pool)
-        def begin(**context) -> dict:
-            from clinical_crm import pipeline
-
-            return pipeline.begin(_config(source), CTMS_TO_CRM, context["run_id"],
-                                  context.get("data_interval_start"), context.get("data_interval_end"),
-                                  dict(context.get("params") or {}))
-
-        @task(pool=ctms_pool)
-        def automate_activities(run: dict) -> dict:
-            from clinical_crm import pipeline
-
-            with _recording_failure(run):
-                cfg_now = _config(source)
-                if not (run["active"] and cfg_now.features.automated_activities):
-                    return {}
-                with _client(cfg_now.ctms_conn_id) as ctms:
-                    return pipeline.automate(cfg_now, run, ctms)
-
-        @task(pool=ctms_pool)
-        def extract(run: dict, automated: dict) -> dict:
-            from clinical_crm import pipeline
-
-            with _recording_failure(run):
-                if not run["active"]:
-                    return {}
-                cfg_now = _config(source)
-                with _client(cfg_now.ctms_conn_id) as ctms, _client(cfg_now.crm_conn_id) as crm:
-                    return pipeline.extract_ctms_to_crm(cfg_now, run, ctms, crm, automated)
-
-        @task
-        def validate(run: dict, staged: dict) -> dict:
-            from clinical_crm import pipeline
-
-            with _recording_failure(run):
-                return pipeline.validate(_config(source), run, staged)
-
-        @task
-        def transform(run: dict, staged: dict, validated: dict) -> dict:
-            from clinical_crm import pipeline
-
-            with _recording_failure(run):
-                return pipeline.transform(_config(source), run, staged, validated)
-
-        @task(pool=crm_pool)
-        def load(run: dict, staged: dict, records: dict) -> dict:
-            from clinical_crm import pipeline
-
-            with _recording_failure(run):
-                if not run["active"]:
-                    return {}
-                cfg_now = _config(source)
-                with _client(cfg_now.crm_conn_id) as crm:
-                    return pipeline.load_ctms_to_crm(cfg_now, run, crm, staged, records)
-
-        @task
-        def finish(run: dict, loaded: dict) -> dict:
-            from clinical_crm import pipeline
-
-            return pipeline.finish(run)
-
-        run = begin()
-        staged = extract(run, automate_activities(run))
-        validated = validate(run, staged)
-        finish(run, load(run, staged, transform(run, staged, validated)))
+        run = begin.override(pool=ctms_pool)(source, CTMS_TO_CRM)
+        automated = automate_activities.override(pool=ctms_pool)(source, run)
+        staged = extract.override(pool=ctms_pool)(source, run, automated)
+        records = transform(source, run, staged, validate(source, run, staged))
+        finish(run, load.override(pool=crm_pool)(source, run, staged, records))
     return dag
 
 
@@ -232,61 +248,10 @@ def build_crm_to_ctms(cfg) -> DAG:
     source = str(cfg.source_file)
     ctms_pool, crm_pool = pool_name(cfg.ctms_conn_id), pool_name(cfg.crm_conn_id)
     with _dag(cfg, CRM_TO_CTMS) as dag:
-
-        @task(pool=crm_pool)
-        def begin(**context) -> dict:
-            from clinical_crm import pipeline
-
-            return pipeline.begin(_config(source), CRM_TO_CTMS, context["run_id"],
-                                  context.get("data_interval_start"), context.get("data_interval_end"),
-                                  dict(context.get("params") or {}))
-
-        @task(pool=crm_pool)
-        def extract(run: dict) -> dict:
-            from clinical_crm import pipeline
-
-            with _recording_failure(run):
-                if not run["active"]:
-                    return {}
-                cfg_now = _config(source)
-                with _client(cfg_now.ctms_conn_id) as ctms, _client(cfg_now.crm_conn_id) as crm:
-                    return pipeline.extract_crm_to_ctms(cfg_now, run, ctms, crm)
-
-        @task
-        def validate(run: dict, staged: dict) -> dict:
-            from clinical_crm import pipeline
-
-            with _recording_failure(run):
-                return pipeline.validate(_config(source), run, staged)
-
-        @task
-        def transform(run: dict, staged: dict, validated: dict) -> dict:
-            from clinical_crm import pipeline
-
-            with _recording_failure(run):
-                return pipeline.transform(_config(source), run, staged, validated)
-
-        @task(pool=ctms_pool)
-        def load(run: dict, staged: dict, records: dict) -> dict:
-            from clinical_crm import pipeline
-
-            with _recording_failure(run):
-                if not run["active"]:
-                    return {}
-                cfg_now = _config(source)
-                with _client(cfg_now.ctms_conn_id) as ctms:
-                    return pipeline.load_crm_to_ctms(cfg_now, run, ctms, staged, records)
-
-        @task
-        def finish(run: dict, loaded: dict) -> dict:
-            from clinical_crm import pipeline
-
-            return pipeline.finish(run)
-
-        run = begin()
-        staged = extract(run)
-        validated = validate(run, staged)
-        finish(run, load(run, staged, transform(run, staged, validated)))
+        run = begin.override(pool=crm_pool)(source, CRM_TO_CTMS)
+        staged = extract.override(pool=crm_pool)(source, run)
+        records = transform(source, run, staged, validate(source, run, staged))
+        finish(run, load.override(pool=ctms_pool)(source, run, staged, records))
     return dag
 
 
