@@ -127,12 +127,13 @@ def clinical_activity_query(cfg) -> str:
 
 def study_query(cfg) -> str:
     s = cfg.ctms.study.fields
-    return f"SELECT {select([ID, GLOBAL_ID, NAME, s.title, s.phase, s.therapeutic_area])} FROM {cfg.ctms.study.object}"
+    return (f"SELECT {select([ID, GLOBAL_ID, MODIFIED_DATE, NAME, s.title, s.phase, s.therapeutic_area])} "
+            f"FROM {cfg.ctms.study.object}")
 
 
 def site_query(cfg) -> str:
     s = cfg.ctms.site.fields
-    fields = [ID, GLOBAL_ID, NAME, s.site_name, s.study, f"{relationship(s.study)}.{GLOBAL_ID}",
+    fields = [ID, GLOBAL_ID, MODIFIED_DATE, NAME, s.site_name, s.study, f"{relationship(s.study)}.{GLOBAL_ID}",
               f"{relationship(s.study_country)}.{cfg.ctms.study_country.fields.country}"]
     return f"SELECT {select(fields)} FROM {cfg.ctms.site.object}"
 

@@ -2,8 +2,9 @@
 
 Tables: `runs` (one row per DAG run and direction, with its window, state and counts),
 `record_outcomes` (one row per record per run), `quarantine` (records held back, with their
-reasons, until they go through), `id_map` (source id -> target id / external id) and
-`dq_summaries`. The read API at the bottom (`recent_runs`, `open_quarantine`,
+reasons, until they go through), `id_map` (source id -> target id / external id),
+`dq_summaries` and `source_versions` (the newest source version, `modified_date__v`, written to
+the target per record: an older extraction loaded later is not written over it). The read API at the bottom (`recent_runs`, `open_quarantine`,
 `record_history`, `connections`) returns plain dicts; the Airflow UI plugin relies on it.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     create_engine,
     func,
     insert,
@@ -31,6 +33,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 
 from clinical_crm import settings
 
@@ -113,6 +116,23 @@ dq_summaries = Table(
     Column("at", DateTime(timezone=True), nullable=False),
 )
 
+# The newest version (the source record's modified_date__v, UTC) of each source record that a
+# load has written to the target. A table of its own (not columns of id_map), so ledgers created
+# before it keep working: create_all adds missing tables.
+source_versions = Table(
+    "source_versions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("connection", String(100), nullable=False),
+    Column("direction", String(20), nullable=False),
+    Column("object", String(100), nullable=False),
+    Column("source_id", String(255), nullable=False),
+    Column("modified_date", DateTime(timezone=True), nullable=False),
+    Column("run_id", Integer),  # the run that wrote it
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("connection", "direction", "object", "source_id", name="uq_source_versions_record"),
+)
+
 _ENGINES: dict[str, Engine] = {}
 
 
@@ -125,6 +145,12 @@ def _utc(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
     return value
+
+
+def _as_utc(value: datetime) -> datetime:
+    """An aware datetime in UTC (naive means UTC): stored versions then compare as stored."""
+    value = _utc(value)
+    return value.astimezone(timezone.utc)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -335,6 +361,63 @@ class Ledger:
                     id_map.c.external_id.in_(ids[start:start + 500]))).scalars())
         return found
 
+    def loaded_versions(self, connection: str, direction: str, object_name: str,
+                        source_ids: Iterable[str]) -> dict[str, datetime]:
+        """The newest source version already written to the target, by source id (those known)."""
+        ids = sorted({str(s) for s in source_ids})
+        found: dict[str, datetime] = {}
+        with self.engine.connect() as db:
+            for start in range(0, len(ids), 500):
+                found.update((source, _utc(moment)) for source, moment in db.execute(
+                    select(source_versions.c.source_id, source_versions.c.modified_date).where(
+                        source_versions.c.connection == connection, source_versions.c.direction == direction,
+                        source_versions.c.object == object_name,
+                        source_versions.c.source_id.in_(ids[start:start + 500]))).all())
+        return found
+
+    def record_versions(self, connection: str, direction: str, object_name: str,
+                        versions: dict[str, datetime], run_id: int | None = None) -> None:
+        """Remember the source versions just written to the target, keeping the newest per record.
+
+        Safe against concurrent loads: an update only ever raises the stored version (the
+        comparison is in the UPDATE itself), and an insert that loses a race to another load's
+        insert is retried as an update.
+        """
+        versions = {str(k): _as_utc(v) for k, v in versions.items() if v is not None}
+        if not versions:
+            return
+        for attempt in range(5):
+            try:
+                self._record_versions(connection, direction, object_name, versions, run_id)
+                return
+            except IntegrityError:  # another load inserted one of these records first
+                if attempt == 4:
+                    raise
+
+    def _record_versions(self, connection: str, direction: str, object_name: str,
+                         versions: dict[str, datetime], run_id: int | None) -> None:
+        now = _now()
+        ids = sorted(versions)
+        with self.engine.begin() as db:
+            known: set[str] = set()
+            for start in range(0, len(ids), 500):
+                known.update(db.execute(select(source_versions.c.source_id).where(
+                    source_versions.c.connection == connection, source_versions.c.direction == direction,
+                    source_versions.c.object == object_name,
+                    source_versions.c.source_id.in_(ids[start:start + 500]))).scalars())
+            updates = [{"key": s, "new_date": versions[s], "new_run": run_id, "new_at": now} for s in ids if s in known]
+            inserts = [dict(connection=connection, direction=direction, object=object_name, source_id=s,
+                            modified_date=versions[s], run_id=run_id, updated_at=now) for s in ids if s not in known]
+            if updates:
+                db.execute(update(source_versions).where(
+                    source_versions.c.connection == connection, source_versions.c.direction == direction,
+                    source_versions.c.object == object_name, source_versions.c.source_id == bindparam("key"),
+                    source_versions.c.modified_date < bindparam("new_date"))
+                    .values(modified_date=bindparam("new_date"), run_id=bindparam("new_run"),
+                            updated_at=bindparam("new_at")), updates)
+            if inserts:
+                db.execute(insert(source_versions), inserts)
+
     def add_dq_summary(self, run_id: int, connection: str, direction: str, object_name: str,
                        rows: int, failing_rows: int, reasons: dict[str, int], success: bool,
                        report_path: str | None) -> None:
@@ -376,6 +459,9 @@ class Ledger:
                 .order_by(quarantine.c.id)).mappings().all()
             mapped = db.execute(select(id_map).where(
                 id_map.c.connection == connection, id_map.c.source_id == str(source_id))).mappings().all()
+            versions = db.execute(select(source_versions).where(
+                source_versions.c.connection == connection, source_versions.c.source_id == str(source_id))
+                .order_by(source_versions.c.id)).mappings().all()
         return {
             "connection": connection,
             "source_id": str(source_id),
@@ -389,6 +475,9 @@ class Ledger:
             "quarantine": [_quarantine_dict(q) for q in held],
             "id_map": [{"object": m["object"], "target_id": m["target_id"], "external_id": m["external_id"],
                         "updated_at": _iso(m["updated_at"])} for m in mapped],
+            "versions": [{"direction": v["direction"], "object": v["object"],
+                          "modified_date": _iso(v["modified_date"]), "run_id": v["run_id"],
+                          "updated_at": _iso(v["updated_at"])} for v in versions],
         }
 
     def connections(self) -> list[dict]:

@@ -3,21 +3,30 @@
 Idempotent: every write is an upsert by the source's global id (`idParam`), and the deletion
 markers are applied only to records that do not carry them yet, so a retried task or a re-run
 window gives the same end state.
+
+No lost updates: each target record carries its source version (`modified_date__v`) from
+transform. Right before each write call, records whose version is older than one a load
+already wrote (ledger `source_versions`, e.g. a scheduled run that sent a change while a slow
+backfill was still holding the older extraction) are dropped with the outcome `superseded`;
+right after the call, the versions written are recorded (the newest per record is kept). Equal
+versions are written again (idempotent), so a retried task or a re-run window still works.
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 
 import pandas as pd
 
-from clinical_crm import staging, vql
+from clinical_crm import staging, vql, windows
 from clinical_crm.extract import contains_queries, query_pages, select
 from clinical_crm.transform import (
     ID,
     OBJECT_TYPE_API_NAME,
     SOURCE_ID,
+    SOURCE_VERSION,
     STATUS,
     deleted_status,
     deleted_subject,
@@ -46,30 +55,108 @@ def _outcome(o, source_id: str) -> dict:
             "error_type": getattr(o, "error_type", None), "message": getattr(o, "message", None)}
 
 
+def parse_version(value) -> datetime | None:
+    """A staged source version (`modified_date__v` text) as an aware UTC datetime; None when missing
+    or unreadable (then the record is written without a version check, as before versions)."""
+    value = text(value) if not isinstance(value, datetime) else value
+    if value is None:
+        return None
+    try:
+        return windows.parse_time(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def vault_time(moment: datetime) -> str:
+    """A version as Vault writes datetimes: 2026-11-25T10:00:00.000Z."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+class VersionGuard:
+    """The version check of one source object of one connection and direction, on the ledger.
+
+    `superseded(versions)` answers, for {source id: version}, the records whose version is OLDER
+    than one already written ({source id: newer version}); `record(versions)` remembers versions
+    just written (the newest per record is kept)."""
+
+    def __init__(self, ledger, connection: str, direction: str, source_object: str, run_id: int | None = None):
+        self.ledger, self.connection, self.direction = ledger, connection, direction
+        self.source_object, self.run_id = source_object, run_id
+
+    def superseded(self, versions: dict[str, datetime]) -> dict[str, datetime]:
+        if not versions:
+            return {}
+        loaded = self.ledger.loaded_versions(self.connection, self.direction, self.source_object, versions)
+        return {s: loaded[s] for s, v in versions.items() if s in loaded and loaded[s] > v}
+
+    def record(self, versions: dict[str, datetime]) -> None:
+        if versions:
+            self.ledger.record_versions(self.connection, self.direction, self.source_object, versions, self.run_id)
+
+
 def upsert(client, object_name: str, records: Iterable[dict], id_param: str, batch_size: int,
-           source_ids: dict[str, str] | None = None) -> list[dict]:
+           source_ids: dict[str, str] | None = None, guard: VersionGuard | None = None) -> list[dict]:
     """Upsert records by `id_param` in batches; one outcome dict per record. The outcome's source_id
     is the record's SOURCE_ID (never sent), else `source_ids[external id]`, else the external id.
-    Duplicates in one batch would fail the batch: the last one wins."""
+    Duplicates in one batch would fail the batch: the last one wins.
+
+    With a `guard`, each batch is checked right before its call: a record whose SOURCE_VERSION
+    (never sent) is older than the version already written for its source id is not sent (outcome
+    `superseded`); right after the call the versions of the records written are recorded."""
     source_ids = dict(source_ids or {})
+    versions: dict[str, datetime | None] = {}
     unique = {}
     for r in records:
         r = dict(r)
         source = r.pop(SOURCE_ID, None)
+        version = r.pop(SOURCE_VERSION, None)
+        external = str(r[id_param])
         if source is not None:
-            source_ids[str(r[id_param])] = str(source)
-        unique[str(r[id_param])] = _clean(r)
+            source_ids[external] = str(source)
+        versions[external] = parse_version(version)
+        unique[external] = _clean(r)
     ordered = list(unique.values())
     outcomes: list[dict] = []
+    skipped = 0
     started = time.monotonic()
     for batch in _batches(ordered, min(batch_size, 500)):
+        if guard is not None:
+            mine = {source_ids.get(str(r[id_param]), str(r[id_param])): versions[str(r[id_param])] for r in batch
+                    if versions.get(str(r[id_param])) is not None}
+            newer = guard.superseded(mine)
+            if newer:
+                kept = []
+                for r in batch:
+                    external = str(r[id_param])
+                    source = source_ids.get(external, external)
+                    if source in newer:
+                        outcomes.append({
+                            "source_id": source, "target_id": None, "outcome": "superseded", "error_type": None,
+                            "external_id": external,
+                            "message": f"a newer version (modified {vault_time(newer[source])}) was already sent; "
+                                       f"this run's older version (modified {vault_time(mine[source])}) was not written"})
+                    else:
+                        kept.append(r)
+                skipped += len(batch) - len(kept)
+                batch = kept
+        if not batch:
+            continue
         results = client.upsert(object_name, batch, id_param=id_param, batch_size=min(batch_size, 500))
+        written: dict[str, datetime] = {}
         for record, result in zip(batch, results):
             external = str(record[id_param])
-            outcomes.append(_outcome(result, (source_ids or {}).get(external, external)) | {"external_id": external})
+            source = source_ids.get(external, external)
+            outcomes.append(_outcome(result, source) | {"external_id": external})
+            if result.outcome in LOADED and versions.get(external) is not None:
+                written[source] = versions[external]
+        if guard is not None:
+            guard.record(written)
         elapsed = max(time.monotonic() - started, 1e-6)
-        log.info("%s: %d of %d records written (%.0f records/s)", object_name, len(outcomes), len(ordered),
-                 len(outcomes) / elapsed)
+        log.info("%s: %d of %d records written (%.0f records/s)", object_name, len(outcomes) - skipped,
+                 len(ordered), (len(outcomes) - skipped) / elapsed)
+    if skipped:
+        log.warning("%s: %d records not written: a newer version of each was already sent by another run "
+                    "(outcome superseded)", object_name, skipped)
     return outcomes
 
 

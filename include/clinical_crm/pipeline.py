@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 CTMS_TO_CRM = "ctms_to_crm"
 CRM_TO_CTMS = "crm_to_ctms"
 DIRECTIONS = (CTMS_TO_CRM, CRM_TO_CTMS)
-LOAD_OUTCOMES = ["created", "updated", "unchanged", "failed", "marked_deleted"]  # what load writes
+LOAD_OUTCOMES = ["created", "updated", "unchanged", "failed", "marked_deleted", "superseded"]  # what load writes
 
 
 def _quality():  # GX and its imports only when a run validates
@@ -271,7 +271,8 @@ def transform(cfg, run: dict, staged: dict, validated: dict) -> dict:
 def _load_object(ledger: Ledger, run: dict, client, target_object: str, source_object: str, staged: dict | None,
                  id_param: str, batch_size: int, resolve: bool, prepare=None) -> dict:
     """Upsert one staged records file chunk by chunk (memory follows the chunk, not the file);
-    record outcomes, the id map and (for activities) the quarantine they leave.
+    record outcomes, the id map and (for activities) the quarantine they leave. Records older than
+    a version another run already wrote are not sent (outcome superseded, see load.upsert).
 
     Three stages overlap, each in order: this thread reads and prepares chunk i+1 while a writer
     thread upserts chunk i and a ledger thread records chunk i-1, so the vault's time hides the
@@ -310,6 +311,9 @@ def _load_object(ledger: Ledger, run: dict, client, target_object: str, source_o
         if denied:
             totals["permission_denied"] = totals.get("permission_denied", 0) + len(denied)
 
+    # the version check runs in the writer thread, per batch right before and after its call (the
+    # smallest window between the check and the write); outcomes follow in the ledger thread
+    guard = load.VersionGuard(ledger, run["connection"], run["direction"], source_object, run["run_id"])
     recorded = []
     with ThreadPoolExecutor(1, thread_name_prefix="load-write") as writer, \
             ThreadPoolExecutor(1, thread_name_prefix="load-ledger") as recorder:
@@ -322,7 +326,7 @@ def _load_object(ledger: Ledger, run: dict, client, target_object: str, source_o
                 recorded.append(recorder.submit(record, pending.result()))
             for done in [f for f in recorded if f.done()]:
                 done.result()  # a ledger failure stops the load here, as it would have in line
-            pending = writer.submit(load.upsert, client, target_object, records, id_param, batch_size)
+            pending = writer.submit(load.upsert, client, target_object, records, id_param, batch_size, guard=guard)
         if pending is not None:
             recorded.append(recorder.submit(record, pending.result()))
         for f in recorded:

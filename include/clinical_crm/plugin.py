@@ -3,7 +3,8 @@
 A small FastAPI app, mounted by the api-server under ``/clinical-crm``, renders server-side HTML
 from the sync ledger's read API only: per connection the recent runs (window, state, counts, data
 quality with a link to the run's Data Docs), the open quarantine with its reasons, and a lookup of
-one record's history by source id. The Data Docs HTML is served from the reports folder
+one record's history by source id (outcomes, e.g. `superseded` when a newer version had already been
+sent; quarantine; id map; the newest source version sent). The Data Docs HTML is served from the reports folder
 (``settings.reports_dir()``); paths outside it are refused.
 
 The plugin also declares an external view, so the page is listed in the UI's "Browse" menu and
@@ -173,7 +174,7 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
         ledger = _ledger()
         connections = [c["connection"] for c in ledger.connections()]
         history = ledger.record_history(connection, source_id.strip())
-        found = bool(history["outcomes"] or history["quarantine"] or history["id_map"])
+        found = bool(history["outcomes"] or history["quarantine"] or history["id_map"] or history.get("versions"))
         return render("record.html", history=history, found=found, connections=connections)
 
     @app.get("/reports/{path:path}")

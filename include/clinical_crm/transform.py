@@ -23,6 +23,9 @@ CREATED_BY = "created_by__vr"
 # Carried with each target record from transform to load (never sent): the source record's id,
 # so outcomes are recorded against it without holding an id map in memory.
 SOURCE_ID = "_source_id"
+# Carried the same way (never sent): the source record's modified_date__v as extracted, so the
+# load can skip a version older than one another run already wrote (no lost updates).
+SOURCE_VERSION = "_source_version"
 
 # Activity levels, most specific first: "Activities against a Study, Study Site, Study
 # Country, or Study Person" -- the interaction's context says which one it was logged on.
@@ -193,6 +196,7 @@ def clinical_interactions(activities: pd.DataFrame, cfg) -> list[dict]:
     for row in _rows(activities):
         record = {
             SOURCE_ID: row[ID],
+            SOURCE_VERSION: text(row.get(MODIFIED_DATE)),
             i.external_id: row[GLOBAL_ID],
             i.account: text(row["account_id"]),
             i.date: text(row.get(a.date)),
@@ -219,6 +223,7 @@ def clinical_studies(studies: pd.DataFrame, cfg) -> list[dict]:
     return [
         {
             SOURCE_ID: row[ID],
+            SOURCE_VERSION: text(row.get(MODIFIED_DATE)),
             c.external_id: row[GLOBAL_ID],
             NAME: text(row.get(NAME)),
             c.title: text(row.get(s.title)),
@@ -246,6 +251,7 @@ def clinical_sites(sites: pd.DataFrame, cfg) -> list[dict]:
     return [
         {
             SOURCE_ID: row[ID],
+            SOURCE_VERSION: text(row.get(MODIFIED_DATE)),
             c.external_id: row[GLOBAL_ID],
             NAME: text(row.get(NAME)),
             f"{relationship(c.study)}.{study_ext}": text(row.get(site_study_column(cfg))),
@@ -275,6 +281,7 @@ def medical_activities(calls: pd.DataFrame, cfg) -> list[dict]:
         records.append(
             {
                 SOURCE_ID: row[ID],
+                SOURCE_VERSION: text(row.get(MODIFIED_DATE)),
                 a.external_id: row[GLOBAL_ID],
                 OBJECT_TYPE_API_NAME: cfg.ctms.activity.medical_type,
                 a.person: text(row["person_id"]),

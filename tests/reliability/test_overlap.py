@@ -102,12 +102,10 @@ def test_scheduled_and_backfill_at_once(tmp_path):
 
 
 
-@pytest.mark.xfail(strict=True, reason="known residual risk (docs/reliability.md): the load has no version "
-                                        "check, so an older extraction loaded after a newer one overwrites it")
 def test_an_older_extraction_loaded_last_does_not_overwrite_newer_values(tmp_path):
     """Deterministic interleaving of the overlap case, step by step in this process: run A extracts,
     validates and transforms; a record changes; run B (a whole DAG run) sends the change; then A
-    loads. The newer value should survive A's load."""
+    loads. The newer value survives A's load: A's older version of the record is `superseded`."""
     from clinical_crm import pipeline
     from clinical_crm.client import VaultClient
     from clinical_crm.config import load_connection
@@ -129,6 +127,10 @@ def test_an_older_extraction_loaded_last_does_not_overwrite_newer_values(tmp_pat
             assert world.run_dag("ctms_to_crm__demo", harness.wide_window()).state == "success"
             assert interactions(folder)[record["global_id__sys"]] == ["newest"]
             pipeline.load_ctms_to_crm(cfg, run, crm, staged, records)
+            history = world.ledger().record_history("demo", str(record["id"]))
+            mine = [o for o in history["outcomes"] if o["dag_run_id"] == "backfill__a"]
+            assert [o["outcome"] for o in mine] == ["superseded"], history["outcomes"]
+            assert "a newer version" in mine[0]["message"]
         finally:
             ctms.close()
             crm.close()

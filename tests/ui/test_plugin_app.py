@@ -155,3 +155,29 @@ def test_unreachable_ledger_is_reported_without_its_password(tmp_path, monkeypat
     assert 'id="ledger-unavailable"' in response.text
     assert "127.0.0.1:1/ledger" in response.text and "OperationalError" in response.text
     assert "s3cret" not in response.text
+
+
+def test_record_lookup_shows_a_superseded_version(story, client):
+    """An older extraction that was not written over a newer version: the outcome, why, and the version sent."""
+    from datetime import datetime, timezone
+
+    from clinical_crm.ledger import Ledger
+    from clinical_crm.settings import ledger_url
+
+    ledger = Ledger(ledger_url())
+    run = story["runs"][0]
+    ledger.add_outcomes(run, "demo", "ctms_to_crm", "crm_activity__v", [
+        {"source_id": "V1A0000000000009", "outcome": "superseded",
+         "message": "a newer version (modified 2026-11-25T10:20:00.000Z) was already sent; "
+                    "this run's older version (modified 2026-11-25T09:55:00.000Z) was not written"}])
+    ledger.record_versions("demo", "ctms_to_crm", "crm_activity__v",
+                           {"V1A0000000000009": datetime(2026, 11, 25, 10, 20, tzinfo=timezone.utc)}, run_id=run)
+    html = client.get("/record", params={"connection": "demo", "source_id": "V1A0000000000009"}).text
+    outcome = re.search(r'<tr class="outcome">(.*?)</tr>', html, re.S).group(1)
+    assert 'class="outcome-superseded">superseded<' in outcome
+    assert "a newer version (modified 2026-11-25T10:20:00.000Z) was already sent" in outcome
+    versions = html.split('<table class="versions">')[1].split("</table>")[0]
+    assert "2026-11-25 10:20:00" in versions and "crm_activity__v" in versions
+    # a record with outcomes but no version says so
+    other = client.get("/record", params={"connection": "demo", "source_id": "V1A0000000000001"}).text
+    assert "No version recorded." in other
