@@ -380,6 +380,7 @@ def dag_main(args) -> int:
     from clinical_crm import pipeline
 
     steps: dict[str, float] = {}
+    maxrss_after: dict[str, int] = {}  # ru_maxrss (monotonic) at the end of each step: which step set the peak
 
     def timed(name, fn):
         def wrapper(*a, **kw):
@@ -388,6 +389,7 @@ def dag_main(args) -> int:
                 return fn(*a, **kw)
             finally:
                 steps[name] = steps.get(name, 0.0) + time.perf_counter() - t
+                maxrss_after[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return wrapper
 
     for name in ("begin", "automate", "extract_ctms_to_crm", "validate", "transform", "load_ctms_to_crm", "finish"):
@@ -437,7 +439,8 @@ def dag_main(args) -> int:
         "cpu_user": cpu1.ru_utime - cpu0.ru_utime, "cpu_system": cpu1.ru_stime - cpu0.ru_stime,
         "cpu_total_process": cpu1.ru_utime + cpu1.ru_stime,
         "max_rss_mib": cpu1.ru_maxrss / 1024, "children_max_rss_mib": children.ru_maxrss / 1024,
-        "tasks": tasks, "task_peak_rss_mib": task_rss, "steps": {k: round(v, 2) for k, v in steps.items()},
+        "tasks": tasks, "task_peak_rss_mib": task_rss, "maxrss_after_step_mib": maxrss_after,
+        "sampled_peak_rss_mib": round(max((r for _, r in samples), default=0) / 2**20), "steps": {k: round(v, 2) for k, v in steps.items()},
         "steps_seconds": sum(steps.values())}))
     return 0
 
@@ -461,7 +464,8 @@ def split_counters(counters: dict) -> tuple[int, int, dict]:
 
 
 def measure(n: int, workdir: Path, seed_number: int, now: str, airflow_home: Path,
-            skip_pipeline: bool = False, profile: str | None = None, floor_repeats: int = 2) -> dict:
+            skip_pipeline: bool = False, profile: str | None = None, floor_repeats: int = 2,
+            pipeline_only: bool = False) -> dict:
     from clinical_crm.config import parse_connection
     import yaml
 
@@ -475,6 +479,8 @@ def measure(n: int, workdir: Path, seed_number: int, now: str, airflow_home: Pat
 
     # floor: plan (untimed), reset counters, run (timed)
     ctms_s, crm_s = servers(fresh_copy(workdir / "pristine", workdir / "floor"))
+    if pipeline_only:
+        return _pipeline_only(result, workdir, airflow_home, window, cfg, profile)
     with ctms_s, crm_s:
         p = plan(cfg, ctms_s.url, crm_s.url, window)
         for s in (ctms_s, crm_s):
@@ -531,6 +537,30 @@ def measure(n: int, workdir: Path, seed_number: int, now: str, airflow_home: Pat
     return result
 
 
+def _pipeline_only(result, workdir, airflow_home, window, cfg, profile) -> dict:
+    """--pipeline-only: the DAG run alone (no floor; for memory diagnosis at large N)."""
+    phase = fresh_copy(workdir / "pristine", workdir / "pipeline")
+    connections = phase / "connections"
+    connections.mkdir()
+    (connections / "bench.yaml").write_text(bench_config())
+    env = airflow_env(airflow_home, phase / "data", connections)
+    ctms_s, crm_s = servers(phase)
+    with ctms_s, crm_s:
+        env["AIRFLOW_CONN_VAULT_CTMS_BENCH"] = _conn(ctms_s.url)
+        env["AIRFLOW_CONN_VAULT_CRM_BENCH"] = _conn(crm_s.url)
+        for s in (ctms_s, crm_s):
+            s.admin.reset_counters()
+        pipe = run_pipeline(env, window, phase / "pipeline.json", profile)
+        counters = {"ctms": ctms_s.admin.counters(), "crm": crm_s.admin.counters()}
+        pipe["interactions_after"] = count_interactions(crm_s.url, cfg)
+    pipe["server_calls"] = sum(split_counters(c)[0] for c in counters.values())
+    pipe["auth"] = sum(split_counters(c)[1] for c in counters.values())
+    pipe["endpoints"] = {k: split_counters(c)[2] for k, c in counters.items()}
+    result["pipeline"] = pipe
+    print(json.dumps(result, indent=1, default=str), flush=True)
+    return result
+
+
 def report(r: dict) -> str:
     f = r["floor"]
     lines = [f"== N = {r['n']:,} (seed {r['seed_seconds']:.1f} s; window {r['window'][0]} .. {r['window'][1]})",
@@ -554,7 +584,8 @@ def report(r: dict) -> str:
                      f"{p['process_seconds']:.2f} s; tasks {p['tasks']}")
         lines.append(f"  pipeline step functions: {p['steps_seconds']:.2f} s {p['steps']}; "
                      f"Airflow task orchestration (dag.test() minus steps): {p['dag_test_seconds'] - p['steps_seconds']:.2f} s")
-        lines.append(f"  peak RSS by task (MiB): {p['task_peak_rss_mib']}")
+        lines.append(f"  peak RSS by task (MiB, sampled every 50 ms): {p['task_peak_rss_mib']}; process peak "
+                     f"(ru_maxrss) after each step: {p.get('maxrss_after_step_mib')}")
         lines.append(f"  CPU (run) {p['cpu_user'] + p['cpu_system']:.1f} s (user {p['cpu_user']:.1f}, "
                      f"sys {p['cpu_system']:.1f}); peak RSS {p['max_rss_mib']:.0f} MiB "
                      f"(children {p['children_max_rss_mib']:.0f} MiB)")
@@ -599,6 +630,7 @@ def main(argv=None) -> int:
     parser.add_argument("--now", default=NOW)
     parser.add_argument("--workdir", help="keep the files here (default: a temp dir, removed)")
     parser.add_argument("--floor-only", action="store_true", help="skip the pipeline run")
+    parser.add_argument("--pipeline-only", action="store_true", help="skip the floor (memory diagnosis)")
     parser.add_argument("--profile", help="write a cProfile profile of the DAG run to this file (+ .N)")
     parser.add_argument("--json", help="also write the figures as JSON here")
     parser.add_argument("--floor-repeats", type=int, default=2,
@@ -617,10 +649,13 @@ def main(argv=None) -> int:
             migrate(airflow_home, airflow_env(airflow_home, tmp / "data", tmp / "connections"))
         for n in sizes:
             r = measure(n, tmp / f"n{n}", args.seed_number, args.now, airflow_home, args.floor_only,
-                        f"{args.profile}.{n}" if args.profile else None, args.floor_repeats)
+                        f"{args.profile}.{n}" if args.profile else None, args.floor_repeats, args.pipeline_only)
             results.append(r)
+            if args.pipeline_only:
+                continue
             print(report(r), flush=True)
-        print(scaling(results), flush=True)
+        if not args.pipeline_only:
+            print(scaling(results), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps({"machine": machine(), "results": results}, indent=2, default=str))
     finally:
