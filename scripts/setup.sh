@@ -17,9 +17,11 @@ stamp=.venv/.requirements.sha
 want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "==> installing pinned requirements (a few minutes on a fresh machine)"
-  .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -r requirements.txt
-  .venv/bin/python -m pip install --quiet --no-deps -e .
+  log=.venv/pip-install.log
+  { .venv/bin/python -m pip install --upgrade pip \
+      && .venv/bin/python -m pip install -r requirements.txt \
+      && .venv/bin/python -m pip install --no-deps -e . ; } >"$log" 2>&1 \
+    || { tail -n 40 "$log" >&2; echo "pip install failed; full log: $log" >&2; exit 1; }
   # setuptools leaves an egg-info beside the packages; Airflow would then load the plugin twice
   rm -rf include/*.egg-info
   echo "$want" > "$stamp"
