@@ -15,5 +15,5 @@ mkdir -p data/sandbox
 python -m vault_sandbox serve --app ctms --port 8701 --db data/sandbox/ctms.db --seed demo >data/sandbox/ctms.log 2>&1 &
 python -m vault_sandbox serve --app crm --port 8702 --db data/sandbox/crm.db --seed demo >data/sandbox/crm.log 2>&1 &
 trap 'kill $(jobs -p) 2>/dev/null' EXIT
-echo "Airflow UI: http://127.0.0.1:${AIRFLOW_PORT:-8080}  (Browse > Clinical CRM for the data engineers' page)"
+echo "Airflow UI: http://127.0.0.1:${AIRFLOW_PORT:-8080}  (Browse > Clinical CRM connection for the data engineers' page)"
 airflow standalone
