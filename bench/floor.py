@@ -520,24 +520,7 @@ def measure(n: int, workdir: Path, seed_number: int, now: str, airflow_home: Pat
         return again["seconds"]
 
     if not skip_pipeline:
-        phase = fresh_copy(workdir / "pristine", workdir / "pipeline")
-        connections = phase / "connections"
-        connections.mkdir()
-        (connections / "bench.yaml").write_text(bench_config())
-        env = airflow_env(airflow_home, phase / "data", connections)
-        ctms_s, crm_s = servers(phase)
-        with ctms_s, crm_s:
-            env["AIRFLOW_CONN_VAULT_CTMS_BENCH"] = _conn(ctms_s.url)
-            env["AIRFLOW_CONN_VAULT_CRM_BENCH"] = _conn(crm_s.url)
-            for s in (ctms_s, crm_s):
-                s.admin.reset_counters()
-            pipe = run_pipeline(env, window, phase / "pipeline.json", profile)
-            counters = {"ctms": ctms_s.admin.counters(), "crm": crm_s.admin.counters()}
-            pipe["interactions_after"] = count_interactions(crm_s.url, cfg)
-        pipe["server_calls"] = sum(split_counters(c)[0] for c in counters.values())
-        pipe["auth"] = sum(split_counters(c)[1] for c in counters.values())
-        pipe["endpoints"] = {k: split_counters(c)[2] for k, c in counters.items()}
-        result["pipeline"] = pipe
+        pipe = result["pipeline"] = pipeline_phase(workdir, airflow_home, window, cfg, profile)
         # floor timed before and after the pipeline; the ratio uses their mean
         floor["seconds_runs"] = [floor["seconds"]] + [floor_again() for _ in range(floor_repeats - 1)]
         floor["seconds"] = sum(floor["seconds_runs"]) / len(floor["seconds_runs"])
@@ -548,8 +531,8 @@ def measure(n: int, workdir: Path, seed_number: int, now: str, airflow_home: Pat
     return result
 
 
-def _pipeline_only(result, workdir, airflow_home, window, cfg, profile) -> dict:
-    """--pipeline-only: the DAG run alone (no floor; for memory diagnosis at large N)."""
+def pipeline_phase(workdir, airflow_home, window, cfg, profile) -> dict:
+    """The DAG over a fresh copy of the seeded state, with the sandboxes' call counters."""
     phase = fresh_copy(workdir / "pristine", workdir / "pipeline")
     connections = phase / "connections"
     connections.mkdir()
@@ -567,7 +550,12 @@ def _pipeline_only(result, workdir, airflow_home, window, cfg, profile) -> dict:
     pipe["server_calls"] = sum(split_counters(c)[0] for c in counters.values())
     pipe["auth"] = sum(split_counters(c)[1] for c in counters.values())
     pipe["endpoints"] = {k: split_counters(c)[2] for k, c in counters.items()}
-    result["pipeline"] = pipe
+    return pipe
+
+
+def _pipeline_only(result, workdir, airflow_home, window, cfg, profile) -> dict:
+    """--pipeline-only: the DAG run alone (no floor; for memory diagnosis at large N)."""
+    result["pipeline"] = pipeline_phase(workdir, airflow_home, window, cfg, profile)
     print(json.dumps(result, indent=1, default=str), flush=True)
     return result
 
