@@ -130,28 +130,6 @@ def _list_cost(values) -> int:
     return 2 + sum(len(vql.quote(v)) + 1 for v in values)
 
 
-def page_aligned_chunks(values: list[str], head_len: int, page_size: int) -> list[list[str]]:
-    """CONTAINS chunks under the VQL limit holding a multiple of `page_size` values each (when
-    one statement holds more than a page), so only the last statement has a partial page."""
-    from clinical_crm import vql
-
-    room = VQL_MAX - head_len
-    chunks, i = [], 0
-    while i < len(values):
-        size, cost = 0, 2
-        while i + size < len(values):
-            c = len(vql.quote(values[i + size])) + 1
-            if cost + c > room:
-                break
-            cost += c
-            size += 1
-        if i + size < len(values) and size > page_size:
-            size -= size % page_size
-        chunks.append(values[i:i + size])
-        i += size
-    return chunks
-
-
 def plan(cfg, ctms_url: str, crm_url: str, window: tuple[datetime, datetime]) -> dict:
     """The minimum calls of a correct run over this state, with their precomputed payloads.
 
@@ -242,7 +220,8 @@ def plan(cfg, ctms_url: str, crm_url: str, window: tuple[datetime, datetime]) ->
         identifiers = sorted({v for v in activities[ident_col].map(transform.text) if v})
         head_len = len(f"{acc_base} WHERE {field} CONTAINS ")
         account_frames, acc_ops = [], []
-        for chunk in page_aligned_chunks(identifiers, head_len, page_size):
+        # the product's own chunking, with the whole VQL limit as room (no safety margin)
+        for chunk in extract.page_aligned_chunks(identifiers, VQL_MAX - head_len, page_size):
             stmt = f"{acc_base} WHERE {field} CONTAINS {vql.in_list(chunk)}"
             frame = read(crm, stmt)
             account_frames.append(frame)

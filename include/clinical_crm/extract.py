@@ -61,12 +61,12 @@ def contains_queries(statement: str, field: str, values: Iterable[str], page_siz
     joiner = " AND " if " WHERE " in statement else " WHERE "
     head = f"{statement}{joiner}{field} CONTAINS "
     room = vql.VQL_MAX_CHARS - len(head) - 100
-    chunks = _page_aligned(values, room, page_size) if page_size else vql.chunk_values(values, room=room)
+    chunks = page_aligned_chunks(values, room, page_size) if page_size else vql.chunk_values(values, room=room)
     for chunk in chunks:
         yield head + vql.in_list(chunk)
 
 
-def _page_aligned(values: list[str], room: int, page_size: int) -> Iterator[list[str]]:
+def page_aligned_chunks(values: list[str], room: int, page_size: int) -> Iterator[list[str]]:
     """Chunks as large as `room` allows, cut to a multiple of `page_size` when a chunk holds more
     than a page: a lookup that matches one record per value then needs ceil(values / page)
     pages in all (5,000 identifiers: 5 pages, not 4 + 2)."""
