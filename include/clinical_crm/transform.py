@@ -105,6 +105,13 @@ def from_label(first: Any, last: Any, email: Any) -> str | None:
     return name or None
 
 
+def creator_label(row: dict, user_fields) -> str | None:
+    """"From" for a staged source row: `from_label` of the creating user's relationship fields."""
+    return from_label(row.get(f"{CREATED_BY}.{user_fields.first_name}"),
+                      row.get(f"{CREATED_BY}.{user_fields.last_name}"),
+                      row.get(f"{CREATED_BY}.{user_fields.email}"))
+
+
 def deleted_subject(subject: Any, cfg) -> str:
     """The subject with the deletion suffix appended exactly once ("Visit" -> "Visit Deleted")."""
     suffix = cfg.deletion.subject_suffix
@@ -202,11 +209,7 @@ def clinical_interactions(activities: pd.DataFrame, cfg) -> list[dict]:
             i.date: text(row.get(a.date)),
             i.channel: crm_channel(row.get(a.channel), cfg),
             i.status: crm_status(row.get(a.complete), cfg),
-            i.from_: from_label(
-                row.get(f"{CREATED_BY}.{u.first_name}"),
-                row.get(f"{CREATED_BY}.{u.last_name}"),
-                row.get(f"{CREATED_BY}.{u.email}"),
-            ),
+            i.from_: creator_label(row, u),
             i.subject: text(row.get(a.subject)),
             i.context: activity_context(row, cfg),
         }
@@ -288,11 +291,7 @@ def medical_activities(calls: pd.DataFrame, cfg) -> list[dict]:
                 a.date: text(row.get(c.date)),
                 a.channel: ctms_channel(row.get(c.channel), cfg),
                 a.complete: ctms_complete(row.get(c.status), cfg),
-                a.from_: from_label(
-                    row.get(f"{CREATED_BY}.{u.first_name}"),
-                    row.get(f"{CREATED_BY}.{u.last_name}"),
-                    row.get(f"{CREATED_BY}.{u.email}"),
-                ),
+                a.from_: creator_label(row, u),
                 a.subject: text(row.get(c.subject)),
             }
         )
