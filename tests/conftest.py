@@ -28,6 +28,7 @@ shutil.copy(REPO / "include" / "connections" / "demo.yaml", _CONNECTIONS / "demo
 TEST_ENV = {
     "AIRFLOW_HOME": str(_AIRFLOW_HOME),
     "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_AIRFLOW_HOME / 'airflow.db'}",
+    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "clinical_crm.settings.AIRFLOW_SQLITE_CONNECT_ARGS",
     "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
     "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
     "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",

@@ -25,3 +25,10 @@ def staging_url() -> str:
 
 def reports_dir() -> Path:
     return Path(os.environ.get("CLINICAL_CRM_REPORTS_DIR", data_dir() / "reports"))
+
+
+# Connect args for Airflow's own metadata DB when it is the embedded SQLite file (demo, UI, tests),
+# named by AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS=clinical_crm.settings.AIRFLOW_SQLITE_CONNECT_ARGS.
+# Scheduler, dag-processor, api-server and the CLI all write that one file; sqlite3's default
+# 5 s wait for its lock ends in "database is locked" on a busy 2-core machine. Not for PostgreSQL.
+AIRFLOW_SQLITE_CONNECT_ARGS = {"timeout": 60}

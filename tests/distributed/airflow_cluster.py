@@ -110,6 +110,7 @@ class AirflowCluster:
             **extra_env,
         }
         self.env.pop("AIRFLOW_CONFIG", None)
+        self.env.pop("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", None)  # the tests' SQLite lock wait
 
     def log_path(self, name: str) -> Path:
         return self.home / f"{name}.log"
