@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import date
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from sqlalchemy import select
 
@@ -63,6 +63,12 @@ def output_value(f: FieldDef, value: Any) -> Any:
     return value
 
 
+def _chunks(values: list, size: int = 400) -> Iterator[list]:
+    """Slices small enough for one IN (...) under SQLite's bound-parameter limit."""
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+
+
 class Writer:
     """Applies one write call. Every record gets a result, in input order."""
 
@@ -78,24 +84,42 @@ class Writer:
         # Per-call caches that keep a 500-record call to a handful of statements.
         self._ids: list[str] = []                      # pre-allocated record ids
         self._known: dict[str, set[str]] = {}          # referenced ids known to exist, per object
+        self._by_unique: dict[tuple[str, str], dict[str, str]] = {}  # (object, unique field) -> value -> id
         self._pending: list[dict] = []                 # created rows not yet inserted
 
     def _prefetch_references(self, conn, records: list) -> None:
+        """Resolve the batch's references in a few IN queries: by id (`study__v`) and by a unique
+        field of the target (`study__vr.external_id__v`), instead of one query per record."""
         wanted: dict[str, set[str]] = {}
+        wanted_unique: dict[tuple[str, str], set[str]] = {}
         for record in records:
             if not isinstance(record, dict):
                 continue
             for key, value in record.items():
+                if not isinstance(value, str) or not value:
+                    continue
+                if "." in key:
+                    rel, target_field = key.split(".", 1)
+                    f = self.obj.by_relationship(rel) or self.obj.fields.get(rel)
+                    if f is not None and f.type == "object" and f.object != "object_type__v":
+                        target = self.model.objects[f.object].fields.get(target_field)
+                        if target is not None and target.unique:
+                            wanted_unique.setdefault((f.object, target_field), set()).add(value)
+                    continue
                 f = self.obj.fields.get(key)
-                if f is not None and f.type == "object" and f.object != "object_type__v" and isinstance(value, str):
+                if f is not None and f.type == "object" and f.object != "object_type__v":
                     wanted.setdefault(f.object, set()).add(value)
         for object_name, values in wanted.items():
             table = self.store.table(object_name)
             found = self._known.setdefault(object_name, set())
-            values = list(values)
-            for start in range(0, len(values), 400):
-                found.update(conn.execute(select(table.c.id).where(table.c.id.in_(values[start:start + 400])))
-                             .scalars())
+            for chunk in _chunks(sorted(values)):
+                found.update(conn.execute(select(table.c.id).where(table.c.id.in_(chunk))).scalars())
+        for (object_name, field_name), values in wanted_unique.items():
+            table = self.store.table(object_name)
+            ids = self._by_unique.setdefault((object_name, field_name), {})
+            for chunk in _chunks(sorted(values)):
+                rows = conn.execute(select(table.c[field_name], table.c.id).where(table.c[field_name].in_(chunk)))
+                ids.update((value, record_id) for value, record_id in rows)
 
     def _new_id(self, conn, remaining: int) -> str:
         if not self._ids:
@@ -114,6 +138,9 @@ class Writer:
         tf = target.fields.get(field_name)
         if tf is None or not tf.unique:
             raise RecordError("INVALID_DATA", f"'{field_name}' is not a unique field of {object_name}")
+        prefetched = self._by_unique.get((object_name, field_name))
+        if prefetched is not None and value in prefetched:
+            return prefetched[value]
         table = self.store.table(object_name)
         return conn.execute(select(table.c.id).where(table.c[field_name] == value)).scalar()
 
@@ -271,9 +298,7 @@ class Writer:
 
     def _existing(self, conn, field_name: str, keys: list) -> dict[Any, dict]:
         rows: dict[Any, dict] = {}
-        keys = [k for k in keys if k is not None]
-        for start in range(0, len(keys), 400):
-            chunk = keys[start:start + 400]
+        for chunk in _chunks([k for k in keys if k is not None]):
             for row in conn.execute(select(self.table).where(self.table.c[field_name].in_(chunk))).mappings():
                 rows[row[field_name]] = dict(row)
         return rows

@@ -6,7 +6,7 @@ the standard fields every Vault object carries.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import yaml
@@ -62,10 +62,11 @@ class ObjectDef:
         return next(iter(self.object_types))
 
     def by_relationship(self, rel: str) -> FieldDef | None:
-        for f in self.fields.values():
-            if f.relationship == rel:
-                return f
-        return None
+        return self._relationships.get(rel)
+
+    @cached_property
+    def _relationships(self) -> dict[str, FieldDef]:
+        return {f.relationship: f for f in self.fields.values() if f.relationship}
 
 
 @dataclass
