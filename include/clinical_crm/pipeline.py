@@ -186,12 +186,12 @@ def validate(cfg, run: dict, staged: dict, ledger: Ledger | None = None) -> dict
     new_rows = new_failing = 0
     reason_counts: dict[str, int] = {}
     suites: list[dict] = []
-    seen: set[str] = set()
+    seen = staging.IdSet()
     ledger.clear_outcomes(run["run_id"], object_name, only=["quarantined", "source_deleted"])  # a retry starts over
     for chunk in staging.read_chunks(staged[source_name]["path"]):
         # a quarantined record may also have changed in the window: keep one copy
-        chunk = chunk[~chunk["id"].isin(seen)].drop_duplicates("id", keep="last")
-        seen.update(chunk["id"])
+        chunk = chunk[~seen.isin(chunk["id"])].drop_duplicates("id", keep="last")
+        seen.add(chunk["id"])
         if chunk.empty:
             continue
         checks = make_checks(chunk)
@@ -213,7 +213,7 @@ def validate(cfg, run: dict, staged: dict, ledger: Ledger | None = None) -> dict
         good.write(chunk[~bad].assign(**{target_column: checks.loc[~bad, target_column]}))
     good_file = good.close()
     feature_on = cfg.features.clinical_activities if outbound else cfg.features.medical_activities
-    gone = sorted(held_before - seen) if feature_on else []
+    gone = sorted(seen.missing(held_before)) if feature_on else []
     if gone:  # read again by id and not found: deleted in the source, nothing left to send
         ledger.resolve_quarantine(cfg.name, run["direction"], object_name, gone)
         ledger.add_outcomes(run["run_id"], cfg.name, run["direction"], object_name,
