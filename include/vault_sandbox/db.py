@@ -125,5 +125,7 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA cache_size=-65536")   # 64 MB page cache: big seeding transactions spill less
+    # 256 MB page cache (allocated as used): seeding transactions spill less, and at 1,000,000 records
+    # the indexes of a table stay in memory while writes touch them at random
+    cursor.execute("PRAGMA cache_size=-262144")
     cursor.close()
