@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from datetime import datetime, timedelta, timezone
 
 import pandas as pd
 
@@ -44,6 +45,9 @@ DELETED_SITES = "deleted_study_sites"
 CALLS = "calls"
 PERSONS = "persons"
 DELETED_CALLS = "deleted_calls"
+
+# Vault keeps the ids of deleted records for 30 days (REFERENCE.md: deletions API)
+DELETIONS_KEPT = timedelta(days=30)
 
 
 def select(fields: Iterable[str]) -> str:
@@ -138,9 +142,19 @@ def site_query(cfg) -> str:
     return f"SELECT {select(fields)} FROM {cfg.ctms.site.object}"
 
 
-def deleted_global_ids(client, object_name: str, window: Window) -> Iterator[pd.DataFrame]:
-    """Deleted record ids in the window, with the global id their target records carry."""
-    for page in client.deletions(object_name, window.start, window.end):
+def deleted_global_ids(client, object_name: str, window: Window, now: datetime | None = None) -> Iterator[pd.DataFrame]:
+    """Deleted record ids in the window, with the global id their target records carry.
+
+    A window reaching back past what Vault keeps (a backfill of old windows, a first run from an
+    old start date) is read from the oldest day kept, with a warning naming the part that can no
+    longer be read: records deleted then keep their target state."""
+    oldest = (now or datetime.now(timezone.utc)) - DELETIONS_KEPT
+    start = min(max(window.start, oldest), window.end)
+    if start > window.start:
+        log.warning("deletions of %s between %s and %s cannot be read: Vault keeps deleted record ids for "
+                    "%d days; records deleted then keep their state in the target (check them by hand)",
+                    object_name, window.start.isoformat(), start.isoformat(), DELETIONS_KEPT.days)
+    for page in client.deletions(object_name, start, window.end):
         if page.empty:
             continue
         yield pd.DataFrame({ID: page[ID].astype(str),

@@ -170,3 +170,35 @@ def test_window_from_airflow_pendulum_datetimes():
     start, end = pendulum.datetime(2026, 1, 1, 10, tz="UTC"), pendulum.datetime(2026, 1, 1, 11, tz="UTC")
     w = run_window(start, end, None, 10)
     assert w.start == T0 - timedelta(minutes=10) and w.start.tzinfo is not None and type(w.start) is datetime
+
+
+class _DeletionsClient:
+    vault_id = "1001"
+
+    def __init__(self):
+        self.asked = []
+
+    def deletions(self, object_name, start, end):
+        self.asked.append((start, end))
+        yield pd.DataFrame({"id": ["V1D1"], "date_deleted": [end.isoformat()]})
+
+
+def test_deletions_are_read_only_as_far_back_as_vault_keeps_them(caplog):
+    from clinical_crm.extract import DELETIONS_KEPT, deleted_global_ids
+    from clinical_crm.windows import Window
+
+    now = datetime(2026, 11, 25, 12, tzinfo=timezone.utc)
+    client = _DeletionsClient()
+    recent = Window(now - timedelta(hours=1), now)
+    frames = list(deleted_global_ids(client, "study__v", recent, now=now))
+    assert client.asked == [(recent.start, recent.end)] and not caplog.records
+    assert frames[0].to_dict("records") == [{"id": "V1D1", "global_id__sys": "1001_V1D1"}]
+
+    old = Window(now - timedelta(days=90), now - timedelta(days=20))     # a first run from an old start date
+    list(deleted_global_ids(client, "study__v", old, now=now))
+    assert client.asked[-1] == (now - DELETIONS_KEPT, old.end)
+    assert "cannot be read: Vault keeps deleted record ids for 30 days" in caplog.text
+
+    gone = Window(now - timedelta(days=60), now - timedelta(days=40))    # a backfill of a window Vault forgot
+    list(deleted_global_ids(client, "study__v", gone, now=now))
+    assert client.asked[-1] == (gone.end, gone.end)
