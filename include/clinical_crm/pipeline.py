@@ -319,7 +319,7 @@ def _load_object(ledger: Ledger, run: dict, client, target_object: str, source_o
             ThreadPoolExecutor(1, thread_name_prefix="load-ledger") as recorder:
         pending = None
         for chunk in staging.read_chunks((staged or {}).get("path"), chunk_rows=batch_size * 20):
-            records = chunk.to_dict("records")
+            records = staging.records(chunk)
             if prepare is not None:
                 records = [prepare(r) for r in records]
             if pending is not None:

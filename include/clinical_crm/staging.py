@@ -154,6 +154,13 @@ def read_frame(url: str | None) -> pd.DataFrame:
     return pd.concat(chunks, ignore_index=True) if len(chunks) > 1 else chunks[0]
 
 
+def records(frame: pd.DataFrame) -> list[dict]:
+    """The rows as dicts, like `frame.to_dict("records")` (same values) but column-wise in C:
+    about 4 x faster on the staged text frames, which the transform and the load walk row by row."""
+    columns = list(frame.columns)
+    return [dict(zip(columns, values)) for values in zip(*(frame[c].tolist() for c in columns))]
+
+
 def _to_frame(records: list[dict], columns: list[str]) -> pd.DataFrame:
     # object dtype keeps None as None (pandas 3 would otherwise turn text columns into NaN-str)
     return pd.DataFrame({c: pd.Series([r[c] for r in records], dtype=object) for c in columns})

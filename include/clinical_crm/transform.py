@@ -12,6 +12,8 @@ from typing import Any
 
 import pandas as pd
 
+from clinical_crm.staging import records as frame_records
+
 # Standard Vault fields (present on every object of every vault, so not configuration).
 ID = "id"
 GLOBAL_ID = "global_id__sys"
@@ -191,7 +193,7 @@ def study_information(row: dict, cfg) -> dict[str, Any]:
 
 
 def _rows(frame: pd.DataFrame) -> Iterable[dict]:
-    return frame.to_dict("records")
+    return frame_records(frame)
 
 
 def clinical_interactions(activities: pd.DataFrame, cfg) -> list[dict]:
