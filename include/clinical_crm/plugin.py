@@ -190,9 +190,20 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
     return app
 
 
+class _PageApp:
+    """`fastapi_apps`, built on first read. Every task process loads the plugins too, and only
+    the api-server reads this: building the app (and importing Airflow's API security) at import
+    time cost each task ~1 s."""
+
+    def __get__(self, instance, owner) -> list[dict]:
+        apps = [{"app": create_app(), "url_prefix": URL_PREFIX, "name": "Clinical CRM connection"}]
+        owner.fastapi_apps = apps  # built once per process
+        return apps
+
+
 class ClinicalCrmPlugin(AirflowPlugin):
     name = "clinical_crm"
-    fastapi_apps = [{"app": create_app(), "url_prefix": URL_PREFIX, "name": "Clinical CRM connection"}]
+    fastapi_apps = _PageApp()
     external_views = [{
         "name": "Clinical CRM connection",
         "href": URL_PREFIX.lstrip("/") + "/",
