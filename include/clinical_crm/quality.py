@@ -52,9 +52,9 @@ class Rule:
 
 def _gx():
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    # before the import: importing GX logs every registration (~150 lines) at INFO
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     import great_expectations as gx
-
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # GX logs every registration
 
     return gx
 
