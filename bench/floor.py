@@ -49,7 +49,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 API = "v25.2"
 USER, PASSWORD = "integration@sandbox.example", "sandbox"
-NOW = "2026-11-25T12:00:00Z"
+# the seeded state's "now": the last full hour, so the run's window is recent like a real one
+# (Vault serves deletions of the last 30 days only; the pipeline makes no deletions call beyond)
+NOW = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 BURST = 10_000_000
 VQL_MAX = 50_000
 WRITE_BATCH = 500

@@ -46,8 +46,10 @@ CALLS = "calls"
 PERSONS = "persons"
 DELETED_CALLS = "deleted_calls"
 
-# Vault keeps the ids of deleted records for 30 days (REFERENCE.md: deletions API)
+# Vault keeps the ids of deleted records for 30 days (REFERENCE.md: deletions API); the margin
+# keeps a request (and its later pages) inside that limit whatever the clocks say
 DELETIONS_KEPT = timedelta(days=30)
+DELETIONS_MARGIN = timedelta(minutes=10)
 
 
 def select(fields: Iterable[str]) -> str:
@@ -148,12 +150,14 @@ def deleted_global_ids(client, object_name: str, window: Window, now: datetime |
     A window reaching back past what Vault keeps (a backfill of old windows, a first run from an
     old start date) is read from the oldest day kept, with a warning naming the part that can no
     longer be read: records deleted then keep their target state."""
-    oldest = (now or datetime.now(timezone.utc)) - DELETIONS_KEPT
+    oldest = (now or datetime.now(timezone.utc)) - DELETIONS_KEPT + DELETIONS_MARGIN
     start = min(max(window.start, oldest), window.end)
     if start > window.start:
         log.warning("deletions of %s between %s and %s cannot be read: Vault keeps deleted record ids for "
                     "%d days; records deleted then keep their state in the target (check them by hand)",
                     object_name, window.start.isoformat(), start.isoformat(), DELETIONS_KEPT.days)
+    if start >= window.end:
+        return  # nothing of this window is still kept: no call (Vault refuses older start dates)
     for page in client.deletions(object_name, start, window.end):
         if page.empty:
             continue

@@ -184,7 +184,7 @@ class _DeletionsClient:
 
 
 def test_deletions_are_read_only_as_far_back_as_vault_keeps_them(caplog):
-    from clinical_crm.extract import DELETIONS_KEPT, deleted_global_ids
+    from clinical_crm.extract import DELETIONS_KEPT, DELETIONS_MARGIN, deleted_global_ids
     from clinical_crm.windows import Window
 
     now = datetime(2026, 11, 25, 12, tzinfo=timezone.utc)
@@ -196,9 +196,9 @@ def test_deletions_are_read_only_as_far_back_as_vault_keeps_them(caplog):
 
     old = Window(now - timedelta(days=90), now - timedelta(days=20))     # a first run from an old start date
     list(deleted_global_ids(client, "study__v", old, now=now))
-    assert client.asked[-1] == (now - DELETIONS_KEPT, old.end)
+    assert client.asked[-1] == (now - DELETIONS_KEPT + DELETIONS_MARGIN, old.end)
     assert "cannot be read: Vault keeps deleted record ids for 30 days" in caplog.text
 
     gone = Window(now - timedelta(days=60), now - timedelta(days=40))    # a backfill of a window Vault forgot
-    list(deleted_global_ids(client, "study__v", gone, now=now))
-    assert client.asked[-1] == (gone.end, gone.end)
+    assert list(deleted_global_ids(client, "study__v", gone, now=now)) == []
+    assert len(client.asked) == 2                                         # no call for it
