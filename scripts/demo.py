@@ -17,6 +17,8 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from clinical_crm.settings import airflow_sqlite_env
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
@@ -27,7 +29,7 @@ def demo_environment(data: Path, ctms_url: str, crm_url: str) -> dict[str, str]:
     env.update({
         "AIRFLOW_HOME": str(data / "airflow"),
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "clinical_crm.settings.AIRFLOW_SQLITE_CONNECT_ARGS",
+        **airflow_sqlite_env(),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",

@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from clinical_crm.settings import airflow_sqlite_env
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "reliability"))
 
@@ -60,7 +62,7 @@ def main() -> int:
     os.environ.update({
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "clinical_crm.settings.AIRFLOW_SQLITE_CONNECT_ARGS",
+        **airflow_sqlite_env(),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",

@@ -10,6 +10,7 @@ export AIRFLOW_HOME="$root/data/airflow" CLINICAL_CRM_DATA_DIR="$root/data"
 export AIRFLOW__CORE__DAGS_FOLDER="$root/dags" AIRFLOW__CORE__LOAD_EXAMPLES=False
 export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=True
 export AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS=clinical_crm.settings.AIRFLOW_SQLITE_CONNECT_ARGS
+export AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC=clinical_crm.settings.AIRFLOW_SQLITE_CONNECT_ARGS
 export PATH="$root/.venv/bin:$PATH"
 [ -f "$AIRFLOW_HOME/airflow.db" ] || { echo "Run the demo first: bash scripts/demo.sh" >&2; exit 1; }
 mkdir -p data/sandbox

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from clinical_crm.settings import airflow_sqlite_env
 from support import REPO, airflow_cli, vault_conn
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="clinical_crm_tests_"))
@@ -28,7 +29,6 @@ shutil.copy(REPO / "include" / "connections" / "demo.yaml", _CONNECTIONS / "demo
 TEST_ENV = {
     "AIRFLOW_HOME": str(_AIRFLOW_HOME),
     "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_AIRFLOW_HOME / 'airflow.db'}",
-    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "clinical_crm.settings.AIRFLOW_SQLITE_CONNECT_ARGS",
     "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
     "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
     "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
@@ -39,6 +39,9 @@ TEST_ENV = {
 }
 for _key, _value in TEST_ENV.items():
     os.environ.setdefault(_key, _value)
+if os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite"):
+    for _key, _value in airflow_sqlite_env().items():
+        os.environ.setdefault(_key, _value)
 
 
 def pytest_sessionfinish(session, exitstatus):

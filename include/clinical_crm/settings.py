@@ -28,7 +28,15 @@ def reports_dir() -> Path:
 
 
 # Connect args for Airflow's own metadata DB when it is the embedded SQLite file (demo, UI, tests),
-# named by AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS=clinical_crm.settings.AIRFLOW_SQLITE_CONNECT_ARGS.
+# named by AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS (and _ASYNC, for the api-server's async
+# engine) = clinical_crm.settings.AIRFLOW_SQLITE_CONNECT_ARGS; see airflow_sqlite_env().
 # Scheduler, dag-processor, api-server and the CLI all write that one file; sqlite3's default
 # 5 s wait for its lock ends in "database is locked" on a busy 2-core machine. Not for PostgreSQL.
 AIRFLOW_SQLITE_CONNECT_ARGS = {"timeout": 60}
+
+
+def airflow_sqlite_env() -> dict[str, str]:
+    """The environment variables that give Airflow's SQLite metadata DB the longer lock wait."""
+    name = f"{__name__}.AIRFLOW_SQLITE_CONNECT_ARGS"
+    return {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": name,
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC": name}

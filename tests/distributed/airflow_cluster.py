@@ -17,6 +17,8 @@ from pathlib import Path
 
 import requests
 
+from clinical_crm.settings import airflow_sqlite_env
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 AIRFLOW = str(BIN / "airflow")
@@ -110,7 +112,8 @@ class AirflowCluster:
             **extra_env,
         }
         self.env.pop("AIRFLOW_CONFIG", None)
-        self.env.pop("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", None)  # the tests' SQLite lock wait
+        for key in airflow_sqlite_env():  # the tests' SQLite lock wait: not for PostgreSQL
+            self.env.pop(key, None)
 
     def log_path(self, name: str) -> Path:
         return self.home / f"{name}.log"
