@@ -52,7 +52,10 @@ def pinned(requirements: Path) -> dict[str, Version]:
         exact = [s.version for s in req.specifier if s.operator in ("==", "===")]
         if not exact:
             raise SystemExit(f"{requirements}: {req.name} is not pinned to one version")
-        pins[canonicalize_name(req.name)] = Version(exact[0])
+        version = _version(exact[0])
+        if version is None:
+            raise SystemExit(f"{requirements}: {req.name}=={exact[0]} is not a version this audit can compare")
+        pins[canonicalize_name(req.name)] = version
     return pins
 
 
@@ -67,13 +70,15 @@ def _version(text) -> Version | None:
 
 def in_range(version: Version, events: list[dict]) -> bool:
     """OSV ECOSYSTEM range: walk the events in version order; the last one at or below
-    `version` decides (introduced: affected; fixed: not; last_affected: affected up to it)."""
+    `version` decides (introduced: affected; fixed: not; last_affected: affected up to it).
+    A range with an event that cannot be read counts as affecting (reported, to be looked at)."""
     ordered = []
     for event in events:
         (kind, value), = event.items()
         at = Version("0") if value == "0" else _version(value)
-        if at is not None:
-            ordered.append((at, kind))
+        if at is None:
+            return True
+        ordered.append((at, kind))
     affected = False
     for at, kind in sorted(ordered, key=lambda e: e[0]):
         if kind == "introduced" and version >= at:
@@ -101,6 +106,7 @@ def audit(pins: dict[str, Version], db: Path) -> tuple[list[Finding], int]:
     if not folders:
         raise SystemExit(f"{root}: no advisories found")
     findings: list[Finding] = []
+    reported: set[tuple[str, str]] = set()  # (package, advisory): once, even with several entries
     read = 0
     # one folder per package, named by its normalized name: only the pinned packages' are read
     for path in sorted(p for d in folders if canonicalize_name(d.name) in pins for p in d.glob("*.yaml")):
@@ -113,12 +119,14 @@ def audit(pins: dict[str, Version], db: Path) -> tuple[list[Finding], int]:
             if package.get("ecosystem") != "PyPI":
                 continue
             name = canonicalize_name(package.get("name", ""))
-            if name not in pins or not affects(entry, pins[name]):
+            ident = advisory.get("id", path.stem)
+            if name not in pins or (name, ident) in reported or not affects(entry, pins[name]):
                 continue
+            reported.add((name, ident))
             fixed = sorted({e["fixed"] for r in entry.get("ranges") or [] if r.get("type") == "ECOSYSTEM"
                             for e in r.get("events") or [] if "fixed" in e}, key=lambda v: _version(v) or Version("0"))
             details = (advisory.get("summary") or advisory.get("details") or "").strip().splitlines()
-            findings.append(Finding(name, str(pins[name]), advisory.get("id", path.stem),
+            findings.append(Finding(name, str(pins[name]), ident,
                                     list(advisory.get("aliases") or []), fixed, details[0][:120] if details else ""))
     return findings, read
 

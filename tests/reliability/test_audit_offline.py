@@ -39,6 +39,7 @@ def advisory(folder: Path, package: str, ident: str, events: list[dict], version
     ("1.5", [{"introduced": "0"}, {"fixed": "1.0"}, {"introduced": "1.2"}, {"fixed": "1.6"}], True),
     ("1.1", [{"introduced": "0"}, {"fixed": "1.0"}, {"introduced": "1.2"}, {"fixed": "1.6"}], False),
     ("9.0", [{"introduced": "0"}], True),                                 # no fix yet
+    ("9.0", [{"introduced": "0"}, {"fixed": "unknown"}], True),           # unreadable: reported
 ])
 def test_osv_ranges(version, events, expected):
     assert audit_offline.in_range(Version(version), events) is expected
@@ -72,3 +73,15 @@ def test_unpinned_requirement_and_missing_database_are_clear_errors(tmp_path):
         audit_offline.pinned(requirements)
     with pytest.raises(SystemExit, match="not a PyPA advisory database"):
         audit_offline.audit({}, tmp_path / "nowhere")
+
+
+def test_an_advisory_with_several_entries_for_a_package_is_reported_once(tmp_path, capsys):
+    entry = {"package": {"name": "requests", "ecosystem": "PyPI"},
+             "ranges": [{"type": "ECOSYSTEM", "events": [{"introduced": "0"}, {"fixed": "3.0"}]}]}
+    (tmp_path / "vulns" / "requests").mkdir(parents=True)
+    (tmp_path / "vulns" / "requests" / "PYSEC-9.yaml").write_text(
+        yaml.safe_dump({"id": "PYSEC-9", "affected": [entry, entry]}))
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("requests==2.0\n")
+    assert audit_offline.main(["--db", str(tmp_path), "--requirements", str(requirements)]) == 1
+    assert capsys.readouterr().out.count("PYSEC-9") == 1
