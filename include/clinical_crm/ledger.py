@@ -32,6 +32,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -158,6 +159,17 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    """The embedded SQLite ledger: write-ahead log, so the UI page and a second run read while a
+    load writes; commits without a sync each (a crash loses none, a power cut at most the last
+    ones, which a re-run writes again); waits up to 60 s for another process's write lock."""
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=60000")
+    cursor.close()
+
+
 def _engine(url: str) -> Engine:
     """One engine per URL per process; tables are created on first use."""
     if url not in _ENGINES:
@@ -166,6 +178,8 @@ def _engine(url: str) -> Engine:
 
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, future=True)
+        if url.startswith("sqlite"):
+            event.listen(engine, "connect", _sqlite_pragmas)
         metadata.create_all(engine)
         _ENGINES[url] = engine
     return _ENGINES[url]
