@@ -18,12 +18,12 @@ from pathlib import Path
 import requests
 
 from clinical_crm.settings import airflow_sqlite_env
+from support import PostgresDatabase  # noqa: F401  (test_celery imports it from here)
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 AIRFLOW = str(BIN / "airflow")
 INIT_SCRIPT = REPO / "scripts" / "airflow_init.sh"
-PG = dict(host="127.0.0.1", port=5432, user="postgres")
 REDIS_URL = "redis://127.0.0.1:6379"
 
 
@@ -43,35 +43,6 @@ def wait_until(check, timeout: float, what: str, interval: float = 1.0):
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
         time.sleep(interval)
-
-
-class PostgresDatabase:
-    """A fresh, uniquely named PostgreSQL database, dropped on exit."""
-
-    def __init__(self, prefix: str = "airflow_ci"):
-        self.name = f"{prefix}_{secrets.token_hex(4)}"
-
-    def _admin(self, sql: str) -> None:
-        import psycopg2
-
-        conn = psycopg2.connect(dbname="postgres", **PG)
-        conn.autocommit = True
-        try:
-            with conn.cursor() as cur:
-                cur.execute(sql)
-        finally:
-            conn.close()
-
-    @property
-    def url(self) -> str:
-        return f"postgresql+psycopg2://{PG['user']}@{PG['host']}:{PG['port']}/{self.name}"
-
-    def __enter__(self) -> "PostgresDatabase":
-        self._admin(f'CREATE DATABASE "{self.name}"')
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
 
 
 class AirflowCluster:

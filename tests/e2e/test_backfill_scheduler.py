@@ -1,7 +1,10 @@
 """`airflow backfill create` over three windows, driven by a real scheduler.
 
-A separate Airflow (own AIRFLOW_HOME, SQLite, LocalExecutor) runs as subprocesses: api-server
-(the Execution API the task workers talk to), dag-processor and scheduler, all on 127.0.0.1.
+A separate Airflow (own AIRFLOW_HOME, a fresh PostgreSQL database, LocalExecutor) runs as
+subprocesses: api-server (the Execution API the task workers talk to), dag-processor and
+scheduler, all on 127.0.0.1. (On SQLite, `airflow backfill create` failed now and then with
+"database is locked" while the scheduler wrote: SQLite refuses at once, without waiting, a
+transaction that read and then writes while another process holds the write lock.)
 The backfill must complete, record three contiguous successful windows in the ledger, and leave
 every good Clinical Activity modified in those windows in the CRM vault.
 """
@@ -10,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import time
 from datetime import datetime, timedelta, timezone
@@ -22,16 +24,19 @@ from clinical_crm.config import load_connection
 from clinical_crm.ledger import Ledger
 from vault_sandbox.testing import free_port
 
-from support import REPO, airflow_cli, vault_conn
+from sqlalchemy import create_engine, text
+
+from clinical_crm.settings import airflow_sqlite_env
+from support import REPO, PostgresDatabase, airflow_cli, vault_conn
 
 pytestmark = pytest.mark.slow
 DAG_ID = "ctms_to_crm__demo"
 LOOKBACK = timedelta(minutes=10)
 
 
-def _sql(db, query, *args):
-    with sqlite3.connect(db, timeout=30) as conn:
-        return conn.execute(query, args).fetchall()
+def _sql(engine, query, **params):
+    with engine.connect() as conn:
+        return conn.execute(text(query), params).all()
 
 
 def _wait(predicate, timeout: float, what: str, processes=()):
@@ -47,8 +52,17 @@ def _wait(predicate, timeout: float, what: str, processes=()):
 
 
 @pytest.fixture
-def airflow_env(tmp_path, vaults):
+def metadata_db():
+    with PostgresDatabase("airflow_backfill") as database:
+        engine = create_engine(database.url)
+        yield database.url, engine
+        engine.dispose()
+
+
+@pytest.fixture
+def airflow_env(tmp_path, vaults, metadata_db):
     ctms, crm = vaults
+    db_url, engine = metadata_db
     home = tmp_path / "airflow"
     connections = tmp_path / "connections"
     home.mkdir()
@@ -58,7 +72,7 @@ def airflow_env(tmp_path, vaults):
     env = {
         **os.environ,
         "AIRFLOW_HOME": str(home),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": db_url,
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__CORE__PARALLELISM": "2",
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
@@ -76,12 +90,14 @@ def airflow_env(tmp_path, vaults):
         "AIRFLOW_CONN_VAULT_CRM_DEMO": vault_conn(crm.url),
     }
     env.pop("AIRFLOW__CORE__UNIT_TEST_MODE", None)
+    for key in airflow_sqlite_env():  # SQLite's lock wait: not an argument PostgreSQL takes
+        env.pop(key, None)
     subprocess.run([airflow_cli(), "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
     # the per-vault pools, created by the project's CLI
     made = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-m", "clinical_crm.dag_factory", "pools"],
                           env=env, check=True, capture_output=True, text=True, timeout=120)
     assert set(made.stdout.split()) == {"vault_ctms_demo", "vault_crm_demo"}
-    return env, home / "airflow.db", tmp_path
+    return env, engine, tmp_path
 
 
 @pytest.fixture
@@ -108,7 +124,7 @@ def airflow_processes(airflow_env):
 
 def test_backfill_three_windows_with_a_real_scheduler(airflow_env, airflow_processes, vaults):
     env, db, folder = airflow_env
-    _wait(lambda: _sql(db, "SELECT 1 FROM serialized_dag WHERE dag_id = ?", DAG_ID), 120,
+    _wait(lambda: _sql(db, "SELECT 1 FROM serialized_dag WHERE dag_id = :dag", dag=DAG_ID), 120,
           "the dag-processor to serialize the DAG", airflow_processes)
     hour = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
     first, last = hour - timedelta(hours=4), hour - timedelta(hours=2)  # logical dates of 3 hourly windows
@@ -119,7 +135,7 @@ def test_backfill_three_windows_with_a_real_scheduler(airflow_env, airflow_proce
     assert result.returncode == 0, result.stderr[-3000:]
 
     def backfill_runs():
-        runs = _sql(db, "SELECT run_id, state FROM dag_run WHERE dag_id = ? AND run_type = 'backfill'", DAG_ID)
+        runs = _sql(db, "SELECT run_id, state FROM dag_run WHERE dag_id = :dag AND run_type = 'backfill'", dag=DAG_ID)
         return runs if len(runs) == 3 and all(state in ("success", "failed") for _, state in runs) else None
 
     runs = _wait(backfill_runs, 240, "three backfill runs to finish", airflow_processes)
