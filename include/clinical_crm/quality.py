@@ -327,9 +327,15 @@ class Validator:
         return summaries
 
     def build_docs(self) -> str:
-        """Build Data Docs once per run; returns the path of index.html."""
+        """Build this run's Data Docs pages and the index; returns the path of index.html.
+
+        Only this run's validation results are rendered: by default GX re-renders every result
+        the project holds, so each hourly run would redo the pages of all the runs before it."""
         with self._locked():
-            self.context.build_data_docs()
+            context = self.context
+            mine = [key for key in context.validation_results_store.list_keys()
+                    if key.run_id.run_name == self.run_key]
+            context.build_data_docs(resource_identifiers=mine)
         return str(self.root / "uncommitted" / "data_docs" / "local_site" / "index.html")
 
 

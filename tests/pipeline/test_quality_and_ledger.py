@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from datetime import date, datetime, timedelta, timezone
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -73,6 +75,28 @@ def test_gx_validates_the_same_rules(demo_cfg, tmp_path, monkeypatch):
     assert docs.endswith("index.html") and (tmp_path / "unit" / "gx").is_dir()
     from pathlib import Path
     assert Path(docs).is_file()
+
+
+def test_data_docs_render_only_the_runs_own_results(demo_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLINICAL_CRM_REPORTS_DIR", str(tmp_path))
+    checks = quality.activity_checks(activities({"id": "ok"}), ACCOUNTS, {"1001_S1"}, set(), demo_cfg)
+    site = tmp_path / "unit" / "gx" / "uncommitted" / "data_docs" / "local_site" / "validations"
+
+    def pages(run_key):
+        return sorted(site.rglob(f"*/{run_key}/*/*.html"))
+
+    first = quality.Validator("unit", "run1")
+    first.validate("crm_activity__v", checks, quality.outbound_rules(demo_cfg))
+    first.build_docs()
+    built_first = {page: page.stat().st_mtime_ns for page in pages("run1")}
+    assert len(built_first) == 2                                   # one page per suite
+
+    second = quality.Validator("unit", "run2")
+    second.validate("crm_activity__v", checks, quality.outbound_rules(demo_cfg))
+    index = second.build_docs()
+    assert len(pages("run2")) == 2
+    assert {page: page.stat().st_mtime_ns for page in pages("run1")} == built_first   # not rendered again
+    assert "run1" in Path(index).read_text() and "run2" in Path(index).read_text()  # the index lists both
 
 
 def test_inbound_rules(demo_cfg):
