@@ -27,12 +27,12 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     create_engine,
+    event,
     func,
     insert,
     select,
     update,
 )
-from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -157,6 +157,20 @@ def _as_utc(value: datetime) -> datetime:
 def _iso(value: datetime | None) -> str | None:
     value = _utc(value)
     return value.isoformat() if value else None
+
+
+def _stored_versions(db, connection: str, direction: str, object_name: str,
+                     source_ids: Iterable[str]) -> dict[str, datetime]:
+    """{source id: stored version} for those of `source_ids` a load has written (IN chunks of 500)."""
+    ids = sorted({str(s) for s in source_ids})
+    found: dict[str, datetime] = {}
+    for start in range(0, len(ids), 500):
+        found.update((source, _utc(moment)) for source, moment in db.execute(
+            select(source_versions.c.source_id, source_versions.c.modified_date).where(
+                source_versions.c.connection == connection, source_versions.c.direction == direction,
+                source_versions.c.object == object_name,
+                source_versions.c.source_id.in_(ids[start:start + 500]))))
+    return found
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -378,16 +392,8 @@ class Ledger:
     def loaded_versions(self, connection: str, direction: str, object_name: str,
                         source_ids: Iterable[str]) -> dict[str, datetime]:
         """The newest source version already written to the target, by source id (those known)."""
-        ids = sorted({str(s) for s in source_ids})
-        found: dict[str, datetime] = {}
         with self.engine.connect() as db:
-            for start in range(0, len(ids), 500):
-                found.update((source, _utc(moment)) for source, moment in db.execute(
-                    select(source_versions.c.source_id, source_versions.c.modified_date).where(
-                        source_versions.c.connection == connection, source_versions.c.direction == direction,
-                        source_versions.c.object == object_name,
-                        source_versions.c.source_id.in_(ids[start:start + 500]))).all())
-        return found
+            return _stored_versions(db, connection, direction, object_name, source_ids)
 
     def record_versions(self, connection: str, direction: str, object_name: str,
                         versions: dict[str, datetime], run_id: int | None = None) -> None:
@@ -413,12 +419,7 @@ class Ledger:
         now = _now()
         ids = sorted(versions)
         with self.engine.begin() as db:
-            known: set[str] = set()
-            for start in range(0, len(ids), 500):
-                known.update(db.execute(select(source_versions.c.source_id).where(
-                    source_versions.c.connection == connection, source_versions.c.direction == direction,
-                    source_versions.c.object == object_name,
-                    source_versions.c.source_id.in_(ids[start:start + 500]))).scalars())
+            known = _stored_versions(db, connection, direction, object_name, ids)
             updates = [{"key": s, "new_date": versions[s], "new_run": run_id, "new_at": now} for s in ids if s in known]
             inserts = [dict(connection=connection, direction=direction, object=object_name, source_id=s,
                             modified_date=versions[s], run_id=run_id, updated_at=now) for s in ids if s not in known]

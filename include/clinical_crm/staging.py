@@ -166,7 +166,6 @@ def _to_frame(records: list[dict], columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series([r[c] for r in records], dtype=object) for c in columns})
 
 
-
 class IdSet:
     """Record ids seen across the chunks of one run, exact, in about 20 bytes an id (a Python set
     of 1,000,000 id strings takes ~100 MB and made memory grow with N).
