@@ -105,11 +105,10 @@ class Sandbox:
             return failure("INSUFFICIENT_ACCESS", f"You do not have permission to read {compiled.object_name}")
         if readable is not None:
             base = self.store.table(compiled.object_name)
-            compiled.statement = compiled.statement.where(base.c.object_type__v.in_(readable))
-            compiled.count_statement = compiled.count_statement.where(base.c.object_type__v.in_(readable))
+            compiled.conditions.append(base.c.object_type__v.in_(readable))
         pagesize = min(compiled.pagesize or self.options.page_size, self.options.page_size)
         with self.store.engine.connect() as conn:
-            total = conn.execute(select(func.count()).select_from(compiled.count_statement.subquery())).scalar()
+            total = conn.execute(select(func.count()).select_from(compiled.count_statement().subquery())).scalar()
         cursor = Cursor(compiled, total, pagesize, version)
         query_id = str(uuid.uuid4())
         with self.cursor_lock:
@@ -128,19 +127,18 @@ class Sandbox:
         pagesize = max(1, min(pagesize or cursor.pagesize, self.options.page_size))
         compiled = cursor.compiled
         with cursor.lock:
-            ordered = compiled.statement.order_by(
-                *[col.desc() if descending else col.asc() for col, descending in compiled.order])
+            order_by = [col.desc() if descending else col.asc() for col, descending in compiled.order]
             rows = None
             if offset == cursor.next_offset and cursor.last_key is not None and offset > 0:
                 after, exact = keyset_after(compiled.order, cursor.last_key)
                 if after is not None:
                     # O(page): continue right after the last row served instead of skipping `offset` rows.
-                    rows = self._rows(ordered.where(after).limit(pagesize))
+                    rows = self._rows(compiled.statement(after).order_by(*order_by).limit(pagesize))
                     self.paging["keyset"] += 1
                     if not exact and len(rows) < pagesize and offset + len(rows) < cursor.total:
                         rows = None     # NULL rows follow a descending first column: read this page by OFFSET
             if rows is None:
-                rows = self._rows(ordered.limit(pagesize).offset(offset))
+                rows = self._rows(compiled.statement().order_by(*order_by).limit(pagesize).offset(offset))
                 self.paging["offset"] += 1
             if rows:
                 n_select = len(compiled.selected)

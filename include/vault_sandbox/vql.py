@@ -189,13 +189,22 @@ class Selected:
 @dataclass
 class Compiled:
     object_name: str
-    statement: Any                 # SELECT ... FROM ... LEFT JOIN ... WHERE ... (no ORDER BY / LIMIT)
-    where: Any
+    unfiltered: Any                # SELECT ... FROM ... LEFT JOIN ... (no WHERE / ORDER BY / LIMIT)
+    conditions: list               # the WHERE terms, ANDed
     selected: list[Selected]
     order: list[tuple[ColumnElement, bool]]   # sort columns incl. the id tiebreak
-    count_statement: Any
+    count_unfiltered: Any          # SELECT id FROM ... LEFT JOIN ... (for the total)
     pagesize: int | None
     pageoffset: int | None
+
+    def statement(self, *leading: ColumnElement) -> Any:
+        """The query with its WHERE; `leading` terms go first, because SQLite seeks its index on
+        the first range it finds on a column (a keyset bound after the window's own lower bound
+        would make every page scan from the window's start)."""
+        return self.unfiltered.where(*leading, *self.conditions)
+
+    def count_statement(self) -> Any:
+        return self.count_unfiltered.where(*self.conditions)
 
 
 OBJECT_TYPE_FIELDS = {
@@ -332,13 +341,8 @@ def compile_query(query: Query, store: Store) -> Compiled:
         from_clause = from_clause.outerjoin(alias, onclause)
     columns = [s.column.label(f"c{i}") for i, s in enumerate(selected)]
     columns += [col.label(f"k{i}") for i, (col, _) in enumerate(order)]
-    statement = select(*columns).select_from(from_clause)
-    count_statement = select(c.base.c.id).select_from(from_clause)
-    if where is not None:
-        statement = statement.where(where)
-        count_statement = count_statement.where(where)
-    return Compiled(obj.name, statement, where, selected, order, count_statement, query.pagesize,
-                    query.pageoffset)
+    return Compiled(obj.name, select(*columns).select_from(from_clause), [where] if where is not None else [],
+                    selected, order, select(c.base.c.id).select_from(from_clause), query.pagesize, query.pageoffset)
 
 
 def keyset_after(order: list[tuple[ColumnElement, bool]], last_key: tuple) -> tuple[ColumnElement | None, bool]:

@@ -67,11 +67,11 @@ def test_compiles_to_parametrised_sql_with_left_joins(store):
         "SELECT id, person__vr.veeva_network_id__c FROM crm_activity__v "
         r"WHERE created_by__vr.email__sys = 'x\'; DROP TABLE person__sys; --' "
         "AND object_type__vr.api_name__v = 'clinical_activity__v' ORDER BY modified_date__v"), store)
-    sql = str(compiled.statement.compile(store.engine))
+    sql = str(compiled.statement().compile(store.engine))
     assert "LEFT OUTER JOIN person__sys" in sql and "LEFT OUTER JOIN user__sys" in sql
     assert "LEFT OUTER JOIN _object_types" in sql
     assert "DROP TABLE" not in sql                     # the value is a bound parameter
-    params = compiled.statement.compile(store.engine).params
+    params = compiled.statement().compile(store.engine).params
     assert any("DROP TABLE" in str(v) for v in params.values())
     # id is always the final tiebreak of the order.
     assert [c.name for c, _ in compiled.order] == ["modified_date__v", "id"]
@@ -96,4 +96,44 @@ def test_model_errors(store, text, error_type, fragment):
 def test_datetime_literals_are_normalised(store):
     compiled = compile_query(parse(
         "SELECT id FROM crm_activity__v WHERE modified_date__v >= '2026-11-25T10:00:00Z'"), store)
-    assert "2026-11-25T10:00:00.000Z" in compiled.statement.compile(store.engine).params.values()
+    assert "2026-11-25T10:00:00.000Z" in compiled.statement().compile(store.engine).params.values()
+
+
+def test_keyset_pages_seek_instead_of_scanning_from_the_window_start(tmp_path):
+    """A page deep into a windowed query costs about what the first does (SQLite VM steps, not
+    time): the keyset bound must lead the WHERE, or SQLite seeks on the window's own lower bound
+    and steps over every row already served."""
+    from datetime import datetime
+
+    from sqlalchemy import event, select
+
+    from vault_sandbox.app import Options, Sandbox
+    from vault_sandbox.records import Caller
+    from vault_sandbox.seed import scale_window, seed_scale
+
+    now = datetime.fromisoformat("2026-11-25T12:00:00+00:00")
+    sandbox = Sandbox("ctms", str(tmp_path / "ctms.db"), Options())
+    seed_scale(sandbox.store, 12000, now=now)
+    start, end = scale_window(now)
+    steps = [0]
+
+    def count(conn, *_):
+        conn.connection.dbapi_connection.set_progress_handler(lambda: steps.__setitem__(0, steps[0] + 1) or 0, 100)
+
+    event.listen(sandbox.store.engine, "before_cursor_execute", count)
+    users = sandbox.store.table("user__sys")
+    with sandbox.store.engine.connect() as conn:
+        caller = Caller(conn.execute(select(users.c.id)).scalar(), "integration_user__c")
+    first = sandbox.query(f"SELECT id, person__vr.first_name__sys FROM crm_activity__v "
+                          f"WHERE modified_date__v >= '{start:%Y-%m-%dT%H:%M:%SZ}' "
+                          f"AND modified_date__v <= '{end:%Y-%m-%dT%H:%M:%SZ}' ORDER BY modified_date__v",
+                          caller, "v25.2")
+    assert first["responseDetails"]["total"] == 12000
+    query_id = first["responseDetails"]["next_page"].split("/query/")[1].split("?")[0]
+    cost = []
+    for offset in range(1000, 12000, 1000):
+        steps[0] = 0
+        assert len(sandbox.page(query_id, offset, 1000)["data"]) == 1000
+        cost.append(steps[0])
+    assert sandbox.paging["keyset"] == 11
+    assert cost[-1] < 2 * cost[0], cost
