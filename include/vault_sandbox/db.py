@@ -128,4 +128,8 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     # 256 MB page cache (allocated as used): seeding transactions spill less, and at 1,000,000 records
     # the indexes of a table stay in memory while writes touch them at random
     cursor.execute("PRAGMA cache_size=-262144")
+    # Checkpoint the WAL every 30,000 pages (~120 MB) instead of 1,000: a 500-record write dirties
+    # about a thousand index pages, so the default copied them back into the file on nearly every
+    # commit. Replaying the 2,000 interaction writes of a 1,000,000 run: 133 s -> 87 s.
+    cursor.execute("PRAGMA wal_autocheckpoint=30000")
     cursor.close()
