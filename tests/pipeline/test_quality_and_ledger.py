@@ -188,3 +188,48 @@ def test_quarantine_of_a_failed_run_is_not_accepted(ledger):
         ledger.finish_run(run, state)
     assert ledger.accepted_quarantine_ids("demo", "ctms_to_crm", "crm_activity__v") == {"A"}
     assert set(ledger.quarantined_ids("demo", "ctms_to_crm", "crm_activity__v")) == {"A", "B"}
+
+
+def _ledger_steps(ledger: Ledger) -> list[int]:
+    """SQLite VM steps (in hundreds) of each statement the ledger runs from now on."""
+    from sqlalchemy import event
+
+    steps = [0]
+
+    def count(conn, *_):
+        conn.connection.dbapi_connection.set_progress_handler(lambda: steps.__setitem__(0, steps[0] + 1) or 0, 100)
+
+    event.listen(ledger.engine, "before_cursor_execute", count)
+    return steps
+
+
+def test_id_map_batches_cost_the_same_on_a_big_ledger(tmp_path):
+    """A batch's id-map lookups read its own rows, not every row of the connection: the cost of
+    mapping 500 new records does not grow with the rows already mapped (SQLite VM steps)."""
+    import sqlite3
+
+    path = tmp_path / "ledger.db"
+    # a ledger made before the connection-only index was dropped: opening it drops the index
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE id_map (id INTEGER PRIMARY KEY, connection VARCHAR(100) NOT NULL, "
+                   "object VARCHAR(100) NOT NULL, source_id VARCHAR(255) NOT NULL, target_id VARCHAR(255), "
+                   "external_id VARCHAR(255), updated_at DATETIME NOT NULL)")
+        for column in ("connection", "source_id", "external_id"):
+            db.execute(f"CREATE INDEX ix_id_map_{column} ON id_map ({column})")
+    ledger = Ledger(f"sqlite:///{path}")
+    with sqlite3.connect(path) as db:
+        assert "ix_id_map_connection" not in {row[1] for row in db.execute("PRAGMA index_list(id_map)")}
+    steps = _ledger_steps(ledger)
+
+    def batch(first: int) -> int:
+        rows = [{"source_id": f"V1I{n:013d}", "target_id": f"T{n}", "external_id": f"G_{n}"}
+                for n in range(first, first + 500)]
+        steps[0] = 0
+        ledger.map_ids("bench", "clinical_interaction__v", rows)
+        ledger.known_external_ids("bench", "clinical_interaction__v", [r["external_id"] for r in rows])
+        return steps[0]
+
+    early = batch(0)
+    for first in range(500, 20_000, 500):
+        batch(first)
+    assert batch(20_000) < 2 * early
