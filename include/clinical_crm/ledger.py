@@ -10,6 +10,7 @@ the target per record: an older extraction loaded later is not written over it).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any
@@ -30,12 +31,13 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
     text,
     update,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from clinical_crm import settings
 
@@ -138,6 +140,8 @@ source_versions = Table(
     UniqueConstraint("connection", "direction", "object", "source_id", name="uq_source_versions_record"),
 )
 
+log = logging.getLogger(__name__)
+
 _ENGINES: dict[str, Engine] = {}
 
 
@@ -179,15 +183,17 @@ def _stored_versions(db, connection: str, direction: str, object_name: str,
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     """The embedded SQLite ledger: write-ahead log, so the UI page and a second run read while a
-    load writes; commits without a sync each (a crash loses none, a power cut at most the last
-    ones, which a re-run writes again); waits up to 60 s for another process's write lock; copies
-    the log back into the file every 30,000 pages (~120 MB) rather than every 1,000, which a load's
-    per-batch outcome, id-map and version writes reached on nearly every commit."""
+    load writes; waits up to 60 s for another process's write lock; copies the log back into the
+    file every 30,000 pages (~120 MB) rather than every 1,000, which a load's per-batch outcome,
+    id-map and version writes reached on nearly every commit, and keeps at most 64 MB of log file
+    after that. Commits are not synced one by one, only at those copies: a crash loses none, a
+    power cut the commits since the last copy, which re-running those windows writes again."""
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=60000")
     cursor.execute("PRAGMA wal_autocheckpoint=30000")
+    cursor.execute("PRAGMA journal_size_limit=67108864")
     cursor.close()
 
 
@@ -202,10 +208,23 @@ def _engine(url: str) -> Engine:
         if url.startswith("sqlite"):
             event.listen(engine, "connect", _sqlite_pragmas)
         metadata.create_all(engine)
-        with engine.begin() as db:  # ledgers made before it was dropped from id_map (see id_map)
-            db.execute(text("DROP INDEX IF EXISTS ix_id_map_connection"))
+        _drop_old_indexes(engine)
         _ENGINES[url] = engine
     return _ENGINES[url]
+
+
+def _drop_old_indexes(engine: Engine) -> None:
+    """Ledgers made while id_map had an index on connection alone lose it (see id_map). Only when
+    it is there, and a ledger this process may not alter (read-only, not the tables' owner) is
+    still used, with a warning."""
+    if "ix_id_map_connection" not in {index["name"] for index in inspect(engine).get_indexes("id_map")}:
+        return
+    try:
+        with engine.begin() as db:
+            db.execute(text("DROP INDEX IF EXISTS ix_id_map_connection"))
+    except SQLAlchemyError as exc:
+        log.warning("ledger: could not drop the old index ix_id_map_connection (%s); id-map lookups "
+                    "read every row of a connection until it is dropped", exc)
 
 
 class Ledger:

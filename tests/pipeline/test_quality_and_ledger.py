@@ -1,6 +1,7 @@
 """Quarantine reasons (the same rules GX validates) and the ledger's read API."""
 from __future__ import annotations
 
+import secrets
 from datetime import date, datetime, timedelta, timezone
 
 from pathlib import Path
@@ -233,3 +234,43 @@ def test_id_map_batches_cost_the_same_on_a_big_ledger(tmp_path):
     for first in range(500, 20_000, 500):
         batch(first)
     assert batch(20_000) < 2 * early
+
+
+def test_old_id_map_index_on_postgresql_dropped_by_the_owner_kept_for_others(caplog):
+    """On PostgreSQL only the tables' owner may drop the old index: another role still opens
+    the ledger (with a warning) and the owner drops it."""
+    import psycopg2
+    from sqlalchemy import create_engine, inspect
+
+    from clinical_crm import ledger as ledger_module
+    from support import PG, PostgresDatabase
+
+    role = f"ledger_user_{secrets.token_hex(3)}"
+    with PostgresDatabase("ledger_ci") as database:
+        ledger_module.metadata.create_all(create_engine(database.url))
+        conn = psycopg2.connect(dbname=database.name, **PG)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("CREATE INDEX ix_id_map_connection ON id_map (connection)")
+            cur.execute(f"CREATE ROLE {role} LOGIN")
+            cur.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
+        try:
+            other_url = database.url.replace(f"{PG['user']}@", f"{role}@")
+            with caplog.at_level("WARNING", logger="clinical_crm.ledger"):
+                assert Ledger(other_url).recent_runs() == []
+            assert "could not drop the old index ix_id_map_connection" in caplog.text
+
+            def indexes() -> set[str]:
+                return {i["name"] for i in inspect(create_engine(database.url)).get_indexes("id_map")}
+
+            assert "ix_id_map_connection" in indexes()
+            Ledger(database.url)
+            assert "ix_id_map_connection" not in indexes()
+        finally:
+            for url in list(ledger_module._ENGINES):
+                if database.name in url:
+                    ledger_module._ENGINES.pop(url).dispose()
+            with conn.cursor() as cur:
+                cur.execute(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}")
+            conn.close()
+            database._admin(f"DROP ROLE IF EXISTS {role}")
