@@ -213,7 +213,8 @@ def validate(cfg, run: dict, staged: dict, ledger: Ledger | None = None) -> dict
                              for s, r in held.items()])
         good.write(chunk[~bad].assign(**{target_column: checks.loc[~bad, target_column]}))
         # A GX validation leaves reference cycles that Python's collector reaches late; collected
-        # per chunk, the step's peak at 1,000,000 rows fell from 822 to 658 MiB (in-process).
+        # per chunk, the step's peak at 1,000,000 rows fell from 822 to 658 MiB (in-process), for
+        # ~0.35 s a chunk (every tracked object of the process is walked).
         gc.collect()
     good_file = good.close()
     feature_on = cfg.features.clinical_activities if outbound else cfg.features.medical_activities
