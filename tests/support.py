@@ -17,6 +17,21 @@ def airflow_cli() -> str:
     return str(Path(sys.executable).with_name("airflow"))
 
 
+def sqlite_steps(engine) -> list[int]:
+    """A counter of SQLite VM steps (in hundreds) of every statement `engine` runs from now on:
+    a deterministic measure of how much a query reads, for tests that must not time anything.
+    Reset it with `steps[0] = 0`."""
+    from sqlalchemy import event
+
+    steps = [0]
+
+    def count(conn, *_):
+        conn.connection.dbapi_connection.set_progress_handler(lambda: steps.__setitem__(0, steps[0] + 1) or 0, 100)
+
+    event.listen(engine, "before_cursor_execute", count)
+    return steps
+
+
 def vault_conn(url: str, login: str = INTEGRATION_USER, password: str = PASSWORD) -> str:
     """An Airflow connection (JSON form, for AIRFLOW_CONN_* variables) to a sandbox vault."""
     return json.dumps({"conn_type": "veeva_vault", "host": url, "login": login, "password": password})

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import secrets
 from datetime import date, datetime, timedelta, timezone
-
 from pathlib import Path
 
 import pandas as pd
@@ -11,6 +10,7 @@ import pytest
 
 from clinical_crm import quality
 from clinical_crm.ledger import Ledger
+from support import sqlite_steps
 
 TODAY = date(2026, 6, 1)
 
@@ -191,19 +191,6 @@ def test_quarantine_of_a_failed_run_is_not_accepted(ledger):
     assert set(ledger.quarantined_ids("demo", "ctms_to_crm", "crm_activity__v")) == {"A", "B"}
 
 
-def _ledger_steps(ledger: Ledger) -> list[int]:
-    """SQLite VM steps (in hundreds) of each statement the ledger runs from now on."""
-    from sqlalchemy import event
-
-    steps = [0]
-
-    def count(conn, *_):
-        conn.connection.dbapi_connection.set_progress_handler(lambda: steps.__setitem__(0, steps[0] + 1) or 0, 100)
-
-    event.listen(ledger.engine, "before_cursor_execute", count)
-    return steps
-
-
 def test_id_map_batches_cost_the_same_on_a_big_ledger(tmp_path):
     """A batch's id-map lookups read its own rows, not every row of the connection: the cost of
     mapping 500 new records does not grow with the rows already mapped (SQLite VM steps)."""
@@ -220,7 +207,7 @@ def test_id_map_batches_cost_the_same_on_a_big_ledger(tmp_path):
     ledger = Ledger(f"sqlite:///{path}")
     with sqlite3.connect(path) as db:
         assert "ix_id_map_connection" not in {row[1] for row in db.execute("PRAGMA index_list(id_map)")}
-    steps = _ledger_steps(ledger)
+    steps = sqlite_steps(ledger.engine)
 
     def batch(first: int) -> int:
         rows = [{"source_id": f"V1I{n:013d}", "target_id": f"T{n}", "external_id": f"G_{n}"}

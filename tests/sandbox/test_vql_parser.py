@@ -105,22 +105,18 @@ def test_keyset_pages_seek_instead_of_scanning_from_the_window_start(tmp_path):
     and steps over every row already served."""
     from datetime import datetime
 
-    from sqlalchemy import event, select
+    from sqlalchemy import select
 
     from vault_sandbox.app import Options, Sandbox
     from vault_sandbox.records import Caller
+    from support import sqlite_steps
     from vault_sandbox.seed import scale_window, seed_scale
 
     now = datetime.fromisoformat("2026-11-25T12:00:00+00:00")
     sandbox = Sandbox("ctms", str(tmp_path / "ctms.db"), Options())
     seed_scale(sandbox.store, 12000, now=now)
     start, end = scale_window(now)
-    steps = [0]
-
-    def count(conn, *_):
-        conn.connection.dbapi_connection.set_progress_handler(lambda: steps.__setitem__(0, steps[0] + 1) or 0, 100)
-
-    event.listen(sandbox.store.engine, "before_cursor_execute", count)
+    steps = sqlite_steps(sandbox.store.engine)
     users = sandbox.store.table("user__sys")
     with sandbox.store.engine.connect() as conn:
         caller = Caller(conn.execute(select(users.c.id)).scalar(), "integration_user__c")
