@@ -26,6 +26,8 @@ def _kinds(text: str) -> list[str]:
 
 
 def _add_seed_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vault-id", type=int, help="vault id reported by auth and carried by global ids "
+                                                "(default: CTMS 1001, CRM 2002)")
     p.add_argument("--seed-number", type=int, default=1, help="random seed of the data (default 1)")
     p.add_argument("--now", help="ISO timestamp the seed data is relative to (default: the current time)")
     p.add_argument("--activities", type=int, default=100_000, help="scale scenario: Clinical Activities")
@@ -65,12 +67,13 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
-def run_seed(app: str, db: str, scenario: str, seed_number: int, now: datetime, activities: int) -> dict:
+def run_seed(app: str, db: str, scenario: str, seed_number: int, now: datetime, activities: int,
+             vault_id: int | None = None) -> dict:
     from vault_sandbox.db import Store
     from vault_sandbox.models import load_model
     from vault_sandbox.seed import seed_demo, seed_scale
 
-    store = Store(load_model(app), db)
+    store = Store(load_model(app, vault_id), db)
     if scenario == "demo":
         return seed_demo(store, seed_number, now)
     return seed_scale(store, activities, seed_number, now)
@@ -80,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "seed":
         started = time.perf_counter()
-        counts = run_seed(args.app, args.db, args.scenario, args.seed_number, _now(args.now), args.activities)
+        counts = run_seed(args.app, args.db, args.scenario, args.seed_number, _now(args.now), args.activities,
+                          args.vault_id)
         print(json.dumps({"app": args.app, "scenario": args.scenario, "counts": counts,
                           "seconds": round(time.perf_counter() - started, 2)}))
         return 0
@@ -93,13 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     from vault_sandbox.seed import is_empty
 
     if args.seed != "none" and (args.reseed or is_empty(Store(load_model(args.app), args.db))):
-        run_seed(args.app, args.db, args.seed, args.seed_number, _now(args.now), args.activities)
-    options = Options(burst_limit=args.burst_limit, burst_window_seconds=args.burst_window_seconds,
+        run_seed(args.app, args.db, args.seed, args.seed_number, _now(args.now), args.activities, args.vault_id)
+    options = Options(vault_id=args.vault_id, burst_limit=args.burst_limit, burst_window_seconds=args.burst_window_seconds,
                       burst_delay_ms=args.burst_delay_ms, auth_limit=args.auth_limit,
                       session_idle_seconds=args.session_idle_seconds, page_size=args.page_size,
                       fault=FaultConfig(rate=args.fault_rate, kinds=args.fault_kinds, seed=args.fault_seed,
                                         slow_seconds=args.slow_seconds))
-    app = build_asgi(args.app, args.db, options)
+    try:
+        app = build_asgi(args.app, args.db, options)
+    except ValueError as exc:     # a configuration that does not fit the model or the database
+        print(f"python -m vault_sandbox serve: error: {exc}", file=sys.stderr)
+        return 2
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0
 

@@ -30,6 +30,7 @@ LATEST_VERSION = API_VERSIONS[-1]
 
 @dataclass
 class Options:
+    vault_id: int | None = None           # None: the app's default (CTMS 1001, CRM 2002)
     burst_limit: int = 2000
     burst_window_seconds: float = 300.0
     burst_delay_ms: int = 500
@@ -55,8 +56,12 @@ class Sandbox:
     """Everything one sandbox process holds: the vault's model and store, sessions, limits, faults."""
 
     def __init__(self, app_name: str, db_path: str, options: Options):
-        self.model: VaultModel = load_model(app_name)
+        self.model: VaultModel = load_model(app_name, options.vault_id)
         self.store = Store(self.model, db_path)
+        stored = self.store.data_vault_id()
+        if stored not in (None, self.model.vault_id):
+            raise ValueError(f"{db_path} holds the records of vault {stored} (global ids {stored}_...), not of vault "
+                             f"{self.model.vault_id}: serve it with --vault-id {stored}, or reseed it")
         self.options = options
         self.sessions = Sessions(options.session_idle_seconds)
         self.burst = FixedWindow(options.burst_limit, options.burst_window_seconds)

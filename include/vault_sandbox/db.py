@@ -111,6 +111,14 @@ class Store:
     def global_id(self, record_id: str) -> str:
         return f"{self.model.vault_id}_{record_id}"
 
+    def data_vault_id(self) -> str | None:
+        """The vault id the stored records were written under (from a user's global id; None when
+        the database holds no users)."""
+        users = self.tables["user__sys"]
+        with self.engine.connect() as conn:
+            global_id = conn.execute(select(users.c.global_id__sys).limit(1)).scalar()
+        return global_id.split("_", 1)[0] if global_id else None
+
     def clear(self) -> None:
         """Drop every row (used before re-seeding)."""
         with self.engine.begin() as conn:

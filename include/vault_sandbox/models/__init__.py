@@ -5,7 +5,7 @@ the standard fields every Vault object carries.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
 from pathlib import Path
 
@@ -13,7 +13,7 @@ import yaml
 
 MODELS_DIR = Path(__file__).resolve().parent
 
-VAULT_IDS = {"ctms": "1001", "crm": "2002"}
+VAULT_IDS = {"ctms": "1001", "crm": "2002"}     # default vault ids (`serve --vault-id` overrides them)
 VAULT_DIGIT = {"ctms": "1", "crm": "2"}
 
 STANDARD_STATUS = {"active__v": "Active", "inactive__v": "Inactive"}
@@ -114,8 +114,15 @@ def _standard_fields(object_name: str) -> dict[str, FieldDef]:
     }
 
 
+def load_model(app: str, vault_id: int | str | None = None) -> VaultModel:
+    """The model of one vault; `vault_id` replaces the app's default id (what auth reports and
+    what global ids start with)."""
+    model = _load_yaml_model(app)
+    return model if vault_id is None else replace(model, vault_id=str(vault_id))
+
+
 @lru_cache(maxsize=None)
-def load_model(app: str) -> VaultModel:
+def _load_yaml_model(app: str) -> VaultModel:
     if app not in VAULT_IDS:
         raise ValueError(f"unknown app {app!r}: expected ctms or crm")
     raw = yaml.safe_load((MODELS_DIR / f"{app}.yaml").read_text())
