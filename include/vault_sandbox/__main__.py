@@ -42,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8001)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--db", required=True, help="SQLite file (created when missing)")
-    serve.add_argument("--seed", choices=["demo", "scale", "none"], default="none",
+    serve.add_argument("--seed", choices=["demo", "scale", "users", "none"], default="none",
                        help="seed an EMPTY database at start (an existing one is kept)")
     serve.add_argument("--reseed", action="store_true", help="with --seed: wipe and seed even a non-empty database")
     _add_seed_options(serve)
@@ -62,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
     seed = sub.add_parser("seed", help="(re)seed a database")
     seed.add_argument("--app", choices=["ctms", "crm"], required=True)
     seed.add_argument("--db", required=True)
-    seed.add_argument("--scenario", choices=["demo", "scale"], default="demo")
+    seed.add_argument("--scenario", choices=["demo", "scale", "users"], default="demo")
     _add_seed_options(seed)
     return root
 
@@ -71,11 +71,13 @@ def run_seed(app: str, db: str, scenario: str, seed_number: int, now: datetime, 
              vault_id: int | None = None) -> dict:
     from vault_sandbox.db import Store
     from vault_sandbox.models import load_model
-    from vault_sandbox.seed import seed_demo, seed_scale
+    from vault_sandbox.seed import seed_demo, seed_scale, seed_users
 
     store = Store(load_model(app, vault_id), db)
     if scenario == "demo":
         return seed_demo(store, seed_number, now)
+    if scenario == "users":
+        return seed_users(store, now)
     return seed_scale(store, activities, seed_number, now)
 
 

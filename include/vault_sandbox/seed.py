@@ -17,6 +17,9 @@ quality step must catch each one):
 5. CTMS user without an email: one Clinical Operations user has no ``email__sys``; the "From"
    of the activities they created cannot include an email.
 
+Scenario ``users`` — only the users of the vault with their security profiles, no business
+records: a vault to write one's own records into (picklists and object types come from the model).
+
 Scenario ``scale`` — for benchmarks: ``activities`` Clinical Activities on ~activities/20
 persons (each with a matching CRM account), ~activities/1000+1 studies with two sites each.
 Every activity's ``modified_date__v`` lies in ``scale_window(now)``: the whole hour before
@@ -172,6 +175,19 @@ def _spread(rng: random.Random, now: datetime, count: int, hours: float = 4.0) -
         created = modified - timedelta(seconds=rng.uniform(0, 6 * 3600)) if rng.random() < 0.5 else modified
         stamps.append((created, modified))
     return stamps
+
+
+# ---------------------------------------------------------------------------------------------
+# users
+
+
+def seed_users(store: Store, now: datetime | None = None) -> dict:
+    """Only the users (the same as in the other scenarios): every table else stays empty."""
+    now = now or datetime.now(timezone.utc)
+    store.clear()
+    with store.write_lock, store.engine.begin() as conn:
+        users = _users(_Loader(store, conn), store.model.app, now)
+    return {"user__sys": len(users)}
 
 
 # ---------------------------------------------------------------------------------------------
