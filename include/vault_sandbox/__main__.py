@@ -17,8 +17,13 @@ def _now(text: str | None) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
+def _names(text: str) -> list[str]:
+    """A comma-separated option value as a list."""
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
 def _kinds(text: str) -> list[str]:
-    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    kinds = _names(text)
     unknown = [k for k in kinds if k not in FAULT_KINDS]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown fault kinds {unknown}; known: {','.join(FAULT_KINDS)}")
@@ -52,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--auth-limit", type=int, default=120, help="auth calls per minute (default 120)")
     serve.add_argument("--session-idle-seconds", type=float, default=1200.0)
     serve.add_argument("--page-size", type=int, default=1000, help="default and maximum VQL page size")
+    serve.add_argument("--inactive-object-types", type=_names, default=[],
+                       help="comma-separated object types no admin has activated, as object.type "
+                            "(e.g. crm_activity__v.medical_activity__v)")
     serve.add_argument("--fault-rate", type=float, default=0.0, help="share of calls that get a fault (0..1)")
     serve.add_argument("--fault-kinds", type=_kinds, default=list(FAULT_KINDS),
                        help=f"comma-separated subset of {','.join(FAULT_KINDS)}")
@@ -103,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(vault_id=args.vault_id, burst_limit=args.burst_limit, burst_window_seconds=args.burst_window_seconds,
                       burst_delay_ms=args.burst_delay_ms, auth_limit=args.auth_limit,
                       session_idle_seconds=args.session_idle_seconds, page_size=args.page_size,
+                      inactive_object_types=args.inactive_object_types,
                       fault=FaultConfig(rate=args.fault_rate, kinds=args.fault_kinds, seed=args.fault_seed,
                                         slow_seconds=args.slow_seconds))
     try:

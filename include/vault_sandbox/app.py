@@ -37,6 +37,7 @@ class Options:
     auth_limit: int = 120                 # auth calls per minute
     session_idle_seconds: float = 1200.0
     page_size: int = 1000                 # default and maximum VQL page size
+    inactive_object_types: list[str] = field(default_factory=list)   # "object.type" names not activated
     fault: FaultConfig = field(default_factory=FaultConfig)
 
 
@@ -63,6 +64,7 @@ class Sandbox:
             raise ValueError(f"{db_path} holds the records of vault {stored} (global ids {stored}_...), not of vault "
                              f"{self.model.vault_id}: serve it with --vault-id {stored}, or reseed it")
         self.options = options
+        self.inactive_types = self._object_types_named(options.inactive_object_types)
         self.sessions = Sessions(options.session_idle_seconds)
         self.burst = FixedWindow(options.burst_limit, options.burst_window_seconds)
         self.auth_window = FixedWindow(options.auth_limit, 60.0)
@@ -71,6 +73,15 @@ class Sandbox:
         self.cursors: OrderedDict[str, Cursor] = OrderedDict()
         self.paging: Counter = Counter()          # pages served by keyset vs by OFFSET
         self.cursor_lock = threading.Lock()
+
+    def _object_types_named(self, names: list[str]) -> set[tuple[str, str]]:
+        """("object", "type") pairs of "object.type" names, each checked against the model."""
+        known = {f"{o.name}.{t}": (o.name, t) for o in self.model.objects.values() for t in o.object_types}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"--inactive-object-types: unknown object types {unknown}; the "
+                             f"{self.model.app} model has {', '.join(known)}")
+        return {known[n] for n in names}
 
     # -- auth -----------------------------------------------------------------------------
 
@@ -187,7 +198,8 @@ class Sandbox:
             return failure("INSUFFICIENT_ACCESS", f"You do not have permission to {right} {object_name} records")
         if mode == "create" and id_param and "edit" not in rights | typed:
             return failure("INSUFFICIENT_ACCESS", f"Upsert needs create and edit permission on {object_name}")
-        writer = Writer(self.store, obj, caller, version, race=self.faults.race_for_record)
+        inactive = frozenset(self.store.object_type_id(o, t) for o, t in self.inactive_types if o == object_name)
+        writer = Writer(self.store, obj, caller, version, race=self.faults.race_for_record, inactive_types=inactive)
         try:
             results = writer.write(records, mode, id_param)
         except RecordError as exc:
@@ -265,11 +277,29 @@ class Sandbox:
                 entry["relationship_name"] = relationship_name(f.name)
                 entry["relationship_outbound_name"] = relationship_name(f.name)
             fields.append(entry)
-        object_types = [{"name": api, "label": label, "id": self.store.object_type_id(obj.name, api)}
+        object_types = [{"name": api, "label": label, "id": self.store.object_type_id(obj.name, api),
+                         "active": (obj.name, api) not in self.inactive_types}
                         for api, label in obj.object_types.items()]
         return {"responseStatus": "SUCCESS",
                 "object": {"name": obj.name, "label": obj.label, "prefix": obj.prefix, "fields": fields,
                            "object_types": object_types}}
+
+    def configuration(self, component: str) -> dict:
+        """Vault's configuration API, for object types only: `Objecttype` lists every object type,
+        `Objecttype.{object}.{type}` answers one."""
+        kind, _, name = component.partition(".")
+        if kind != "Objecttype":
+            return failure("MALFORMED_URL", f"Component type '{kind}' is not supported by the sandbox "
+                                            f"(only Objecttype)")
+        entries = [{"name": f"{obj.name}.{api}", "object": obj.name, "type": api, "label": label,
+                    "active": (obj.name, api) not in self.inactive_types}
+                   for obj in self.model.objects.values() for api, label in obj.object_types.items()]
+        if not name:
+            return {"responseStatus": "SUCCESS", "data": entries}
+        found = [e for e in entries if e["name"] == name]
+        if not found:
+            return failure("INVALID_DATA", f"Object type '{name}' does not exist")
+        return {"responseStatus": "SUCCESS", "data": found[0]}
 
     def user_permissions(self, user_id: str, filter_text: str | None) -> dict:
         users = self.store.table("user__sys")
@@ -534,6 +564,10 @@ def create_app(app_name: str, db_path: str, options: Options | None = None) -> F
     @app.get("/api/{version}/metadata/vobjects/{object_name}")
     async def metadata(version: str, object_name: str):
         return envelope(sandbox.metadata(object_name))
+
+    @app.get("/api/{version}/configuration/{component}")
+    async def configuration(version: str, component: str):
+        return envelope(sandbox.configuration(component))
 
     # -- sandbox administration (not Vault; needs a session, never counted) ----------------
 

@@ -73,7 +73,7 @@ class Writer:
     """Applies one write call. Every record gets a result, in input order."""
 
     def __init__(self, store: Store, obj: ObjectDef, caller: Caller, version: str,
-                 race: Callable[[], bool] = lambda: False):
+                 race: Callable[[], bool] = lambda: False, inactive_types: frozenset[str] = frozenset()):
         self.store = store
         self.model = store.model
         self.obj = obj
@@ -81,6 +81,7 @@ class Writer:
         self.caller = caller
         self.version = version
         self.race = race          # fault injection: True fails this record with RACE_CONDITION
+        self.inactive_types = inactive_types     # ids of object types no admin has activated
         # Per-call caches that keep a 500-record call to a handful of statements.
         self._ids: list[str] = []                      # pre-allocated record ids
         self._known: dict[str, set[str]] = {}          # referenced ids known to exist, per object
@@ -247,6 +248,14 @@ class Writer:
                     raise RecordError("INVALID_DATA", f"Duplicate value '{value}' for unique field '{name}' "
                                                       f"(record {other})")
 
+    def _check_active(self, *type_ids: str | None) -> None:
+        """Records of an object type an admin has not activated cannot be created or changed."""
+        for type_id in type_ids:
+            if type_id in self.inactive_types:
+                name = f"{self.obj.name}.{self.store.object_type_names[type_id][1]}"
+                raise RecordError("INVALID_DATA", f"Object type '{name}' is inactive: an admin must activate it "
+                                                  f"before records of it can be created or changed")
+
     def _check_access(self, right: str, type_id: str | None) -> None:
         type_name = self.store.object_type_names.get(type_id, (None, None))[1]
         if right not in self.model.permissions(self.caller.profile, self.obj.name, type_name):
@@ -257,6 +266,7 @@ class Writer:
 
     def _create(self, conn, values: dict, known_absent: str | None = None) -> dict:
         values.setdefault("object_type__v", self.store.object_type_id(self.obj.name, self.obj.default_type))
+        self._check_active(values["object_type__v"])
         self._check_access("create", values["object_type__v"])
         self._check_required(values)
         self._check_unique(conn, values, None, known_absent)
@@ -272,6 +282,7 @@ class Writer:
         return self._success(record_id, "created")
 
     def _update(self, conn, existing: dict, values: dict) -> dict:
+        self._check_active(existing["object_type__v"], values.get("object_type__v"))
         self._check_access("edit", existing["object_type__v"])
         if "object_type__v" in values and values["object_type__v"] != existing["object_type__v"]:
             self._check_access("edit", values["object_type__v"])
