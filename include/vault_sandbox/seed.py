@@ -2,15 +2,17 @@
 
 Both vaults are built from one ``World`` drawn from ``random.Random(seed_number)``, so a CTMS
 vault and a CRM vault seeded with the same number and ``--now`` agree: CRM accounts carry the
-``veeva_network_id__v`` / ``npi__c`` of CTMS persons.
+identifiers of CTMS persons — ``veeva_network_id__c`` as ``veeva_network_id__v``, ``npi__c`` as
+``npi__c``, and the OpenData ID ``opendata_id__v`` as ``veevaid__v`` (Vault Clinical's OpenData ID
+is the HCP's id in Veeva's data products, which Vault CRM keeps in ``veevaid__v``).
 
 Scenario ``demo`` — a small, realistic data set with these DELIBERATE DEFECTS (the pipeline's
 quality step must catch each one):
 
 1. Person without a CRM account: the first person (``DEMO_DEFECTS['person_without_account']``)
    has identifiers, but no CRM account carries them.
-2. Person without an identifier: the second person has neither ``veeva_network_id__c`` nor
-   ``npi__c``; its Clinical Activities cannot be matched.
+2. Person without an identifier: the second person has no ``veeva_network_id__c``, ``npi__c`` or
+   ``opendata_id__v``; its Clinical Activities cannot be matched.
 3. Identifier matching two accounts: the third person's network id / NPI is on two CRM accounts.
 4. Call whose account has no CTMS person: one account exists only in CRM, and one of its calls
    is flagged ``send_to_vault_clinical__v = true``.
@@ -80,6 +82,7 @@ class Person:
     email: str | None
     network_id: str | None
     npi: str | None
+    opendata_id: str | None
 
 
 @dataclass
@@ -93,6 +96,12 @@ def _identifiers(rng: random.Random, index: int) -> tuple[str, str]:
     return f"VN{100000 + index:06d}{rng.randrange(100):02d}", f"{1000000000 + index * 7919 + rng.randrange(7):010d}"
 
 
+def _opendata_id(seed_number: int, index: int) -> str:
+    """An 18-digit OpenData-style id, derived without drawing from the world's random numbers
+    (so adding it left every other seeded value as it was)."""
+    return f"24{seed_number % 1000:03d}{index:013d}"
+
+
 def build_world(seed_number: int, now: datetime, n_persons: int) -> World:
     rng = random.Random(seed_number)
     world = World(seed_number, now)
@@ -100,7 +109,7 @@ def build_world(seed_number: int, now: datetime, n_persons: int) -> World:
         first, last = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
         network_id, npi = _identifiers(rng, i)
         email = f"{first.lower()}.{last.lower()}{i}@hospital{(i % 9) + 1}.example"
-        world.persons.append(Person(first, last, email, network_id, npi))
+        world.persons.append(Person(first, last, email, network_id, npi, _opendata_id(seed_number, i)))
     return world
 
 
@@ -200,6 +209,7 @@ def seed_demo(store: Store, seed_number: int = 1, now: datetime | None = None) -
     defects = DEMO_DEFECTS
     world.persons[defects["person_without_identifier"]].network_id = None
     world.persons[defects["person_without_identifier"]].npi = None
+    world.persons[defects["person_without_identifier"]].opendata_id = None
     rng = random.Random(seed_number * 7919 + (1 if store.model.app == "ctms" else 2))
     store.clear()
     with store.write_lock, store.engine.begin() as conn:
@@ -230,10 +240,7 @@ def _studies(world: World, n_studies: int) -> list[dict]:
 def _demo_ctms(loader: _Loader, world: World, users: dict, rng: random.Random, now: datetime) -> dict:
     creators = [users["clinops@sandbox.example"], users["mia.keller@sandbox.example"],
                 users["tomas.horvat@sandbox.example"], users["jonas.berg@sandbox.example"]]
-    person_ids = loader.insert("person__sys", [
-        {"first_name__sys": p.first, "last_name__sys": p.last, "email__sys": p.email,
-         "veeva_network_id__c": p.network_id, "npi__c": p.npi, "name__v": f"{p.first} {p.last}"}
-        for p in world.persons], created_by=users[INTEGRATION_USER])
+    person_ids = loader.insert("person__sys", _person_rows(world), created_by=users[INTEGRATION_USER])
     studies = _studies(world, 3)
     study_ids = loader.insert("study__v", [{k: v for k, v in s.items() if not k.startswith("_")} for s in studies],
                               created_by=users[INTEGRATION_USER])
@@ -292,7 +299,7 @@ def _demo_ctms(loader: _Loader, world: World, users: dict, rng: random.Random, n
                        "person__ctms": sites[site_index]["principal_investigator__v"],
                        "event_type__ctms": kinds[i % 3],
                        "event_date__ctms": (now - timedelta(days=rng.randrange(-10, 30))).strftime("%Y-%m-%d"),
-                       "channel__ctms": rng.choice(["in_person__v", "video__v"]),
+                       "monitoring_visit_method__ctms": rng.choice(["in_person__v", "video__v"]),
                        "event_complete__ctms": i % 3 == 0, "activity_update_required__ctms": i % 2 == 0})
     loader.insert("monitoring_event__ctms", events, created_by=creators, stamps=_spread(rng, now, len(events)))
     logs = []
@@ -311,13 +318,21 @@ def _demo_ctms(loader: _Loader, world: World, users: dict, rng: random.Random, n
             "study_communication_log__ctms": len(logs)}
 
 
+def _person_rows(world: World) -> list[dict]:
+    """CTMS persons; `_account_rows` gives their CRM accounts the same identifiers."""
+    return [{"first_name__sys": p.first, "last_name__sys": p.last, "email__sys": p.email,
+             "veeva_network_id__c": p.network_id, "npi__c": p.npi, "opendata_id__v": p.opendata_id,
+             "name__v": f"{p.first} {p.last}"} for p in world.persons]
+
+
 def _account_rows(world: World, skip: set[int]) -> list[dict]:
     rows = []
     for i, p in enumerate(world.persons):
         if i in skip or (p.network_id is None and p.npi is None):
             continue
         rows.append({"first_name__v": p.first, "last_name__v": p.last, "formatted_name__v": f"Dr. {p.first} {p.last}",
-                     "veeva_network_id__v": p.network_id, "npi__c": p.npi, "account_identifier__v": f"ACC-{i:07d}",
+                     "veeva_network_id__v": p.network_id, "npi__c": p.npi, "veevaid__v": p.opendata_id,
+                     "account_identifier__v": f"ACC-{i:07d}",
                      "name__v": f"{p.first} {p.last}"})
     return rows
 
@@ -328,12 +343,13 @@ def _demo_crm(loader: _Loader, world: World, users: dict, rng: random.Random, no
     twin = world.persons[d["person_with_two_accounts"]]
     accounts.append({"first_name__v": twin.first, "last_name__v": twin.last,
                      "formatted_name__v": f"{twin.first} {twin.last} (duplicate)",
-                     "veeva_network_id__v": twin.network_id, "npi__c": twin.npi,
+                     "veeva_network_id__v": twin.network_id, "npi__c": twin.npi, "veevaid__v": twin.opendata_id,
                      "account_identifier__v": "ACC-DUPLICATE", "name__v": f"{twin.first} {twin.last}"})
     # An account that exists only in CRM (no CTMS person carries its identifiers).
     accounts.append({"first_name__v": "Henrik", "last_name__v": "Lindgren",
                      "formatted_name__v": "Dr. Henrik Lindgren", "veeva_network_id__v": "VN99999901",
-                     "npi__c": "1999999901", "account_identifier__v": "ACC-CRM-ONLY", "name__v": "Henrik Lindgren"})
+                     "npi__c": "1999999901", "veevaid__v": "999999999999999901",
+                     "account_identifier__v": "ACC-CRM-ONLY", "name__v": "Henrik Lindgren"})
     account_ids = loader.insert("account__v", accounts, created_by=users[INTEGRATION_USER])
     crm_only = account_ids[-1]
     creators = [users["medical@sandbox.example"], users["lena.fischer@sandbox.example"]]
@@ -369,10 +385,7 @@ def seed_scale(store: Store, activities: int, seed_number: int = 1, now: datetim
         if store.model.app == "crm":
             ids = loader.insert("account__v", _account_rows(world, skip=set()), created_by=users[INTEGRATION_USER])
             return {"user__sys": len(users), "account__v": len(ids)}
-        person_ids = loader.insert("person__sys", [
-            {"first_name__sys": p.first, "last_name__sys": p.last, "email__sys": p.email,
-             "veeva_network_id__c": p.network_id, "npi__c": p.npi, "name__v": f"{p.first} {p.last}"}
-            for p in world.persons], created_by=users[INTEGRATION_USER])
+        person_ids = loader.insert("person__sys", _person_rows(world), created_by=users[INTEGRATION_USER])
         studies = _studies(world, activities // 1000 + 1)
         study_ids = loader.insert("study__v", [{k: v for k, v in s.items() if not k.startswith("_")}
                                                for s in studies], created_by=users[INTEGRATION_USER])

@@ -56,6 +56,20 @@ def test_vaults_agree_on_person_identifiers(demo):
     assert by_network[twice["veeva_network_id__c"]] == 2
 
 
+def test_opendata_id_is_the_accounts_veevaid_with_the_same_defects(demo):
+    ctms, crm, _ = demo
+    persons = rows(ctms, "person__sys")
+    accounts = rows(crm, "account__v")
+    by_veevaid = Counter(a["veevaid__v"] for a in accounts)
+    assert [by_veevaid[p["opendata_id__v"]] for p in persons[:3]] == [0, 0, 2]     # defects 1, 2, 3
+    assert persons[DEMO_DEFECTS["person_without_identifier"]]["opendata_id__v"] is None
+    assert all(by_veevaid[p["opendata_id__v"]] == 1 for p in persons[3:])
+    # An account's OpenData id and network id are those of one and the same person.
+    pairs = {(p["veeva_network_id__c"], p["opendata_id__v"]) for p in persons}
+    crm_only = [a for a in accounts if (a["veeva_network_id__v"], a["veevaid__v"]) not in pairs]
+    assert [a["account_identifier__v"] for a in crm_only] == ["ACC-CRM-ONLY"]                 # defect 4
+
+
 def test_demo_content(demo):
     ctms, crm, _ = demo
     activities = rows(ctms, "crm_activity__v")
@@ -90,4 +104,9 @@ def test_scale_scenario_stays_in_its_hour(tmp_path):
     assert all(start.strftime(fmt) <= a["modified_date__v"] < end.strftime(fmt) for a in activities)
     persons = rows(ctms, "person__sys")
     assert len(persons) == 150 and len(rows(ctms, "study__v")) == 4
-    assert {p["veeva_network_id__c"] for p in persons} == {a["veeva_network_id__v"] for a in rows(crm, "account__v")}
+    accounts = rows(crm, "account__v")
+    assert {p["veeva_network_id__c"] for p in persons} == {a["veeva_network_id__v"] for a in accounts}
+    assert {(p["veeva_network_id__c"], p["opendata_id__v"]) for p in persons} == \
+        {(a["veeva_network_id__v"], a["veevaid__v"]) for a in accounts}
+    assert len({p["opendata_id__v"] for p in persons}) == 150
+
