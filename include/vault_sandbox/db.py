@@ -10,7 +10,7 @@ import threading
 from datetime import datetime, timezone
 
 from sqlalchemy import (Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text,
-                        create_engine, event, select, update)
+                        create_engine, event, inspect, select, text, update)
 from sqlalchemy.engine import Engine
 
 from vault_sandbox.models import VaultModel
@@ -69,10 +69,23 @@ class Store:
         event.listen(self.engine, "connect", _sqlite_pragmas)
         self.metadata = build_metadata(model)
         self.metadata.create_all(self.engine)
+        self._add_new_columns()
         self.tables = self.metadata.tables
         # SQLite has one writer; a lock keeps write transactions from failing on "database is locked".
         self.write_lock = threading.Lock()
         self._ensure_object_types()
+
+    def _add_new_columns(self) -> None:
+        """A database made under an older model gets the fields added since as empty columns
+        (create_all only creates missing tables); columns the model dropped stay, unused."""
+        inspector = inspect(self.engine)
+        with self.engine.begin() as conn:
+            for table in self.metadata.sorted_tables:
+                present = {c["name"] for c in inspector.get_columns(table.name)}
+                for column in table.columns:
+                    if column.name not in present:
+                        kind = column.type.compile(self.engine.dialect)
+                        conn.execute(text(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}'))
 
     def table(self, name: str) -> Table:
         return self.tables[name]

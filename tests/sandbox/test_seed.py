@@ -110,3 +110,14 @@ def test_scale_scenario_stays_in_its_hour(tmp_path):
         {(a["veeva_network_id__v"], a["veevaid__v"]) for a in accounts}
     assert len({p["opendata_id__v"] for p in persons}) == 150
 
+
+def test_a_database_of_an_older_model_gets_the_new_fields(tmp_path):
+    from sqlalchemy import text
+
+    path = str(tmp_path / "old.db")
+    seed_demo(Store(load_model("ctms"), path), 1, NOW)
+    with Store(load_model("ctms"), path).engine.begin() as conn:     # as made before opendata_id__v existed
+        conn.execute(text("ALTER TABLE person__sys DROP COLUMN opendata_id__v"))
+    reopened = Store(load_model("ctms"), path)
+    assert len(rows(reopened, "person__sys")) == 30
+    assert {p["opendata_id__v"] for p in rows(reopened, "person__sys")} == {None}
