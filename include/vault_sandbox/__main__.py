@@ -7,7 +7,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from vault_sandbox.control import FAULT_KINDS, FaultConfig
+from vault_sandbox.control import FAULT_KINDS, FaultConfig, latency_profile
 
 
 def _now(text: str | None) -> datetime:
@@ -28,6 +28,13 @@ def _kinds(text: str) -> list[str]:
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown fault kinds {unknown}; known: {','.join(FAULT_KINDS)}")
     return kinds
+
+
+def _latency(text: str):
+    try:
+        return latency_profile(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_seed_options(p: argparse.ArgumentParser) -> None:
@@ -65,6 +72,10 @@ def parser() -> argparse.ArgumentParser:
                        help=f"comma-separated subset of {','.join(FAULT_KINDS)}")
     serve.add_argument("--fault-seed", type=int, default=0)
     serve.add_argument("--slow-seconds", type=float, default=3.0, help="sleep of a 'slow' fault")
+    serve.add_argument("--latency", type=_latency, default=latency_profile("none"), metavar="PROFILE",
+                       help="time each call takes: none (default), vault (assumed figures) or a YAML/JSON file "
+                            "(see docs/sandbox.md)")
+    serve.add_argument("--latency-seed", type=int, default=0, help="seed of the latency jitter")
     serve.add_argument("--log-level", default="warning")
 
     seed = sub.add_parser("seed", help="(re)seed a database")
@@ -113,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                       session_idle_seconds=args.session_idle_seconds, page_size=args.page_size,
                       inactive_object_types=args.inactive_object_types,
                       fault=FaultConfig(rate=args.fault_rate, kinds=args.fault_kinds, seed=args.fault_seed,
-                                        slow_seconds=args.slow_seconds))
+                                        slow_seconds=args.slow_seconds),
+                      latency=args.latency, latency_seed=args.latency_seed)
     try:
         app = build_asgi(args.app, args.db, options)
     except ValueError as exc:     # a configuration that does not fit the model or the database

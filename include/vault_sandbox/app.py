@@ -8,7 +8,7 @@ import json
 import threading
 import uuid
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -18,7 +18,8 @@ from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vault_sandbox.control import (FaultConfig, Faults, FixedWindow, RequestCounters, Sessions, endpoint_key)
+from vault_sandbox.control import (FaultConfig, Faults, FixedWindow, Latency, LatencyProfile, RequestCounters,
+                                   Sessions, call_kind, endpoint_key, latency_profile, latency_values)
 from vault_sandbox.db import CREDENTIALS, DELETIONS, Store
 from vault_sandbox.models import VaultModel, load_model, relationship_name
 from vault_sandbox.records import MAX_BATCH, Caller, RecordError, Writer, failure, output_value, to_output
@@ -39,6 +40,8 @@ class Options:
     page_size: int = 1000                 # default and maximum VQL page size
     inactive_object_types: list[str] = field(default_factory=list)   # "object.type" names not activated
     fault: FaultConfig = field(default_factory=FaultConfig)
+    latency: LatencyProfile = field(default_factory=LatencyProfile)
+    latency_seed: int = 0
 
 
 @dataclass
@@ -70,6 +73,7 @@ class Sandbox:
         self.auth_window = FixedWindow(options.auth_limit, 60.0)
         self.counters = RequestCounters()
         self.faults = Faults(options.fault)
+        self.latency = Latency(options.latency, options.latency_seed)
         self.cursors: OrderedDict[str, Cursor] = OrderedDict()
         self.paging: Counter = Counter()          # pages served by keyset vs by OFFSET
         self.cursor_lock = threading.Lock()
@@ -422,6 +426,12 @@ def create_app(app_name: str, db_path: str, options: Options | None = None) -> F
             headers["X-VaultAPI-BurstLimit"] = str(sandbox.burst.limit)
             headers["X-VaultAPI-BurstLimitRemaining"] = str(max(0, sandbox.burst.remaining()))
         response = await _answer(request, call_next, is_admin, is_public)
+        if not is_admin and path.rstrip("/") != "/api":
+            # A real vault's time per call, awaited once the answer is computed: it holds no lock or
+            # transaction and blocks no other call, so concurrent calls wait side by side.
+            delay = sandbox.latency.seconds(call_kind(method, path), request.scope.get("sandbox.records", 1))
+            if delay:
+                await asyncio.sleep(delay)
         response.headers.update(headers)
         return response
 
@@ -521,6 +531,7 @@ def create_app(app_name: str, db_path: str, options: Options | None = None) -> F
             records = await write_body(request)
         except (ValueError, UnicodeDecodeError) as exc:
             return envelope(failure("INVALID_DATA", f"The body could not be read: {exc}"))
+        request.scope["sandbox.records"] = len(records) if isinstance(records, list) else 1   # for the latency
         id_param = request.query_params.get("idParam")
         return envelope(await run_in_threadpool(sandbox.write, object_name, records, mode, id_param,
                                                 caller(request), version))
@@ -605,6 +616,25 @@ def create_app(app_name: str, db_path: str, options: Options | None = None) -> F
         except ValueError as exc:
             return envelope(failure("INVALID_DATA", str(exc)))
         return {"responseStatus": "SUCCESS", **sandbox.faults.describe()}
+
+    @app.get("/sandbox/latency")
+    async def get_latency():
+        return {"responseStatus": "SUCCESS", **sandbox.latency.describe()}
+
+    @app.post("/sandbox/latency")
+    async def set_latency(request: Request):
+        """{"profile": "none"|"vault"|file} replaces the profile, keys such as {"query_ms": 400}
+        change the current one (it is then named "custom"), {"seed": n} restarts the jitter."""
+        spec = json.loads(await request.body() or b"{}")
+        try:
+            profile = latency_profile(spec.pop("profile")) if "profile" in spec else sandbox.latency.profile
+            seed = int(spec.pop("seed", sandbox.latency.seed))
+            if spec:
+                profile = replace(profile, name="custom", **latency_values(spec, "latency"))
+        except (ValueError, TypeError) as exc:
+            return envelope(failure("INVALID_DATA", str(exc)))
+        sandbox.latency.configure(profile, seed)
+        return {"responseStatus": "SUCCESS", **sandbox.latency.describe()}
 
     @app.post("/sandbox/sessions/expire")
     async def expire_sessions(request: Request):

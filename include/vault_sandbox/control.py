@@ -1,4 +1,4 @@
-"""Sessions, rate limits, request counters and fault injection of one sandbox process."""
+"""Sessions, rate limits, request counters, fault injection and latency of one sandbox process."""
 from __future__ import annotations
 
 import random
@@ -7,7 +7,10 @@ import secrets
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
 
 FAULT_KINDS = ("exception", "http502", "http503", "drop", "slow", "session_expiry", "race_condition")
 CALL_FAULTS = tuple(k for k in FAULT_KINDS if k != "race_condition")
@@ -164,6 +167,23 @@ _QUERY_ID = re.compile(r"^(/api/\{version\}/query)/[^/]+$")
 _RECORD_ID = re.compile(r"^(/api/\{version\}/vobjects/[^/]+)/[^/]+$")
 
 
+def call_kind(method: str, path: str) -> str:
+    """Which latency an API call gets: auth, query, query_page, write, deletions or metadata (every
+    other call: metadata, single records, users, configuration, keep-alive)."""
+    verb, route = endpoint_key(method, path).split(" ", 1)
+    if route == "/api/{version}/auth":
+        return "auth"
+    if route == "/api/{version}/query":
+        return "query"
+    if route == "/api/{version}/query/{query_id}":
+        return "query_page"
+    if route.startswith("/api/{version}/objects/deletions/"):
+        return "deletions"
+    if route.startswith("/api/{version}/vobjects/") and verb in ("POST", "PUT", "DELETE"):
+        return "write"
+    return "metadata"
+
+
 def endpoint_key(method: str, path: str) -> str:
     """'POST /api/v25.2/query/abc' -> 'POST /api/{version}/query/{query_id}' (objects stay named)."""
     path = _VERSION.sub("/api/{version}", path.rstrip("/") or "/")
@@ -194,3 +214,85 @@ class RequestCounters:
     def snapshot(self) -> dict:
         with self._lock:
             return {"total": self.total, "auth": self.auth, "endpoints": dict(sorted(self.endpoints.items()))}
+
+
+# ---------------------------------------------------------------------------------------------
+# latency
+
+
+@dataclass
+class LatencyProfile:
+    """Delay of each kind of call (see `call_kind`), in milliseconds; a write call also costs
+    `write_per_record_ms` per record. Each delay varies by up to ±`jitter` (0.25 = ±25 %)."""
+    name: str = "none"
+    auth_ms: float = 0
+    query_ms: float = 0            # a query's first page
+    query_page_ms: float = 0       # each next_page
+    write_ms: float = 0
+    write_per_record_ms: float = 0
+    deletions_ms: float = 0
+    metadata_ms: float = 0         # and every other call
+    jitter: float = 0.0
+
+
+# ASSUMED figures, to be replaced by ones measured on a real vault (docs/sandbox.md).
+VAULT_LATENCY = {"auth_ms": 400, "query_ms": 300, "query_page_ms": 300, "write_ms": 300, "write_per_record_ms": 2,
+                 "deletions_ms": 300, "metadata_ms": 200, "jitter": 0.25}
+LATENCY_KEYS = tuple(f.name for f in fields(LatencyProfile) if f.name != "name")
+
+
+def latency_values(values: dict, where: str) -> dict:
+    """`values` checked against LatencyProfile's keys; errors name `where` and the key."""
+    for key, value in values.items():
+        if key not in LATENCY_KEYS:
+            raise ValueError(f"{where}: unknown key '{key}'; known keys: {', '.join(LATENCY_KEYS)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{where}: key '{key}' must be a number >= 0, not {value!r}")
+    if values.get("jitter", 0) >= 1:
+        raise ValueError(f"{where}: key 'jitter' must be below 1 (a fraction: 0.25 = ±25 %)")
+    return values
+
+
+def latency_profile(spec: str) -> LatencyProfile:
+    """`none`, `vault` (VAULT_LATENCY) or the path of a YAML or JSON file holding some of the
+    LATENCY_KEYS (missing ones are 0)."""
+    if spec == "none":
+        return LatencyProfile()
+    if spec == "vault":
+        return LatencyProfile("vault", **VAULT_LATENCY)
+    where = f"latency profile {spec}"
+    try:
+        raw = yaml.safe_load(Path(spec).read_text())      # JSON is YAML too
+    except OSError as exc:
+        raise ValueError(f"{where}: cannot read it ({exc.strerror}); use none, vault or a YAML/JSON file") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{where}: not valid YAML/JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping of {', '.join(LATENCY_KEYS)}")
+    return LatencyProfile(spec, **latency_values(raw, where))
+
+
+class Latency:
+    """The active latency profile and its seeded jitter (same seed + same calls = same delays)."""
+
+    def __init__(self, profile: LatencyProfile, seed: int = 0):
+        self._lock = threading.Lock()
+        self.configure(profile, seed)
+
+    def configure(self, profile: LatencyProfile, seed: int) -> None:
+        with self._lock:
+            self.profile, self.seed, self.rng = profile, seed, random.Random(seed)
+
+    def seconds(self, kind: str, records: int = 0) -> float:
+        """The delay of one call of this kind (`records`: the records of a write call)."""
+        with self._lock:
+            p = self.profile
+            ms = getattr(p, f"{kind}_ms") + (p.write_per_record_ms * records if kind == "write" else 0)
+            if ms and p.jitter:
+                ms *= 1 + self.rng.uniform(-p.jitter, p.jitter)
+        return ms / 1000
+
+    def describe(self) -> dict:
+        with self._lock:
+            values = asdict(self.profile)
+            return {"profile": values.pop("name"), "seed": self.seed, **values}

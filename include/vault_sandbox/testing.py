@@ -77,6 +77,10 @@ class Admin:
     def limits(self, **spec) -> dict:
         return self.call("POST", "/sandbox/limits", spec) if spec else self.call("GET", "/sandbox/limits")
 
+    def latency(self, **spec) -> dict:
+        """latency() reads; latency(profile="vault"), latency(query_ms=400, jitter=0), latency(seed=3) set."""
+        return self.call("POST", "/sandbox/latency", spec) if spec else self.call("GET", "/sandbox/latency")
+
 
 class SandboxServer:
     def __init__(self, app: str, db_path, seed: str = "demo", *, port: int | None = None,
