@@ -127,7 +127,7 @@ def _pages(rows: int, page_size: int) -> int:
 
 
 def _list_cost(values) -> int:
-    from clinical_crm import vql
+    from clinical_crm.vault import vql
 
     return 2 + sum(len(vql.quote(v)) + 1 for v in values)
 
@@ -149,38 +149,44 @@ def plan(cfg, ctms_url: str, crm_url: str, window: tuple[datetime, datetime]) ->
     """
     import pandas as pd
 
-    from clinical_crm import extract, transform, vql
-    from clinical_crm.client import VaultClient
+    from clinical_crm.engine import extract
+    from clinical_crm.engine.windows import Window
+    from clinical_crm.engine.staging import page_frame
+    from clinical_crm.flows import ctms_to_crm
+    from clinical_crm.values import text
+    from clinical_crm.vault import Query, VaultClient, vql
+    from clinical_crm.vault.fields import GLOBAL_ID, ID, MODIFIED_DATE
 
     start, end = window
-    win = extract.window_filter(type("W", (), {"start": start, "end": end})())
+    win = extract.changed(Window(start, end))
     ops: list[dict] = []
     model: Counter = Counter()
 
     with VaultClient(ctms_url, USER, PASSWORD) as ctms, VaultClient(crm_url, USER, PASSWORD) as crm:
-        page_size = ctms._call("POST", "query", "query", data={"q": "SELECT id FROM user__sys"})[
+        page_size = ctms._call("POST", "query", "query", data={"q": "SELECT id FROM user__sys"}).body[
             "responseDetails"]["pagesize"]
 
         def total(client, obj):
-            body = client._call("POST", "query", "query", data={"q": f"SELECT id FROM {obj} PAGESIZE 1"})
+            body = client._call("POST", "query", "query", data={"q": f"SELECT id FROM {obj} PAGESIZE 1"}).body
             return int(body["responseDetails"]["total"])
 
-        def read(client, statement):
-            frames = [f for f in client.query(statement)]
+        def read(client, query):
+            frames = [page_frame(p) for p in client.query(query)]
             return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
         # activities
-        act_stmt = f"{extract.clinical_activity_query(cfg)} AND {win} ORDER BY {transform.MODIFIED_DATE}"
-        activities = read(ctms, act_stmt)
+        act_query = ctms_to_crm.clinical_activity_query(cfg).filter(win).ordered(MODIFIED_DATE)
+        act_stmt = act_query.statement
+        activities = read(ctms, act_query)
         ops.append({"vault": "ctms", "kind": "query", "what": "clinical activities", "q": act_stmt,
                     "calls": _pages(len(activities), page_size)})
-        refs = transform.study_reference_columns(cfg)
-        ident_col = extract.person_identifier_column(cfg)
+        refs = ctms_to_crm.study_reference_columns(cfg)
+        ident_col = ctms_to_crm.person_identifier_column(cfg)
 
         def referenced(what, base, obj, ids):
             """One statement: changed in the window OR referenced (global ids); or a full scan."""
             ids = sorted({i for i in ids if i})
-            head = f"{base} WHERE {win} OR {transform.GLOBAL_ID} CONTAINS "
+            head = f"{base} WHERE {win} OR {GLOBAL_ID} CONTAINS "
             if ids and len(head) + _list_cost(ids) <= VQL_MAX:
                 stmt = head + vql.in_list(ids)
             elif not ids:
@@ -190,22 +196,22 @@ def plan(cfg, ctms_url: str, crm_url: str, window: tuple[datetime, datetime]) ->
             scan = total(ctms, obj)
             frame = read(ctms, stmt) if stmt else None
             if stmt is None or _pages(scan, page_size) < _pages(len(frame), page_size):
-                changed = set(read(ctms, f"{base} WHERE {win}")[transform.GLOBAL_ID]) if stmt is None else set(
-                    frame[transform.GLOBAL_ID])
+                changed = set(read(ctms, f"{base} WHERE {win}")[GLOBAL_ID]) if stmt is None else set(
+                    frame[GLOBAL_ID])
                 stmt = base
                 frame = read(ctms, base)
-                frame = frame[frame[transform.GLOBAL_ID].isin(set(ids) | changed)]
+                frame = frame[frame[GLOBAL_ID].isin(set(ids) | changed)]
                 calls = _pages(scan, page_size)
             else:
                 calls = _pages(len(frame), page_size)
             ops.append({"vault": "ctms", "kind": "query", "what": what, "q": stmt, "calls": calls})
             return frame
 
-        sites = referenced("study sites", extract.site_query(cfg), cfg.ctms.site.object,
-                           set(activities[refs["site"]].map(transform.text)))
-        site_study = f"{transform.relationship(cfg.ctms.site.fields.study)}.{transform.GLOBAL_ID}"
-        studies = referenced("studies", extract.study_query(cfg), cfg.ctms.study.object,
-                             set(activities[refs["study"]].map(transform.text)) | set(sites[site_study].map(transform.text)))
+        sites = referenced("study sites", ctms_to_crm.site_query(cfg).statement, cfg.ctms.site.object,
+                           set(activities[refs["site"]].map(text)))
+        site_study = ctms_to_crm.site_study_column(cfg)
+        studies = referenced("studies", ctms_to_crm.study_query(cfg).statement, cfg.ctms.study.object,
+                             set(activities[refs["study"]].map(text)) | set(sites[site_study].map(text)))
 
         for obj in (cfg.ctms.activity.object, cfg.ctms.study.object, cfg.ctms.site.object):
             n_deleted = sum(len(p) for p in ctms.deletions(obj, start, end))
@@ -218,12 +224,12 @@ def plan(cfg, ctms_url: str, crm_url: str, window: tuple[datetime, datetime]) ->
 
         # accounts
         field = cfg.identifiers.crm_account_field
-        acc_base = f"SELECT {extract.select([transform.ID, field])} FROM {cfg.crm.account.object}"
-        identifiers = sorted({v for v in activities[ident_col].map(transform.text) if v})
+        acc_base = Query.select(cfg.crm.account.object, [ID, field]).statement
+        identifiers = sorted({v for v in activities[ident_col].map(text) if v})
         head_len = len(f"{acc_base} WHERE {field} CONTAINS ")
         account_frames, acc_ops = [], []
         # the product's own chunking, with the whole VQL limit as room (no safety margin)
-        for chunk in extract.page_aligned_chunks(identifiers, VQL_MAX - head_len, page_size):
+        for chunk in vql.page_aligned_chunks(identifiers, VQL_MAX - head_len, page_size):
             stmt = f"{acc_base} WHERE {field} CONTAINS {vql.in_list(chunk)}"
             frame = read(crm, stmt)
             account_frames.append(frame)
@@ -234,13 +240,13 @@ def plan(cfg, ctms_url: str, crm_url: str, window: tuple[datetime, datetime]) ->
             acc_ops = [{"vault": "crm", "kind": "query", "what": "accounts (full scan)", "q": acc_base,
                         "calls": _pages(scan, page_size)}]
         ops += acc_ops
-        accounts = pd.concat(account_frames, ignore_index=True) if account_frames else pd.DataFrame(columns=[transform.ID, field])
+        accounts = pd.concat(account_frames, ignore_index=True) if account_frames else pd.DataFrame(columns=[ID, field])
 
     # payloads, exactly as the pipeline's rules build them (precomputed: not timed)
-    unique = accounts.drop_duplicates(field, keep=False).set_index(field)[transform.ID]
-    activities["account_id"] = activities[ident_col].map(transform.text).map(unique)
+    unique = accounts.drop_duplicates(field, keep=False).set_index(field)[ID]
+    activities["account_id"] = activities[ident_col].map(text).map(unique)
     valid = activities[activities["account_id"].notna()]
-    from clinical_crm.client import _json_ready  # the client's JSON conversion (dates, NaN -> null)
+    from clinical_crm.vault.client import _json_ready  # the client's JSON conversion (dates, NaN -> null)
 
     def writes(what, obj, id_param, records):
         records = [_json_ready({k: v for k, v in r.items() if not k.startswith("_") and not ("." in k and v is None)})
@@ -252,11 +258,11 @@ def plan(cfg, ctms_url: str, crm_url: str, window: tuple[datetime, datetime]) ->
 
     c = cfg.crm
     writes("clinical studies", c.clinical_study.object, c.clinical_study.fields.external_id,
-           transform.clinical_studies(studies, cfg))
+           ctms_to_crm.clinical_studies(studies, cfg))
     writes("clinical sites", c.clinical_site.object, c.clinical_site.fields.external_id,
-           transform.clinical_sites(sites, cfg))
+           ctms_to_crm.clinical_sites(sites, cfg))
     writes("clinical interactions", c.interaction.object, c.interaction.fields.external_id,
-           transform.clinical_interactions(valid, cfg))
+           ctms_to_crm.clinical_interactions(valid, cfg))
     for o in ops:
         model[f"{o['vault']} {o['what']}"] += o["calls"]
     return {"ops": ops, "model": dict(model), "calls": sum(model.values()), "page_size": page_size,
@@ -359,14 +365,14 @@ def dag_main(args) -> int:
     import resource
 
     process_start = time.perf_counter()
-    from clinical_crm.dag_factory import build_dags
+    from clinical_crm.airflow.dag_factory import build_dags
 
     dag = build_dags()[DAG_ID]
     conf = {"window_start": args.window_start, "window_end": args.window_end}
 
-    # Time spent inside the pipeline's own step functions (the rest of dag.test() is Airflow's
-    # task orchestration): the tasks call clinical_crm.pipeline.<step> at run time, in-process.
-    from clinical_crm import pipeline
+    # Time spent inside the runner's own step functions (the rest of dag.test() is Airflow's
+    # task orchestration): the tasks call clinical_crm.engine.runner.<step> at run time, in-process.
+    from clinical_crm.engine import runner
 
     steps: dict[str, float] = {}
     maxrss_after: dict[str, int] = {}  # ru_maxrss (monotonic) at the end of each step: which step set the peak
@@ -381,8 +387,8 @@ def dag_main(args) -> int:
                 maxrss_after[name] = round(_vm_hwm_mib())
         return wrapper
 
-    for name in ("begin", "automate", "extract_ctms_to_crm", "validate", "transform", "load_ctms_to_crm", "finish"):
-        setattr(pipeline, name, timed(name, getattr(pipeline, name)))
+    for name in ("begin", "pre_step", "extract", "validate", "transform", "load", "finish"):
+        setattr(runner, name, timed(name, getattr(runner, name)))
 
     # RSS sampled every 50 ms: the peak of each step (ru_maxrss gives the peak of the process).
     import threading
@@ -441,11 +447,11 @@ def dag_main(args) -> int:
 
 
 def count_interactions(crm_url: str, cfg) -> int:
-    from clinical_crm.client import VaultClient
+    from clinical_crm.vault.client import VaultClient
 
     with VaultClient(crm_url, USER, PASSWORD) as crm:
         body = crm._call("POST", "query", "query",
-                         data={"q": f"SELECT id FROM {cfg.crm.interaction.object} PAGESIZE 1"})
+                         data={"q": f"SELECT id FROM {cfg.crm.interaction.object} PAGESIZE 1"}).body
         return int(body["responseDetails"]["total"])
 
 

@@ -64,10 +64,10 @@ EOF
 "$AIRFLOW_BIN" connections import --overwrite "$connections_file"
 
 echo "==> pools (one per vault of every connection file)"
-"$PYTHON_BIN" -m clinical_crm.dag_factory pools --slots "${CLINICAL_CRM_POOL_SLOTS:-4}"
+"$PYTHON_BIN" -m clinical_crm.airflow.dag_factory pools --slots "${CLINICAL_CRM_POOL_SLOTS:-4}"
 
 echo "==> sync ledger tables"
-"$PYTHON_BIN" -c 'from clinical_crm import settings; from clinical_crm.ledger import Ledger; Ledger(settings.ledger_url())' \
+"$PYTHON_BIN" -c 'from clinical_crm import settings; from clinical_crm.engine.ledger import Ledger; Ledger(settings.ledger_url())' \
   || echo "warning: could not create the ledger tables (they are created on first use)" >&2
 
 echo "==> airflow-init done"

@@ -58,7 +58,7 @@ def summary(since_run_id: int) -> int:
     """Print a table per run recorded by this demo; returns the number of failed runs."""
     from tabulate import tabulate
 
-    from clinical_crm.ledger import Ledger
+    from clinical_crm.engine.ledger import Ledger
 
     failed = 0
     for run in reversed(Ledger().recent_runs("demo", limit=50)):
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"airflow init failed; see {logs / 'airflow-init.log'}", file=sys.stderr)
             return 1
 
-        from clinical_crm.ledger import Ledger
+        from clinical_crm.engine.ledger import Ledger
 
         before = max((r["run_id"] for r in Ledger().recent_runs("demo", limit=1)), default=0)
         ends = [last_hour - timedelta(hours=k) for k in range(args.windows - 1, -1, -1)]

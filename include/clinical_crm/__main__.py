@@ -1,4 +1,4 @@
-"""Command line: `python -m clinical_crm preflight CONNECTION_FILE`.
+"""Command line: `python -m clinical_crm preflight|validate CONNECTION_FILE...`, `ledger-upgrade`.
 
 The vault credentials come from the Airflow connections the file names (ctms_conn_id,
 crm_conn_id): Airflow's metadata database, AIRFLOW_CONN_* variables or a secrets backend.
@@ -15,10 +15,9 @@ from clinical_crm.errors import ConfigError
 
 
 def _client_for(conn_id: str):
-    from clinical_crm.client import VaultClient
-    from clinical_crm.hooks import VaultHook  # imports Airflow: only when a vault is needed
+    from clinical_crm.airflow.hooks import VaultHook  # imports Airflow: only when a vault is needed
 
-    return VaultClient(**VaultHook(conn_id).client_arguments(), max_retries=2)
+    return VaultHook(conn_id).get_client(max_retries=2)
 
 
 def preflight(path: str) -> int:
@@ -41,11 +40,22 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("connection_file", help="e.g. include/connections/demo.yaml")
     commands.add_parser("validate", help="only validate connection files (no vault calls)").add_argument(
         "connection_file", nargs="+")
+    commands.add_parser("ledger-upgrade", help="bring the ledger's schema to the newest revision (Alembic)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("clinical_crm").setLevel(logging.WARNING)  # the report is the output
     if args.command == "preflight":
         return preflight(args.connection_file)
+    if args.command == "ledger-upgrade":
+        from sqlalchemy import create_engine
+
+        from clinical_crm import settings
+        from clinical_crm.engine.migrations import current, upgrade
+
+        engine = create_engine(settings.ledger_url())
+        upgrade(engine, strict=True)
+        print(f"ledger at revision {current(engine)}")
+        return 0
     status = 0
     for path in args.connection_file:
         try:

@@ -1,7 +1,6 @@
-"""Exceptions of the connection, and the one table that maps Vault error types onto them.
+"""The connection's own failures (not Vault's: those are in clinical_crm.vault.errors).
 
-Airflow tasks fail fast (no retries) on VaultAuthenticationError, VaultPermissionError and
-ConfigError: retrying cannot fix a wrong password, a missing permission or a bad file.
+Kept free of heavy imports so the DAG factory can name them in its retry policy at parse time.
 """
 from __future__ import annotations
 
@@ -10,59 +9,5 @@ class ConfigError(Exception):
     """A connection configuration file is invalid (names the file, the key and the problem)."""
 
 
-class VaultError(Exception):
-    """A Vault call failed. `error_type` is Vault's error type (e.g. INVALID_DATA)."""
-
-    def __init__(self, error_type: str, message: str = ""):
-        self.error_type = error_type
-        self.message = message
-        super().__init__(f"{error_type}: {message}" if message else error_type)
-
-
-class VaultAuthenticationError(VaultError):
-    """Wrong credentials, or a session that could not be renewed."""
-
-
-class VaultPermissionError(VaultError):
-    """The integration user lacks a permission."""
-
-
-class VaultInvalidDataError(VaultError):
-    """Vault rejected the data of a request (a permanent fault of that request)."""
-
-
-class VaultQueryError(VaultError):
-    """A VQL query is malformed or names something that does not exist."""
-
-
-class VaultRateLimitError(VaultError):
-    """An API limit was exceeded (e.g. the 1-minute auth limit)."""
-
-
-class VaultTransientError(VaultError):
-    """A fault worth retrying: EXCEPTION envelopes, 5xx, dropped connections, timeouts."""
-
-
-ERROR_TYPES: dict[str, type[VaultError]] = {
-    "INVALID_SESSION_ID": VaultAuthenticationError,
-    "USERNAME_OR_PASSWORD_INCORRECT": VaultAuthenticationError,
-    "PASSWORD_CHANGE_REQUIRED": VaultAuthenticationError,
-    "USER_LOCKED_OUT": VaultAuthenticationError,
-    "INSUFFICIENT_ACCESS": VaultPermissionError,
-    "INVALID_DATA": VaultInvalidDataError,
-    "PARAMETER_REQUIRED": VaultInvalidDataError,
-    "OPERATION_NOT_ALLOWED": VaultInvalidDataError,
-    "ATTRIBUTE_NOT_SUPPORTED": VaultInvalidDataError,
-    "MALFORMED_URL": VaultInvalidDataError,
-    "METHOD_NOT_SUPPORTED": VaultInvalidDataError,
-    "INVALID_FILTER": VaultQueryError,
-    "INCORRECT_QUERY_SYNTAX_ERROR": VaultQueryError,
-    "API_LIMIT_EXCEEDED": VaultRateLimitError,
-    "EXCEPTION": VaultTransientError,
-    "UNEXPECTED_ERROR": VaultTransientError,
-}
-
-
-def error_for(error_type: str, message: str = "") -> VaultError:
-    """The exception for a Vault error type; unknown types give a plain VaultError."""
-    return ERROR_TYPES.get(error_type, VaultError)(error_type, message)
+class QualityThresholdExceeded(Exception):
+    """Too large a share of rows failed the checks: the run loads nothing (not retried)."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from clinical_crm.client import VaultClient
+from clinical_crm.vault.client import VaultClient
 
 INTEGRATION_USER = "integration@sandbox.example"
 PASSWORD = "sandbox"

@@ -11,8 +11,8 @@ import uuid
 import pytest
 import requests
 
-from clinical_crm import vql
-from clinical_crm.errors import (
+from clinical_crm.vault import Query, vql
+from clinical_crm.vault.errors import (
     VaultAuthenticationError,
     VaultInvalidDataError,
     VaultPermissionError,
@@ -50,8 +50,8 @@ def new_ids(count: int) -> list[str]:
 
 
 def any_activity_id(client) -> str:
-    frame = next(client.query(f"SELECT id FROM {ACTIVITY} PAGESIZE 1"))
-    return frame.loc[0, "id"]
+    page = next(client.query(f"SELECT id FROM {ACTIVITY} PAGESIZE 1"))
+    return page.records[0]["id"]
 
 
 # -- session ---------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ def test_reauth_after_forced_expiry(make_client, ctms):
 
 
 def test_wrong_password_is_an_authentication_error(ctms):
-    from clinical_crm.client import VaultClient
+    from clinical_crm.vault.client import VaultClient
 
     client = VaultClient(ctms.url, "integration@sandbox.example", "wrong", sleep=lambda s: None)
     with pytest.raises(VaultAuthenticationError) as caught:
@@ -174,28 +174,32 @@ def test_query_errors_are_not_retried(make_client):
 
 # -- paging ----------------------------------------------------------------------------------
 
-def pd_concat(frames):
+def pd_concat(pages):
     import pandas as pd
 
-    return pd.concat(list(frames), ignore_index=True)
+    from clinical_crm.engine.staging import page_frame
+
+    return pd.concat([page_frame(p) for p in pages], ignore_index=True)
 
 
 def test_pages_keep_selected_columns_and_flatten_picklists(make_client):
     client = make_client()
-    frames = list(client.query(f"SELECT id, channel__v, person__vr.veeva_network_id__c FROM {ACTIVITY} PAGESIZE 7"))
-    assert len(frames) > 1
-    assert all(list(f.columns) == ["id", "channel__v", "person__vr.veeva_network_id__c"] for f in frames)
-    channels = pd_concat(frames)["channel__v"].dropna()
+    columns = ["id", "channel__v", "person__vr.veeva_network_id__c"]
+    pages = list(client.query(Query.select(ACTIVITY, columns).paged(7)))
+    assert len(pages) > 1
+    assert all(p.columns == columns for p in pages)
+    channels = pd_concat(pages)["channel__v"].dropna()
     assert len(channels) and all(isinstance(v, str) for v in channels)
-    empty = list(client.query(f"SELECT id, channel__v FROM {ACTIVITY} WHERE id = {vql.quote('none')}"))
-    assert len(empty) == 1 and list(empty[0].columns) == ["id", "channel__v"] and empty[0].empty
+    empty = list(client.query(Query.select(ACTIVITY, ["id", "channel__v"]).filter(f"id = {vql.quote('none')}")))
+    assert len(empty) == 1 and empty[0].columns == ["id", "channel__v"] and not empty[0].records
+    assert list(pd_concat(empty).columns) == ["id", "channel__v"]  # an empty page still stages its columns
 
 
 def test_paging_ten_thousand_records_in_flat_memory(tmp_path):
     """12,000 activities in 24 pages: memory held while paging does not grow with the pages read."""
     from vault_sandbox.testing import SandboxServer
 
-    from clinical_crm.client import VaultClient
+    from clinical_crm.vault.client import VaultClient
 
     with SandboxServer("ctms", tmp_path / "scale.db", seed="scale", activities=12_000, page_size=500) as server:
         client = VaultClient(server.url, "integration@sandbox.example", "sandbox")
@@ -369,6 +373,6 @@ def test_long_contains_lists_are_split_under_the_vql_limit(make_client):
     assert client.counters["calls.query"] == 1  # only the lookup above was sent
     found = []
     for chunk in vql.chunk_values(values, room=vql.VQL_MAX_CHARS - len(prefix)):
-        found += list(pd_concat(client.query(prefix + vql.in_list(chunk)))["id"])
+        found += [r["id"] for page in client.query(prefix + vql.in_list(chunk)) for r in page.records]
     assert client.counters["calls.query"] == 3  # two chunks
     assert sorted(found) == sorted(known)

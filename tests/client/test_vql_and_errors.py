@@ -1,12 +1,13 @@
-"""Pure unit tests: VQL literals, the error table, the client's frame and column helpers."""
+"""Pure unit tests: VQL literals and the query builder, the error table, pages and JSON records."""
 from __future__ import annotations
 
 from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
-from clinical_crm import errors, vql
-from clinical_crm.client import VaultClient, _json_ready, records_frame, selected_columns
+from clinical_crm.engine.staging import page_frame
+from clinical_crm.vault import Query, QueryPage, errors, vql
+from clinical_crm.vault.client import VaultClient, _flatten, _json_ready
 
 
 @pytest.mark.parametrize(
@@ -67,18 +68,23 @@ def test_error_table(error_type, exception):
     assert error.error_type == error_type and error.message == "why"
 
 
-def test_selected_columns():
-    statement = ("SELECT id, person__vr.veeva_network_id__c, LONGTEXT(description__v), "
-                 "(SELECT id FROM x__vr) FROM crm_activity__v WHERE subject__v = 'a, FROM b'")
-    assert selected_columns(statement) == ["id", "person__vr.veeva_network_id__c", "description__v",
-                                           "(SELECT id FROM x__vr)"]
+def test_a_query_is_built_from_its_fields_and_never_parsed_back():
+    query = (Query.select("crm_activity__v", ["id", "person__vr.veeva_network_id__c", None, "id", "subject__v"])
+             .filter("subject__v = 'a, FROM b'").ordered("modified_date__v").paged(1000))
+    assert query.columns == ["id", "person__vr.veeva_network_id__c", "subject__v"]
+    assert query.statement == ("SELECT id, person__vr.veeva_network_id__c, subject__v FROM crm_activity__v "
+                               "WHERE subject__v = 'a, FROM b' ORDER BY modified_date__v PAGESIZE 1000")
+    chunks = list(query.contains("id", [f"V{i:05d}" for i in range(10_000)]))
+    assert len(chunks) > 1 and all(len(c.statement) <= vql.VQL_MAX_CHARS for c in chunks)
+    assert all(c.columns == query.columns and c.statement.endswith("PAGESIZE 1000") for c in chunks)
 
 
-def test_records_frame_flattens_picklists_and_keeps_columns():
-    frame = records_frame([{"id": "1", "channel__v": ["phone__v"], "tags__c": []}], ["id", "channel__v", "missing__v"])
+def test_pages_flatten_picklists_and_stage_with_their_columns():
+    assert _flatten(["phone__v"]) == "phone__v" and _flatten([]) is None and _flatten(["a", "b"]) == ["a", "b"]
+    frame = page_frame(QueryPage([{"id": "1", "channel__v": "phone__v", "tags__c": None}], ["id", "channel__v", "missing__v"]))
     assert list(frame.columns) == ["id", "channel__v", "missing__v", "tags__c"]
     assert frame.loc[0, "channel__v"] == "phone__v" and frame.loc[0, "tags__c"] is None
-    empty = records_frame([], ["id", "name__v"])
+    empty = page_frame(QueryPage([], ["id", "name__v"]))
     assert list(empty.columns) == ["id", "name__v"] and len(empty) == 0
 
 

@@ -62,7 +62,7 @@ def broker():
 
 def interactions_from_ctms(crm_url: str, cfg) -> list[str]:
     """External ids of the CRM's Vault Clinical Interactions that came from the CTMS vault."""
-    from clinical_crm.client import VaultClient
+    from clinical_crm.vault.client import VaultClient
 
     external_id = cfg.crm.interaction.fields.external_id
     client = VaultClient(crm_url, "integration@sandbox.example", "sandbox")
@@ -70,7 +70,7 @@ def interactions_from_ctms(crm_url: str, cfg) -> list[str]:
         frames = list(client.query(f"SELECT id, {external_id} FROM {cfg.crm.interaction.object}"))
     finally:
         client.close()
-    values = [str(value) for frame in frames for value in frame.get(external_id, [])]
+    values = [str(r[external_id]) for page in frames for r in page.records if r.get(external_id) is not None]
     return [value for value in values if value.startswith(CTMS_VAULT_ID + "_")]
 
 
@@ -78,7 +78,7 @@ def test_connection_dag_runs_on_celery_workers(tmp_path, broker):
     from vault_sandbox.testing import SandboxServer
 
     from clinical_crm.config import load_connection
-    from clinical_crm.ledger import Ledger
+    from clinical_crm.engine.ledger import Ledger
 
     home = tmp_path / "airflow"
     home.mkdir()

@@ -19,9 +19,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from clinical_crm.client import VaultClient
+from clinical_crm.vault.client import VaultClient
 from clinical_crm.config import load_connection
-from clinical_crm.ledger import Ledger
+from clinical_crm.engine.ledger import Ledger
 from vault_sandbox.testing import free_port
 
 from sqlalchemy import create_engine, text
@@ -94,7 +94,7 @@ def airflow_env(tmp_path, vaults, metadata_db):
         env.pop(key, None)
     subprocess.run([airflow_cli(), "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
     # the per-vault pools, created by the project's CLI
-    made = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-m", "clinical_crm.dag_factory", "pools"],
+    made = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-m", "clinical_crm.airflow.dag_factory", "pools"],
                           env=env, check=True, capture_output=True, text=True, timeout=120)
     assert set(made.stdout.split()) == {"vault_ctms_demo", "vault_crm_demo"}
     return env, engine, tmp_path
@@ -169,13 +169,13 @@ def test_backfill_three_windows_with_a_real_scheduler(airflow_env, airflow_proce
             "SELECT id, global_id__sys, person__vr.veeva_network_id__c FROM crm_activity__v "
             "WHERE object_type__vr.api_name__v = 'clinical_activity__v' "
             f"AND modified_date__v > {quote(starts[0])} AND modified_date__v <= {quote(ends[-1])}")
-            for r in p.to_dict("records")]
+            for r in p.records]
         assert activities, "the demo seed has activities in the last four hours"
         accounts: dict[str, int] = {}
         for page in crm.query("SELECT id, veeva_network_id__v FROM account__v"):
-            for identifier in page["veeva_network_id__v"]:
+            for identifier in (r["veeva_network_id__v"] for r in page.records):
                 accounts[identifier] = accounts.get(identifier, 0) + 1
-        sent = {r for p in crm.query("SELECT external_id__v FROM clinical_interaction__v") for r in p["external_id__v"]}
+        sent = {r for p in crm.query("SELECT external_id__v FROM clinical_interaction__v") for r in (x["external_id__v"] for x in p.records)}
         good = [a for a in activities if accounts.get(a["person__vr.veeva_network_id__c"]) == 1]
         assert good and all(a["global_id__sys"] in sent for a in good)
     finally:

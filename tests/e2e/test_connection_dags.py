@@ -12,10 +12,11 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from clinical_crm import vql
-from clinical_crm.client import VaultClient
-from clinical_crm.ledger import Ledger
-from clinical_crm.transform import automated_external_id, blank, from_label
+from clinical_crm.vault import vql
+from clinical_crm.vault.client import VaultClient
+from clinical_crm.engine.ledger import Ledger
+from clinical_crm.rules import automated_external_id, from_label
+from clinical_crm.values import blank
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
@@ -43,7 +44,7 @@ def now() -> datetime:
 
 
 def run_dag(dag_id: str, conf: dict | None = None, logical_date: datetime | None = None):
-    from clinical_crm.dag_factory import build_dags
+    from clinical_crm.airflow.dag_factory import build_dags
 
     dag = build_dags()[dag_id]
     return dag.test(run_conf=conf or {}, logical_date=logical_date or now())
@@ -56,7 +57,7 @@ def window(start: datetime, end: datetime) -> dict:
 def rows(client, statement: str) -> list[dict]:
     """Records of a query, missing values as None (frames may hold NaN)."""
     return [{k: (None if blank(v) else v) for k, v in r.items()}
-            for page in client.query(statement) for r in page.to_dict("records")]
+            for page in client.query(statement) for r in page.records]
 
 
 def count(client, object_name: str, where: str = "") -> int:
@@ -169,7 +170,7 @@ def test_rerunning_the_window_changes_nothing(clients, story):
     # a successful run leaves no staged files behind (the ledger keeps what happened)
     from airflow.sdk import ObjectStoragePath
 
-    from clinical_crm import staging
+    from clinical_crm.engine import staging
 
     assert not ObjectStoragePath(staging.run_dir("demo", "ctms_to_crm", dr.run_id)).exists()
     assert ObjectStoragePath(staging.run_dir("demo", "ctms_to_crm", "x")).parent.exists()
@@ -215,6 +216,49 @@ def test_deletions_are_marked_once(clients, vaults, story):
     # a quarantined record deleted in CTMS leaves the quarantine (nothing left to send)
     assert held not in {q["source_id"] for q in Ledger().open_quarantine("demo")}
     assert "source_deleted" in [o["outcome"] for o in Ledger().record_history("demo", held)["outcomes"]]
+
+
+def test_a_subject_ending_in_deleted_still_gets_its_mark_once(clients, vaults):
+    """"Once" comes from what the connection did (the ledger's deletion queue), not from the
+    subject's text: "Records Deleted" becomes "Records Deleted Deleted", and re-runs or a
+    backfill of the window append nothing more."""
+    ctms, crm = clients
+    ctms_server, _ = vaults
+    sent = interactions(crm)
+    activity = next(a for a in rows(ctms, CLINICAL_ACTIVITIES)
+                    if a["global_id__sys"] in sent and not (a["subject__v"] or "").endswith("Deleted"))
+    gid = activity["global_id__sys"]
+    start = now() - timedelta(minutes=1)
+    assert ctms.update("crm_activity__v", [{"id": activity["id"], "subject__v": "Records Deleted"}])[0].outcome == "updated"
+    assert run_dag("ctms_to_crm__demo", window(start, now() + timedelta(seconds=1))).state == "success"
+    assert interactions(crm)[gid]["subject__v"] == "Records Deleted"
+    body = ctms_server.admin.call("DELETE", f"/api/v25.2/vobjects/crm_activity__v/{activity['id']}")
+    assert body["responseStatus"] == "SUCCESS", body
+    for window_start in (start, start, now() - timedelta(days=1)):  # the run, a re-run, a backfill
+        assert run_dag("ctms_to_crm__demo", window(window_start, now() + timedelta(seconds=1))).state == "success"
+        assert interactions(crm)[gid]["subject__v"] == "Records Deleted Deleted"
+    outcomes = [o["outcome"] for o in Ledger().record_history("demo", activity["id"])["outcomes"]]
+    assert outcomes.count("marked_deleted") == 1
+
+
+def test_a_manual_run_without_window_params_moves_a_record_created_a_minute_ago(clients):
+    """`airflow dags test` / a manual trigger without params covers up to the moment it was
+    triggered, not only up to the last full hour of its data interval."""
+    ctms, crm = clients
+    sent = interactions(crm)
+    model = next(a for a in rows(ctms, CLINICAL_ACTIVITIES.replace("SELECT id,", "SELECT id, person__v,"))
+                 if a["global_id__sys"] in sent)
+    [created] = ctms.create("crm_activity__v", [{
+        "object_type__vr.api_name__v": "clinical_activity__v", "person__v": model["person__v"],
+        "activity_date__v": "2026-11-30", "channel__v": "phone__v", "complete__v": False,
+        "subject__v": "Logged a minute ago"}])
+    assert created.outcome == "created"
+    [record] = rows(ctms, f"SELECT global_id__sys FROM crm_activity__v WHERE id = {vql.quote(created.id)}")
+    dr = run_dag("ctms_to_crm__demo")  # no params: the logical date is now
+    assert dr.state == "success"
+    assert interactions(crm)[record["global_id__sys"]]["subject__v"] == "Logged a minute ago"
+    run = last_run("ctms_to_crm")
+    assert datetime.fromisoformat(run["window_end"]) > now() - timedelta(minutes=1)
 
 
 def test_quarantined_record_goes_through_once_the_account_appears(clients, story):
@@ -317,7 +361,7 @@ def test_inactive_configuration_moves_nothing(clients, vaults, connections_dir):
         crm_server.admin.reset_counters()
         ctms_server.admin.reset_counters()
         for dag_id in ("ctms_to_crm__demo", "crm_to_ctms__demo"):
-            from clinical_crm.dag_factory import build_dags
+            from clinical_crm.airflow.dag_factory import build_dags
 
             assert build_dags()[dag_id].is_paused_upon_creation is True
             assert run_dag(dag_id, window(now() - timedelta(days=30), now())).state == "success"

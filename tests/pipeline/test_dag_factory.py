@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
-from clinical_crm import dag_factory
-from clinical_crm.errors import ConfigError, VaultAuthenticationError, VaultPermissionError, VaultTransientError
-from clinical_crm.quality_errors import QualityThresholdExceeded
+from clinical_crm.airflow import dag_factory
+from clinical_crm.errors import ConfigError
+from clinical_crm.vault.errors import VaultAuthenticationError, VaultPermissionError, VaultTransientError
+from clinical_crm.errors import QualityThresholdExceeded
 
 from support import REPO
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from clinical_crm import quality
-from clinical_crm.ledger import Ledger
+from clinical_crm.engine import quality
+from clinical_crm.flows import crm_to_ctms, ctms_to_crm
+from clinical_crm.engine.ledger import Ledger
 from support import sqlite_steps
 
 TODAY = date(2026, 6, 1)
@@ -26,8 +27,8 @@ ACCOUNTS = pd.DataFrame({"id": ["A1", "A2", "A3"], "veeva_network_id__v": ["N1",
 
 
 def reasons_of(cfg, frame, known_studies=("1001_S1",)):
-    checks = quality.activity_checks(frame, ACCOUNTS, set(known_studies), set(), cfg)
-    reasons, per_rule = quality.row_reasons(checks, quality.outbound_rules(cfg, today=TODAY))
+    checks = ctms_to_crm.activity_checks(frame, {"accounts": ACCOUNTS, "studies": set(known_studies), "sites": set()}, cfg)
+    reasons, per_rule = quality.row_reasons(checks, ctms_to_crm.quality_rules(cfg, today=TODAY))
     return checks, dict(zip(frame["id"], reasons)), per_rule
 
 
@@ -64,13 +65,13 @@ def test_each_rule_gives_a_readable_reason(demo_cfg):
 def test_gx_validates_the_same_rules(demo_cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("CLINICAL_CRM_REPORTS_DIR", str(tmp_path))
     frame = activities({"id": "ok"}, {"id": "bad", "channel__v": "fax__c", "person__vr.veeva_network_id__c": "N2"})
-    checks = quality.activity_checks(frame, ACCOUNTS, {"1001_S1"}, set(), demo_cfg)
+    checks = ctms_to_crm.activity_checks(frame, {"accounts": ACCOUNTS, "studies": {"1001_S1"}, "sites": set()}, demo_cfg)
     validator = quality.Validator("unit", "run1")
-    summaries = {s["suite"]: s for s in validator.validate("crm_activity__v", checks, quality.outbound_rules(demo_cfg))}
+    summaries = {s["suite"]: s for s in validator.validate("crm_activity__v", checks, ctms_to_crm.quality_rules(demo_cfg))}
     assert summaries["mapping_completeness"]["success"] is False
     assert summaries["identifier_match"]["success"] is False
     good = checks.loc[checks["source_id"] == "ok"]
-    summaries = {s["suite"]: s for s in validator.validate("crm_activity__v", good, quality.outbound_rules(demo_cfg))}
+    summaries = {s["suite"]: s for s in validator.validate("crm_activity__v", good, ctms_to_crm.quality_rules(demo_cfg))}
     assert all(s["success"] for s in summaries.values())
     docs = validator.build_docs()
     assert docs.endswith("index.html") and (tmp_path / "unit" / "gx").is_dir()
@@ -80,20 +81,20 @@ def test_gx_validates_the_same_rules(demo_cfg, tmp_path, monkeypatch):
 
 def test_data_docs_render_only_the_runs_own_results(demo_cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("CLINICAL_CRM_REPORTS_DIR", str(tmp_path))
-    checks = quality.activity_checks(activities({"id": "ok"}), ACCOUNTS, {"1001_S1"}, set(), demo_cfg)
+    checks = ctms_to_crm.activity_checks(activities({"id": "ok"}), {"accounts": ACCOUNTS, "studies": {"1001_S1"}, "sites": set()}, demo_cfg)
     site = tmp_path / "unit" / "gx" / "uncommitted" / "data_docs" / "local_site" / "validations"
 
     def pages(run_key):
         return sorted(site.rglob(f"*/{run_key}/*/*.html"))
 
     first = quality.Validator("unit", "run1")
-    first.validate("crm_activity__v", checks, quality.outbound_rules(demo_cfg))
+    first.validate("crm_activity__v", checks, ctms_to_crm.quality_rules(demo_cfg))
     first.build_docs()
     built_first = {page: page.stat().st_mtime_ns for page in pages("run1")}
     assert len(built_first) == 2                                   # one page per suite
 
     second = quality.Validator("unit", "run2")
-    second.validate("crm_activity__v", checks, quality.outbound_rules(demo_cfg))
+    second.validate("crm_activity__v", checks, ctms_to_crm.quality_rules(demo_cfg))
     index = second.build_docs()
     assert len(pages("run2")) == 2
     assert {page: page.stat().st_mtime_ns for page in pages("run1")} == built_first   # not rendered again
@@ -108,8 +109,8 @@ def test_inbound_rules(demo_cfg):
          "call2_status__v": None, "call_date__v": "2026-05-01"},
     ])
     persons = pd.DataFrame({"id": ["P1", "P2", "P3"], "veeva_network_id__c": ["N1", "N2", "N2"]})
-    checks = quality.call_checks(calls, persons, demo_cfg)
-    reasons, _ = quality.row_reasons(checks, quality.inbound_rules(demo_cfg, today=TODAY))
+    checks = crm_to_ctms.call_checks(calls, {"persons": persons}, demo_cfg)
+    reasons, _ = quality.row_reasons(checks, crm_to_ctms.quality_rules(demo_cfg, today=TODAY))
     assert reasons.tolist()[0] == [] and checks["person_id"].tolist()[0] == "P1"
     assert reasons.tolist()[1] == ["status missing", "ambiguous: 2 CTMS Persons have veeva_network_id__c = 'N2'"]
 
@@ -229,7 +230,7 @@ def test_old_id_map_index_on_postgresql_dropped_by_the_owner_kept_for_others(cap
     import psycopg2
     from sqlalchemy import create_engine, inspect
 
-    from clinical_crm import ledger as ledger_module
+    from clinical_crm.engine import ledger as ledger_module
     from support import PG, PostgresDatabase
 
     role = f"ledger_user_{secrets.token_hex(3)}"
@@ -243,9 +244,9 @@ def test_old_id_map_index_on_postgresql_dropped_by_the_owner_kept_for_others(cap
             cur.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
         try:
             other_url = database.url.replace(f"{PG['user']}@", f"{role}@")
-            with caplog.at_level("WARNING", logger="clinical_crm.ledger"):
+            with caplog.at_level("WARNING", logger="clinical_crm.engine.migrations"):
                 assert Ledger(other_url).recent_runs() == []
-            assert "could not drop the old index ix_id_map_connection" in caplog.text
+            assert "could not upgrade the ledger schema" in caplog.text
 
             def indexes() -> set[str]:
                 return {i["name"] for i in inspect(create_engine(database.url)).get_indexes("id_map")}

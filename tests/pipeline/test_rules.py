@@ -1,4 +1,4 @@
-"""The field rules (transform.py) and the window rule (windows.py): pure functions."""
+"""The field rules (rules.py, and the flows' record builders) and the window rule (windows.py): pure functions."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
@@ -6,8 +6,10 @@ from datetime import datetime, timedelta, timezone
 import pandas as pd
 import pytest
 
-from clinical_crm import transform as t
-from clinical_crm.windows import run_window
+from clinical_crm import rules as t
+from clinical_crm.flows import crm_to_ctms, ctms_to_crm
+from clinical_crm.vault import QueryPage
+from clinical_crm.engine.windows import run_window
 
 UTC = timezone.utc
 
@@ -53,19 +55,21 @@ def test_from_label(first, last, email, label):
     assert t.from_label(first, last, email) == label
 
 
-def test_deleted_subject_appended_exactly_once(demo_cfg):
-    once = t.deleted_subject("Safety update", demo_cfg)
-    assert once == "Safety update Deleted"
-    assert t.deleted_subject(once, demo_cfg) == once
+def test_deleted_subject_appends_the_suffix(demo_cfg):
+    assert t.deleted_subject("Safety update", demo_cfg) == "Safety update Deleted"
     assert t.deleted_subject(None, demo_cfg) == "Deleted"
-    assert t.deleted_subject("Deleted", demo_cfg) == "Deleted"
-    assert not t.is_deleted_subject("Undeleted", demo_cfg)
+    # the text alone says nothing about what the connection did: "once" is the ledger's
+    # (the deletion queue, tested end to end), so a subject ending in "Deleted" still gets it
+    assert t.deleted_subject("Records Deleted", demo_cfg) == "Records Deleted Deleted"
 
 
 def test_deletion_status_and_inactivation_updates(demo_cfg):
-    assert t.deleted_status(["X1"], demo_cfg) == [
-        {"id": "X1", "vault_clinical_status__v": "deleted_in_vault_clinical__v"}]
-    assert t.inactivated(["A1"], demo_cfg) == [{"id": "A1", "status__v": "inactive__v"}]
+    marks = {m.staged: m for m in ctms_to_crm.FLOW.deletions + crm_to_ctms.FLOW.deletions}
+    assert marks[ctms_to_crm.DELETED_STUDIES].change({"id": "X1"}, demo_cfg) == {
+        "vault_clinical_status__v": "deleted_in_vault_clinical__v"}
+    assert marks[crm_to_ctms.DELETED_CALLS].change({"id": "A1"}, demo_cfg) == {"status__v": "inactive__v"}
+    assert marks[ctms_to_crm.DELETED_ACTIVITIES].change({"id": "I1", "subject__v": "Visit"}, demo_cfg) == {
+        "subject__v": "Visit Deleted"}
 
 
 def test_automated_external_id_is_deterministic():
@@ -89,7 +93,7 @@ def activity_row(**overrides):
 
 
 def test_clinical_interaction_carries_every_rule(demo_cfg):
-    [record] = t.clinical_interactions(pd.DataFrame([activity_row()]), demo_cfg)
+    [record] = ctms_to_crm.clinical_interactions(pd.DataFrame([activity_row()]), demo_cfg)
     assert record == {
         "_source_id": "V1A1", "_source_version": "2026-03-02T09:30:00.000Z", "external_id__v": "1001_V1A1", "account__v": "ACC1", "interaction_date__v": "2026-03-01",
         "call_channel__v": "video__v", "call2_status__v": "submitted__v",
@@ -102,7 +106,7 @@ def test_clinical_interaction_carries_every_rule(demo_cfg):
 def test_study_information_only_when_studies_are_sent(demo_cfg):
     features = demo_cfg.features.model_copy(update={"studies_and_sites": False})
     cfg = demo_cfg.model_copy(update={"features": features})
-    [record] = t.clinical_interactions(pd.DataFrame([activity_row()]), cfg)
+    [record] = ctms_to_crm.clinical_interactions(pd.DataFrame([activity_row()]), cfg)
     assert "clinical_study__vr.external_id__v" not in record
 
 
@@ -116,7 +120,7 @@ def test_medical_activity_from_call(demo_cfg):
             "call_channel__v": "phone__v", "call2_status__v": "submitted__v", "subject__v": "Question",
             "created_by__vr.first_name__sys": "Sofia", "created_by__vr.last_name__sys": "Marino",
             "created_by__vr.email__sys": "medical@sandbox.example"}
-    [record] = t.medical_activities(pd.DataFrame([call]), demo_cfg)
+    [record] = crm_to_ctms.medical_activities(pd.DataFrame([call]), demo_cfg)
     assert record == {
         "_source_id": "C1", "_source_version": "2026-02-03T08:00:00.000Z", "external_id__v": "2002_C1", "object_type__vr.api_name__v": "medical_activity__v", "person__v": "P9",
         "activity_date__v": "2026-02-02", "channel__v": "phone__v", "complete__v": True,
@@ -172,6 +176,15 @@ def test_window_from_airflow_pendulum_datetimes():
     assert w.start == T0 - timedelta(minutes=10) and w.start.tzinfo is not None and type(w.start) is datetime
 
 
+def test_a_manual_run_reaches_the_moment_it_was_triggered_for():
+    triggered = T0 + timedelta(minutes=37)
+    interval = (T0 - timedelta(hours=1), T0)  # a manual run's inferred interval: the last full hour
+    w = run_window(*interval, T0 - timedelta(hours=1), 10, triggered_at=triggered)
+    assert w.end == triggered
+    assert run_window(*interval, T0 - timedelta(hours=1), 10).end == T0  # scheduled runs: the interval end
+    assert run_window(*interval, None, 10, window_end=T0, triggered_at=triggered).end == T0  # params win
+
+
 class _DeletionsClient:
     vault_id = "1001"
 
@@ -180,12 +193,12 @@ class _DeletionsClient:
 
     def deletions(self, object_name, start, end):
         self.asked.append((start, end))
-        yield pd.DataFrame({"id": ["V1D1"], "date_deleted": [end.isoformat()]})
+        yield QueryPage([{"id": "V1D1", "date_deleted": end.isoformat()}], ["id", "date_deleted"])
 
 
 def test_deletions_are_read_only_as_far_back_as_vault_keeps_them(caplog):
-    from clinical_crm.extract import DELETIONS_KEPT, DELETIONS_MARGIN, deleted_global_ids
-    from clinical_crm.windows import Window
+    from clinical_crm.engine.extract import DELETIONS_KEPT, DELETIONS_MARGIN, deleted_global_ids
+    from clinical_crm.engine.windows import Window
 
     now = datetime(2026, 11, 25, 12, tzinfo=timezone.utc)
     client = _DeletionsClient()

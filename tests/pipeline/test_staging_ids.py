@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from clinical_crm.staging import IdSet
+from clinical_crm.engine.staging import IdSet
 
 
 def test_ids_seen_in_earlier_chunks_are_found_and_others_not():

@@ -6,15 +6,19 @@ A record is not written when the ledger knows that a NEWER version of it (its so
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pandas as pd
 import pytest
-from sqlalchemy import inspect, text as sql
+from sqlalchemy import create_engine, inspect, text as sql
 
-from clinical_crm import ledger as ledger_module
-from clinical_crm import load, pipeline, staging
-from clinical_crm.client import RecordOutcome
-from clinical_crm.ledger import Ledger
+from clinical_crm.engine import ledger as ledger_module
+from clinical_crm.engine import load, runner, staging
+from clinical_crm.engine.context import RunContext
+from clinical_crm.flows import crm_to_ctms, ctms_to_crm
+from clinical_crm.vault import RecordOutcome
+from clinical_crm.vault.fields import vault_datetime
+from clinical_crm.engine.ledger import Ledger
 
 T0 = datetime(2026, 11, 25, 10, 0, tzinfo=timezone.utc)
 OBJ = "crm_activity__v"
@@ -87,8 +91,9 @@ def test_a_ledger_created_before_versions_gets_the_table(tmp_path):
     url = f"sqlite:///{tmp_path / 'old.db'}"
     old = Ledger(url)
     run = old.start_run("demo", "ctms_to_crm", "r1", T0, T0)
-    with old.engine.begin() as db:
-        db.execute(sql("DROP TABLE source_versions"))
+    with old.engine.begin() as db:  # as a ledger made before versions and before Alembic
+        for table in ("source_versions", "deletion_queue", "clinical_crm_ledger_version"):
+            db.execute(sql(f"DROP TABLE {table}"))
     old.engine.dispose()
     ledger_module._ENGINES.pop(url)
     assert "source_versions" not in inspect(old.engine).get_table_names()
@@ -98,6 +103,46 @@ def test_a_ledger_created_before_versions_gets_the_table(tmp_path):
     assert again.run(run)["dag_run_id"] == "r1"
     again.record_versions("demo", "ctms_to_crm", OBJ, {"V1": T0}, run_id=run)
     assert again.loaded_versions("demo", "ctms_to_crm", OBJ, ["V1"]) == {"V1": T0}
+
+
+def test_a_ledger_made_by_the_code_before_alembic_upgrades_in_place(tmp_path):
+    """tests/fixtures/ledger_before_alembic.db was written by the ledger code of commit cc28777
+    (no Alembic, the old id_map index): opened now, it is upgraded in place, keeps every row,
+    and its deletion marks already written are in the deletion queue as applied."""
+    import shutil
+
+    from clinical_crm.engine import migrations
+
+    copy = tmp_path / "ledger.db"
+    shutil.copy(Path(__file__).parents[1] / "fixtures" / "ledger_before_alembic.db", copy)
+    ledger = Ledger(f"sqlite:///{copy}")
+    assert migrations.current(ledger.engine) == migrations.head()
+    tables = set(inspect(ledger.engine).get_table_names())
+    assert {"runs", "record_outcomes", "quarantine", "id_map", "dq_summaries", "source_versions",
+            "deletion_queue", "clinical_crm_ledger_version"} <= tables
+    assert "ix_id_map_connection" not in {i["name"] for i in inspect(ledger.engine).get_indexes("id_map")}
+    [run] = ledger.recent_runs("demo")
+    assert run["state"] == "success" and run["counts"] == {"crm_activity__v": {"extracted": 3}}
+    history = ledger.record_history("demo", "V1A1")
+    assert history["id_map"][0]["target_id"] == "T1" and history["versions"][0]["modified_date"] == T0.isoformat()
+    assert [q["source_id"] for q in ledger.open_quarantine("demo")] == ["V1A3"]
+    assert ledger.pending_deletions("demo", "ctms_to_crm", OBJ) == []
+    assert ledger.queue_deletions("demo", "ctms_to_crm", OBJ, [("V1A2", "1001_V1A2")]) == 0  # marked before: never again
+
+
+def test_a_ledger_beside_airflows_own_alembic_revision(tmp_path):
+    """The ledger may share a database with Airflow's metadata (compose, the Celery test): Airflow's
+    alembic_version holds a revision the ledger does not know, and must not matter."""
+    from clinical_crm.engine import migrations
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    with create_engine(url).begin() as db:
+        db.execute(sql("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)"))
+        db.execute(sql("INSERT INTO alembic_version VALUES ('29ce7909c52b')"))
+    ledger = Ledger(url)
+    assert migrations.current(ledger.engine) == migrations.head()
+    with ledger.engine.connect() as db:
+        assert db.execute(sql("SELECT version_num FROM alembic_version")).scalar() == "29ce7909c52b"
 
 
 def test_record_history_shows_the_version_sent(ledger):
@@ -141,7 +186,7 @@ def test_parse_version():
     assert load.parse_version("2026-11-25T10:00:00.000Z") == T0
     assert load.parse_version(None) is None and load.parse_version("") is None
     assert load.parse_version("not a date") is None
-    assert load.vault_time(T0 + timedelta(milliseconds=250)) == "2026-11-25T10:00:00.250Z"
+    assert vault_datetime(T0 + timedelta(milliseconds=250)) == "2026-11-25T10:00:00.250Z"
 
 
 def test_an_older_version_is_not_written(ledger):
@@ -210,38 +255,34 @@ def test_without_a_guard_nothing_is_checked(ledger):
     assert outcomes[0]["outcome"] == "updated" and "_source_version" not in vault.calls[0][0]
 
 
-def test_pipeline_load_records_superseded_outcomes_and_counts(ledger, tmp_path):
-    run = {"run_id": ledger.start_run("demo", "ctms_to_crm", "backfill", T0, T0), "connection": "demo",
-           "direction": "ctms_to_crm"}
+def test_pipeline_load_records_superseded_outcomes_and_counts(ledger, tmp_path, demo_cfg):
+    run = RunContext("demo", "ctms_to_crm", "backfill", T0.isoformat(), T0.isoformat(), True, str(tmp_path),
+                     ledger.start_run("demo", "ctms_to_crm", "backfill", T0, T0))
+    interactions = next(t for t in ctms_to_crm.FLOW.targets if t.records == "clinical_interactions")
     ledger.record_versions("demo", "ctms_to_crm", OBJ, {"V1": T0 + timedelta(minutes=1)})
     staged = staging.write_frames(f"file://{tmp_path}/clinical_interactions.records.parquet",
                                   [pd.DataFrame([rec("V1", vault_text(T0)), rec("V2", vault_text(T0))])])
-    totals = pipeline._load_object(ledger, run, FakeVault(), "clinical_interaction__v", OBJ, staged,
-                                   "external_id__v", 500, True)
+    totals = runner._load_target(ledger, run, FakeVault(), demo_cfg, interactions, staged.path)
     assert totals["superseded"] == 1 and totals["updated"] == 1 and totals["loaded"] == 1
     history = ledger.record_history("demo", "V1")
     assert [o["outcome"] for o in history["outcomes"]] == ["superseded"]
     assert history["id_map"] == []  # superseded: not mapped by this run (the run that wrote it maps it)
     assert ledger.record_history("demo", "V2")["id_map"][0]["target_id"] == "T1001_V2"
-    assert "superseded" in pipeline.LOAD_OUTCOMES  # a retried load clears them before writing again
+    assert "superseded" in runner.LOAD_OUTCOMES  # a retried load clears them before writing again
 
 
 # ---------------------------------------------------------------- extract and transform carry the version
 
 
 def test_every_source_query_selects_the_version(demo_cfg):
-    from clinical_crm import extract
-
-    for statement in (extract.clinical_activity_query(demo_cfg), extract.study_query(demo_cfg),
-                      extract.site_query(demo_cfg), extract.call_query(demo_cfg)):
-        assert "modified_date__v" in statement.split(" FROM ")[0], statement
+    for query in (ctms_to_crm.clinical_activity_query(demo_cfg), ctms_to_crm.study_query(demo_cfg),
+                  ctms_to_crm.site_query(demo_cfg), crm_to_ctms.call_query(demo_cfg)):
+        assert "modified_date__v" in query.columns, query.statement
 
 
 def test_studies_and_sites_carry_their_version(demo_cfg):
-    from clinical_crm import transform as t
-
     row = {"id": "S1", "global_id__sys": "1001_S1", "modified_date__v": "2026-11-25T10:00:00.000Z", "name__v": "S"}
-    [study] = t.clinical_studies(pd.DataFrame([row]), demo_cfg)
-    [site] = t.clinical_sites(pd.DataFrame([row]), demo_cfg)
+    [study] = ctms_to_crm.clinical_studies(pd.DataFrame([row]), demo_cfg)
+    [site] = ctms_to_crm.clinical_sites(pd.DataFrame([row]), demo_cfg)
     assert study["_source_version"] == site["_source_version"] == "2026-11-25T10:00:00.000Z"
     assert study["_source_id"] == "S1"

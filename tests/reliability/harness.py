@@ -193,7 +193,7 @@ class World:
 
     def run_dag(self, dag_id: str, window: tuple[datetime, datetime] | None = None,
                 logical_date: datetime | None = None):
-        from clinical_crm.dag_factory import build_dags
+        from clinical_crm.airflow.dag_factory import build_dags
 
         dag = build_dags()[dag_id]
         conf = {}
@@ -210,7 +210,7 @@ class World:
         return result
 
     def ledger(self):
-        from clinical_crm.ledger import Ledger
+        from clinical_crm.engine.ledger import Ledger
 
         return Ledger(self.env["CLINICAL_CRM_LEDGER_URL"])
 
@@ -292,7 +292,7 @@ def fault_totals(counters: dict) -> Counter:
 @contextlib.contextmanager
 def client_counters():
     """Sum the counters of every VaultClient closed meanwhile (the DAG tasks close theirs)."""
-    from clinical_crm.client import VaultClient
+    from clinical_crm.vault.client import VaultClient
 
     totals: Counter = Counter()
     original = VaultClient.close

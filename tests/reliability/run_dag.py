@@ -12,7 +12,7 @@ from datetime import datetime
 
 
 def main(argv: list[str]) -> int:
-    from clinical_crm.dag_factory import build_dags
+    from clinical_crm.airflow.dag_factory import build_dags
 
     dag_id, logical = argv[0], datetime.fromisoformat(argv[1])
     conf = {"window_start": argv[2], "window_end": argv[3]} if len(argv) >= 4 else {}

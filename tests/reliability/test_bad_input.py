@@ -23,7 +23,7 @@ class SourceWriter:
     """Writes the corpus into the two vaults of a running world."""
 
     def __init__(self, world):
-        from clinical_crm.client import VaultClient
+        from clinical_crm.vault.client import VaultClient
 
         self.world = world
         self.ctms = VaultClient(world.ctms.url, harness.USER, harness.PASSWORD)
@@ -41,7 +41,7 @@ class SourceWriter:
         return out.id
 
     def first(self, client, vql: str) -> dict:
-        return next(r for page in client.query(vql) for r in page.to_dict("records"))
+        return next(r for page in client.query(vql) for r in page.records)
 
     def sqlite_insert(self, app: str, obj: str, row: dict, created_by: str | None = None,
                       object_type: str | None = None) -> str:
@@ -63,8 +63,8 @@ class SourceWriter:
             store.engine.dispose()
 
     def delete(self, client, obj: str, record_id: str) -> None:
-        body = client._call("DELETE", f"vobjects/{obj}/{record_id}", "write")
-        assert body["responseStatus"] == "SUCCESS", body
+        response = client._call("DELETE", f"vobjects/{obj}/{record_id}", "write")
+        assert response.status == "SUCCESS", response.body
 
     # -- one case -----------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from clinical_crm.client import VaultClient
+from clinical_crm.vault.client import VaultClient
 from vault_sandbox.testing import SandboxServer
 
 USER, PASSWORD = "integration@sandbox.example", "sandbox"
@@ -38,7 +38,7 @@ def test_the_sandbox_refuses_impossible_dates_like_vault(crm, value):
     """Found by the bad-input corpus: the sandbox stored dates of the right shape that do not exist."""
     client = VaultClient(crm.url, USER, PASSWORD)
     try:
-        account = next(client.query("SELECT id FROM account__v")).iloc[0]["id"]
+        account = next(client.query("SELECT id FROM account__v")).records[0]["id"]
         out = client.create("call2__v", [{"account__v": account, "call_date__v": value}])[0]
         good = client.create("call2__v", [{"account__v": account, "call_date__v": "2028-02-29"}])[0]
     finally:

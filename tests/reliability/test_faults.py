@@ -48,8 +48,8 @@ def test_a_record_that_keeps_racing_is_not_lost(small_seed, tmp_path, monkeypatc
     the record arrives."""
     import functools
 
-    from clinical_crm import hooks
-    from clinical_crm.client import VaultClient
+    from clinical_crm.airflow import hooks
+    from clinical_crm.vault.client import VaultClient
 
     folder = harness.copy_world(small_seed, tmp_path / "w")
     # the hook's clients with short pauses between race re-sends (1, 2, 4, 8, 16 s by default)

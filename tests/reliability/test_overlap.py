@@ -34,7 +34,7 @@ def interactions(folder: Path) -> dict[str, list[str]]:
 
 
 def test_scheduled_and_backfill_at_once(tmp_path):
-    from clinical_crm.client import VaultClient
+    from clinical_crm.vault.client import VaultClient
 
     seed = harness.seed_world(tmp_path / "seed", N)
     folder = harness.copy_world(seed, tmp_path / "w")
@@ -43,7 +43,7 @@ def test_scheduled_and_backfill_at_once(tmp_path):
         env = {**os.environ, **world.env}
         ctms = VaultClient(world.ctms.url, harness.USER, harness.PASSWORD)
         activities = [r for p in ctms.query("SELECT id, global_id__sys FROM crm_activity__v "
-                                             "ORDER BY id ASC") for r in p.to_dict("records")]
+                                             "ORDER BY id ASC") for r in p.records]
         commands = {
             "scheduled": [hour - timedelta(hours=1)],
             "backfill": [hour - timedelta(hours=3), hour - timedelta(hours=3), hour + timedelta(minutes=5)],
@@ -88,7 +88,7 @@ def test_scheduled_and_backfill_at_once(tmp_path):
         assert world.run_dag("ctms_to_crm__demo", logical_date=hour + timedelta(hours=1)).state == "success"
         final = interactions(folder)
         source = {r["global_id__sys"]: r["subject__v"] for p in ctms.query(
-            "SELECT global_id__sys, subject__v FROM crm_activity__v") for r in p.to_dict("records")}
+            "SELECT global_id__sys, subject__v FROM crm_activity__v") for r in p.records}
         ctms.close()
         runs = world.ledger().recent_runs("demo", limit=5)
     print(f"\n[overlap] two concurrent runs ({'; '.join(r['window_start'][11:16] + '-' + r['window_end'][11:16] + ' ' + r['state'] for r in runs[1:3])}); "
@@ -106,8 +106,9 @@ def test_an_older_extraction_loaded_last_does_not_overwrite_newer_values(tmp_pat
     """Deterministic interleaving of the overlap case, step by step in this process: run A extracts,
     validates and transforms; a record changes; run B (a whole DAG run) sends the change; then A
     loads. The newer value survives A's load: A's older version of the record is `superseded`."""
-    from clinical_crm import pipeline
-    from clinical_crm.client import VaultClient
+    from clinical_crm.engine import runner
+    from clinical_crm.flows import ctms_to_crm
+    from clinical_crm.vault import VaultClient
     from clinical_crm.config import load_connection
 
     folder = harness.copy_world(harness.seed_world(tmp_path / "seed", 60), tmp_path / "w")
@@ -117,16 +118,17 @@ def test_an_older_extraction_loaded_last_does_not_overwrite_newer_values(tmp_pat
         crm = VaultClient(world.crm.url, harness.USER, harness.PASSWORD)
         try:
             start, end = harness.wide_window()
-            run = pipeline.begin(cfg, pipeline.CTMS_TO_CRM, "backfill__a", None, None,
-                                 {"window_start": start.isoformat(), "window_end": end.isoformat()})
-            staged = pipeline.extract_ctms_to_crm(cfg, run, ctms, crm, None)
-            validated = pipeline.validate(cfg, run, staged)
-            records = pipeline.transform(cfg, run, staged, validated)
-            record = next(p for p in ctms.query("SELECT id, global_id__sys FROM crm_activity__v")).iloc[0]
+            flow = ctms_to_crm.FLOW
+            run = runner.begin(flow, cfg, "backfill__a", None, None,
+                               {"window_start": start.isoformat(), "window_end": end.isoformat()})
+            staged = runner.extract(flow, cfg, run, {"ctms": ctms, "crm": crm})
+            validated = runner.validate(flow, cfg, run, staged)
+            records = runner.transform(flow, cfg, run, staged, validated)
+            record = next(p for p in ctms.query("SELECT id, global_id__sys FROM crm_activity__v")).records[0]
             assert ctms.update("crm_activity__v", [{"id": record["id"], "subject__v": "newest"}])[0].outcome == "updated"
             assert world.run_dag("ctms_to_crm__demo", harness.wide_window()).state == "success"
             assert interactions(folder)[record["global_id__sys"]] == ["newest"]
-            pipeline.load_ctms_to_crm(cfg, run, crm, staged, records)
+            runner.load(flow, cfg, run, crm, staged, records)
             history = world.ledger().record_history("demo", str(record["id"]))
             mine = [o for o in history["outcomes"] if o["dag_run_id"] == "backfill__a"]
             assert [o["outcome"] for o in mine] == ["superseded"], history["outcomes"]

@@ -93,7 +93,7 @@ def secret_run(tmp_path_factory, airflow_db):
 
 
 def test_no_secret_or_personal_data_in_logs_reports_or_ledger(secret_run, capfd, caplog):
-    from clinical_crm.client import VaultClient
+    from clinical_crm.vault.client import VaultClient
 
     sessions: list[str] = []
     original = VaultClient._authenticate_once

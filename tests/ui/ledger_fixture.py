@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-from clinical_crm.ledger import Ledger
+from clinical_crm.engine.ledger import Ledger
 
 # Text that must come out escaped, never as markup.
 NASTY_REASON = '<script>alert("x")</script> no CRM account for person'

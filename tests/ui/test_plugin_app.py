@@ -6,7 +6,7 @@ import re
 import pytest
 from fastapi.testclient import TestClient
 
-from clinical_crm import plugin
+from clinical_crm.airflow import plugin
 from ledger_fixture import NASTY_REASON, fill_ledger
 
 
@@ -161,7 +161,7 @@ def test_record_lookup_shows_a_superseded_version(story, client):
     """An older extraction that was not written over a newer version: the outcome, why, and the version sent."""
     from datetime import datetime, timezone
 
-    from clinical_crm.ledger import Ledger
+    from clinical_crm.engine.ledger import Ledger
     from clinical_crm.settings import ledger_url
 
     ledger = Ledger(ledger_url())

@@ -6,9 +6,9 @@ Plain `requests`, no Airflow. What it takes care of:
 - Vault's envelope (HTTP 200 even for failures) turned into results or clinical_crm.errors;
 - retries with exponential backoff and full jitter (tenacity) for transient faults only;
 - a (connect, read) timeout on every request and the X-VaultAPI-ClientID header;
-- pacing from the burst-limit headers;
-- VQL paging into one pandas frame per page, deletions, and 500-record write batches with one
-  RecordOutcome per input row.
+- pacing from the burst-limit headers; the daily limit is watched and logged;
+- VQL paging into one QueryPage per page (records, no pandas), deletions, and 500-record write
+  batches with one RecordOutcome per input row; every warning is kept and logged.
 
 Passwords and session ids never reach a log: logs name the user, the URL path and counts.
 """
@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import date, datetime
 from typing import Any
 
-import pandas as pd
 import requests
 import tenacity
 
-from clinical_crm.errors import (
+from clinical_crm.vault.errors import (
     VaultAuthenticationError,
     VaultError,
     VaultInvalidDataError,
@@ -37,22 +34,20 @@ from clinical_crm.errors import (
     VaultTransientError,
     error_for,
 )
-from clinical_crm.vql import VQL_MAX_CHARS, format_datetime
+from clinical_crm.vault.fields import MAX_BATCH, VQL_MAX_CHARS, vault_datetime
+from clinical_crm.vault.responses import (
+    NO_DATA_CHANGES,
+    ApiLimits,
+    QueryPage,
+    RecordOutcome,
+    VaultResponse,
+    VaultWarning,
+)
+from clinical_crm.vault.vql import Query
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 500  # Vault's limit of records per write call
-
-
-@dataclass(frozen=True)
-class RecordOutcome:
-    """What happened to one input record of a write call (index = position in the input)."""
-
-    index: int
-    id: str | None
-    outcome: str  # created | updated | unchanged | failed
-    error_type: str | None = None
-    message: str | None = None
+DAILY_LIMIT_WARNING_SHARE = 0.1  # warn once when less than this share of the daily limit is left
 
 
 class VaultClient:
@@ -94,10 +89,12 @@ class VaultClient:
         self._session_id: str | None = None
         self._vault_id: str | None = None
         self.burst_remaining: int | None = None
+        self.limits = ApiLimits()  # of the latest response
+        self._daily_warned = False
         # Read by tests and benchmarks. Keys: "calls.<kind>" (HTTP requests by kind: auth, query,
         # query_page, deletions, write, get, metadata, permissions, picklist), "auth", "reauth",
         # "retry", "race_retry", "records_written", "paced", "pace_seconds",
-        # "delayed_responses", "response_delay_ms".
+        # "delayed_responses", "response_delay_ms", "warnings.<type>".
         self.counters: Counter = Counter()
 
     def __repr__(self) -> str:
@@ -138,7 +135,7 @@ class VaultClient:
         self.counters["calls.auth"] += 1
         body = self._send(
             "POST", "auth", session_id=None, data={"username": self.username, "password": self._password}
-        )
+        ).body
         self._session_id = body["sessionId"]
         self._vault_id = str(body.get("vaultId", ""))
         log.info("Authenticated to %s as %s (vault %s)", self.base_url, self.username, self._vault_id)
@@ -164,33 +161,28 @@ class VaultClient:
             error, state.attempt_number, state.next_action.sleep if state.next_action else 0,
         )
 
-    def _call(self, method: str, path: str, kind: str, **request_args) -> dict:
+    def _call(self, method: str, path: str, kind: str, **request_args) -> VaultResponse:
         """One API call with retries of transient faults and one re-auth on an expired session."""
         return self._retrying()(self._call_once, method, path, kind, request_args)
 
-    def _call_once(self, method: str, path: str, kind: str, request_args: dict) -> dict:
-        session_id = self._session_id or self._authenticate_once()
-        self.counters[f"calls.{kind}"] += 1
-        try:
-            return self._send(method, path, session_id=session_id, **request_args)
-        except VaultAuthenticationError as exc:
-            if exc.error_type != "INVALID_SESSION_ID":
-                raise
-            self.counters["reauth"] += 1
-            log.info("Vault session of %s expired; authenticating again", self.username)
-            self._session_id = None
-            session_id = self._authenticate_once()
+    def _call_once(self, method: str, path: str, kind: str, request_args: dict) -> VaultResponse:
+        for attempt in (1, 2):
+            session_id = self._session_id or self._authenticate_once()
             self.counters[f"calls.{kind}"] += 1
             try:
                 return self._send(method, path, session_id=session_id, **request_args)
-            except VaultAuthenticationError as again:
-                if again.error_type != "INVALID_SESSION_ID":
+            except VaultAuthenticationError as exc:
+                if exc.error_type != "INVALID_SESSION_ID":
                     raise
-                # the brand-new session ended too (the login itself worked, so the credentials
-                # are fine): a transient fault, retried with backoff, not a reason to fail fast
                 self._session_id = None
-                raise VaultTransientError("INVALID_SESSION_ID", "the session ended again right after "
-                                          "re-authentication") from again
+                if attempt == 2:
+                    # the brand-new session ended too (the login itself worked, so the credentials
+                    # are fine): a transient fault, retried with backoff, not a reason to fail fast
+                    raise VaultTransientError("INVALID_SESSION_ID", "the session ended again right after "
+                                              "re-authentication") from exc
+                self.counters["reauth"] += 1
+                log.info("Vault session of %s expired; authenticating again", self.username)
+        raise AssertionError("unreachable")
 
     def _url(self, path: str) -> str:
         if path.startswith("/api/"):  # next_page links are absolute paths
@@ -198,8 +190,8 @@ class VaultClient:
         return f"{self.base_url}/api/{self.api_version}/{path.lstrip('/')}"
 
     def _send(self, method: str, path: str, session_id: str | None, record_results: bool = False,
-              **request_args) -> dict:
-        """One HTTP request; returns the JSON body of a successful envelope or raises."""
+              **request_args) -> VaultResponse:
+        """One HTTP request; returns a successful envelope (or per-record results) or raises."""
         headers = {"Authorization": session_id} if session_id else {}
         try:
             response = self._http.request(
@@ -223,10 +215,11 @@ class VaultClient:
         if not isinstance(body, dict):
             raise VaultError(f"HTTP_{response.status_code}", f"{method} {_path_only(path)} answered without a JSON envelope")
         status = body.get("responseStatus")
-        if status in ("SUCCESS", "WARNING"):
-            return body
-        if record_results and isinstance(body.get("data"), list):
-            return body  # per-record results; the caller reads each one
+        if status in ("SUCCESS", "WARNING") or (record_results and isinstance(body.get("data"), list)):
+            # a write's failures are per record; the caller reads each one
+            warnings = VaultWarning.all_of(body)
+            self._report_warnings(warnings, f"{method} {_path_only(path)}")
+            return VaultResponse(str(status), body, warnings, self.limits)
         errors = body.get("errors") or [{"type": status or f"HTTP_{response.status_code}", "message": ""}]
         first = errors[0]
         error_type, message = first.get("type") or "UNKNOWN", first.get("message") or ""
@@ -235,21 +228,33 @@ class VaultClient:
         raise error_for(error_type, message)
 
     def _observe_limits(self, response: requests.Response) -> None:
-        """Pace from the burst headers; a Vault response delay is not a fault, just counted."""
-        delay = response.headers.get("X-VaultAPI-ResponseDelay")
-        if delay:
+        """Pace from the burst headers; watch the daily limit; a Vault response delay is not a
+        fault, just counted."""
+        self.limits = limits = ApiLimits.from_headers(response.headers)
+        if limits.response_delay_ms is not None:
             self.counters["delayed_responses"] += 1
-            self.counters["response_delay_ms"] += int(re.sub(r"\D", "", delay) or 0)
-        remaining = response.headers.get("X-VaultAPI-BurstLimitRemaining")
-        if remaining is None or not remaining.lstrip("-").isdigit():
+            self.counters["response_delay_ms"] += limits.response_delay_ms
+        if (limits.daily_limit and limits.daily_remaining is not None and not self._daily_warned
+                and limits.daily_remaining < limits.daily_limit * DAILY_LIMIT_WARNING_SHARE):
+            self._daily_warned = True
+            log.warning("Daily API limit of %s nearly used: %d of %d calls left", self.base_url,
+                        limits.daily_remaining, limits.daily_limit)
+        if limits.burst_remaining is None:
             return
-        self.burst_remaining = int(remaining)
+        self.burst_remaining = limits.burst_remaining
         pause = self.pace_seconds(self.burst_remaining)
         if pause > 0:
             self.counters["paced"] += 1
             self.counters["pace_seconds"] += pause
             log.info("Burst limit nearly used (%d calls left); pausing %.2fs", self.burst_remaining, pause)
             self._sleep(pause)
+
+    def _report_warnings(self, warnings: Iterable[VaultWarning], what: str) -> None:
+        """Every warning but NO_DATA_CHANGES (an expected outcome) is logged and counted."""
+        for warning in warnings:
+            if warning.type != NO_DATA_CHANGES:
+                self.counters[f"warnings.{warning.type}"] += 1
+                log.warning("Vault warning on %s: %s %s", what, warning.type, warning.message)
 
     def pace_seconds(self, remaining: int) -> float:
         """No pause while at least `burst_floor` calls remain; then longer the fewer remain."""
@@ -259,47 +264,56 @@ class VaultClient:
 
     # -- reading ---------------------------------------------------------------------------------
 
-    def query(self, vql: str) -> Iterator[pd.DataFrame]:
-        """Run VQL and yield one DataFrame per page (constant memory: one page held at a time)."""
-        if len(vql) > VQL_MAX_CHARS:
-            raise VaultQueryError("QUERY_TOO_LONG", f"VQL of {len(vql)} characters (Vault allows {VQL_MAX_CHARS})")
-        columns = selected_columns(vql)
-        body = self._call("POST", "query", "query", data={"q": vql})
-        yield from self._pages(body, columns, "POST", "query_page", what=_query_target(vql))
+    def query(self, query: Query | str) -> Iterator[QueryPage]:
+        """Run VQL and yield one QueryPage per page (constant memory: one page held at a time).
+        A `Query` names its columns; a plain statement's columns are those its records carry."""
+        statement = query.statement if isinstance(query, Query) else query
+        if len(statement) > VQL_MAX_CHARS:
+            raise VaultQueryError("QUERY_TOO_LONG", f"VQL of {len(statement)} characters (Vault allows {VQL_MAX_CHARS})")
+        columns = query.columns if isinstance(query, Query) else None
+        what = f"query of {query.object}" if isinstance(query, Query) else "query"
+        response = self._call("POST", "query", "query", data={"q": statement})
+        yield from self._pages(response, columns, "POST", "query_page", what=what)
 
-    def deletions(self, object_name: str, start: datetime, end: datetime) -> Iterator[pd.DataFrame]:
-        """Yield frames of (id, date_deleted) for records of `object_name` deleted in [start, end]."""
-        params = {"start_date": _deletion_date(start), "end_date": _deletion_date(end)}
-        body = self._call("GET", f"objects/deletions/vobjects/{object_name}", "deletions", params=params)
-        yield from self._pages(body, ["id", "date_deleted"], "GET", "deletions", what=f"deletions of {object_name}")
+    def deletions(self, object_name: str, start: datetime, end: datetime) -> Iterator[QueryPage]:
+        """Pages of (id, date_deleted) for records of `object_name` deleted in [start, end]."""
+        params = {"start_date": vault_datetime(start, millis=False), "end_date": vault_datetime(end, millis=False)}
+        response = self._call("GET", f"objects/deletions/vobjects/{object_name}", "deletions", params=params)
+        yield from self._pages(response, ["id", "date_deleted"], "GET", "deletions", what=f"deletions of {object_name}")
 
-    def _pages(self, body: dict, columns: list[str], method: str, kind: str, what: str) -> Iterator[pd.DataFrame]:
+    def _pages(self, response: VaultResponse, columns: list[str] | None, method: str, kind: str,
+               what: str) -> Iterator[QueryPage]:
         started, pages, rows = time.monotonic(), 0, 0
         while True:
-            data = body.get("data") or []
+            records = [{k: _flatten(v) for k, v in r.items()} for r in response.data or []]
             pages += 1
-            rows += len(data)
-            frame = records_frame(data, columns)
-            next_page = (body.get("responseDetails") or {}).get("next_page")
-            del body, data  # hold one page only
+            rows += len(records)
+            page = QueryPage(records, list(columns) if columns is not None else list(records[0]) if records else [],
+                             response.warnings)
+            next_page = response.next_page
+            del response  # hold one page only
             if pages % 10 == 0 or not next_page:
                 elapsed = max(time.monotonic() - started, 1e-9)
                 log.info("%s: %d pages, %d rows read (%.0f rows/s)", what, pages, rows, rows / elapsed)
-            yield frame
+            yield page
             if not next_page:
                 return
-            body = self._call(method, next_page, kind)
+            response = self._call(method, next_page, kind)
 
     def get_record(self, object_name: str, record_id: str) -> dict:
-        return self._call("GET", f"vobjects/{object_name}/{record_id}", "get")["data"]
+        return self._call("GET", f"vobjects/{object_name}/{record_id}", "get").data
 
     def object_metadata(self, object_name: str) -> dict:
         """The object's metadata (name, fields with type/unique/required/picklist, ...)."""
-        body = self._call("GET", f"metadata/vobjects/{object_name}", "metadata")
+        body = self._call("GET", f"metadata/vobjects/{object_name}", "metadata").body
         return body.get("object", body)
 
+    def object_type(self, object_name: str, type_name: str) -> dict:
+        """An object type's configuration (name, label, active, ...): Vault's configuration API."""
+        return self._call("GET", f"configuration/Objecttype.{object_name}.{type_name}", "metadata").data or {}
+
     def picklist_values(self, picklist_name: str) -> list[str]:
-        body = self._call("GET", f"objects/picklists/{picklist_name}", "picklist")
+        body = self._call("GET", f"objects/picklists/{picklist_name}", "picklist").body
         return [value["name"] for value in body.get("picklistValues", [])]
 
     def my_permissions(self, object_name: str) -> dict:
@@ -308,11 +322,11 @@ class VaultClient:
         Object-type level permissions, when Vault reports them, come under "object_types":
         {"clinical_activity__v": {"read": True, "create": True, ...}}.
         """
-        body = self._call(
+        response = self._call(
             "GET", "objects/users/me/permissions", "permissions",
             params={"filter": f"name__v::object.{object_name}.object_actions"},
         )
-        return _permissions_of(object_name, body.get("data") or [])
+        return _permissions_of(object_name, response.data or [])
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -349,7 +363,7 @@ class VaultClient:
         pending = batch
         for round_number in range(self.race_retries + 1):
             try:
-                body = self._call(
+                response = self._call(
                     method, f"vobjects/{object_name}", "write",
                     json=[records[i] for i in pending], params=params, record_results=True,
                 )
@@ -357,12 +371,13 @@ class VaultClient:
                 for i in pending:
                     outcomes[i] = RecordOutcome(i, records[i].get("id"), "failed", exc.error_type, exc.message)
                 return
-            results = body.get("data") or []
+            results = response.data or []
             if len(results) != len(pending):
                 raise VaultError("UNEXPECTED_RESPONSE", f"{len(results)} results for {len(pending)} records")
             raced = []
             for i, result in zip(pending, results):
                 outcome = _outcome(i, result, operation, records[i])
+                self._report_warnings(outcome.warnings, f"{operation} {object_name}")
                 if outcome.error_type == "RACE_CONDITION" and round_number < self.race_retries:
                     raced.append(i)
                 else:
@@ -381,36 +396,6 @@ def _path_only(path: str) -> str:
     return path.split("?", 1)[0]
 
 
-def _query_target(vql: str) -> str:
-    match = re.search(r"\bfrom\s+([a-z0-9_]+)", vql, re.IGNORECASE)
-    return f"query of {match.group(1)}" if match else "query"
-
-
-_SELECT_TOKENS = re.compile(r"'(?:\\.|[^'\\])*'|[(),]|\bfrom\b", re.IGNORECASE)
-
-
-def selected_columns(vql: str) -> list[str]:
-    """The column names a VQL SELECT asks for, so an empty page still has them."""
-    text = vql.strip()
-    if text[:6].lower() != "select":
-        return []
-    body = text[6:]
-    columns, depth, start = [], 0, 0
-    for token in _SELECT_TOKENS.finditer(body):
-        value = token.group(0).lower()
-        if value == "(":
-            depth += 1
-        elif value == ")":
-            depth -= 1
-        elif depth == 0 and value in (",", "from"):
-            columns.append(body[start:token.start()].strip())
-            start = token.end()
-            if value == "from":
-                break
-    # a wrapped field such as LONGTEXT(description__v) comes back under the field's name
-    return [re.sub(r"^[a-z_]+\(\s*([^()]+?)\s*\)$", r"\1", c, flags=re.IGNORECASE) for c in columns if c]
-
-
 def _flatten(value: Any) -> Any:
     """Vault returns picklist values as arrays: ["phone__v"] -> "phone__v", [] -> None."""
     if isinstance(value, list):
@@ -421,26 +406,6 @@ def _flatten(value: Any) -> Any:
     return value
 
 
-def records_frame(data: list[dict], columns: list[str]) -> pd.DataFrame:
-    """One page of records as a frame with the selected columns (plus any extra the page has)."""
-    frame = pd.DataFrame.from_records(data) if data else pd.DataFrame(index=pd.RangeIndex(0))
-    for name in columns:
-        if name not in frame.columns:  # selected but absent from this page: keep it, empty
-            frame[name] = pd.Series([None] * len(frame), index=frame.index, dtype=object)
-    frame = frame[list(columns) + [c for c in frame.columns if c not in columns]]
-    for name in frame.columns:
-        column = frame[name]
-        if column.dtype == object and column.map(lambda v: isinstance(v, list)).any():
-            frame[name] = column.map(_flatten)
-    return frame
-
-
-def _deletion_date(value: datetime) -> str:
-    if value.tzinfo is not None:
-        value = value.astimezone(timezone.utc)
-    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _json_ready(record: dict) -> dict:
     """A record as JSON Vault accepts: dates as text, NaN/NaT as null, numpy scalars as Python."""
     return {key: _json_value(value) for key, value in record.items()}
@@ -449,16 +414,18 @@ def _json_ready(record: dict) -> dict:
 def _json_value(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_value(v) for v in value]
-    if value is None or (not isinstance(value, (str, bool)) and pd.isna(value)):
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if type(value).__name__ in ("NAType", "NaTType"):  # pandas' missing values, should one get here
         return None
-    if isinstance(value, (pd.Timestamp, datetime)):
-        return format_datetime(value.to_pydatetime() if isinstance(value, pd.Timestamp) else value)
+    if hasattr(value, "item") and not isinstance(value, date):  # numpy scalar
+        value = value.item()
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(value, datetime):
+        return vault_datetime(value)
     if isinstance(value, date):
         return value.isoformat()
-    if hasattr(value, "item"):  # numpy scalar
-        return value.item()
-    if isinstance(value, float) and math.isinf(value):
-        return None
     return value
 
 
@@ -472,14 +439,14 @@ def _outcome(index: int, result: dict, operation: str, record: dict) -> RecordOu
     status = result.get("responseStatus")
     data = result.get("data") or {}
     record_id = data.get("id") or record.get("id")
+    warnings = VaultWarning.all_of(result)
     if status in ("SUCCESS", "WARNING"):
-        warnings = result.get("warnings") or []
-        if any(w.get("warning_type", w.get("type")) == "NO_DATA_CHANGES" for w in warnings):
-            return RecordOutcome(index, record_id, "unchanged")
-        return RecordOutcome(index, record_id, _success_kind(result, data, operation))
+        if any(w.type == NO_DATA_CHANGES for w in warnings):
+            return RecordOutcome(index, record_id, "unchanged", warnings=warnings)
+        return RecordOutcome(index, record_id, _success_kind(result, data, operation), warnings=warnings)
     errors = result.get("errors") or [{"type": "UNKNOWN", "message": "no error given"}]
     message = "; ".join(e.get("message", "") for e in errors if e.get("message"))
-    return RecordOutcome(index, record_id, "failed", errors[0].get("type", "UNKNOWN"), message or None)
+    return RecordOutcome(index, record_id, "failed", errors[0].get("type", "UNKNOWN"), message or None, warnings)
 
 
 def _success_kind(result: dict, data: dict, operation: str) -> str:

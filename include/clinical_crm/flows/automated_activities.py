@@ -1,8 +1,8 @@
 """Automated Clinical Activities: Monitoring Events and Study Communication Log records marked
 "Activity Update Required" create or update their related Clinical Activity in CTMS.
 
-Runs before extraction, so the activity goes to CRM in the same run (extraction reads the ids
-written here). Idempotent: the activity is upserted by an external id derived from the source
+The pre-step of ctms_to_crm: it runs before extraction, so the activity goes to CRM in the same
+run (extraction reads the ids written here). Idempotent: the activity is upserted by an external id derived from the source
 record's global id, and the flag is cleared only once the activity is written. A source
 record without a Person cannot have a Clinical Activity (Person is required): it is reported
 (ledger outcome `needs_person` + a log warning) and left flagged for a later run.
@@ -11,33 +11,28 @@ from __future__ import annotations
 
 import logging
 
-import pandas as pd
-
-from clinical_crm import load, vql
-from clinical_crm.extract import query_pages, select
-from clinical_crm.transform import (
-    GLOBAL_ID,
-    ID,
-    NAME,
-    OBJECT_TYPE_API_NAME,
-    SOURCE_ID,
-    automated_external_id,
-    blank,
-    is_yes,
-    text,
-)
+from clinical_crm.rules import automated_external_id
+from clinical_crm.values import blank, is_yes, text
+from clinical_crm.vault import Query, vql
+from clinical_crm.vault.fields import GLOBAL_ID, ID, NAME, OBJECT_TYPE_API_NAME
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("monitoring_event", "communication_log")
 
 
-def source_query(cfg, source: str) -> str:
+def channel_field(fields) -> str:
+    """Where a source record says how the interaction happened: a Monitoring Event's Monitoring
+    Visit Method, a Communication Log's Channel; copied to the activity's Channel."""
+    return getattr(fields, "visit_method", None) or fields.channel
+
+
+def source_query(cfg, source: str) -> Query:
     obj = getattr(cfg.ctms, source)
     f = obj.fields
-    fields = [ID, GLOBAL_ID, NAME, f.person, f.date, f.channel, f.complete, f.study, f.site,
+    fields = [ID, GLOBAL_ID, NAME, f.person, f.date, channel_field(f), f.complete, f.study, f.site,
               getattr(f, "study_country", None), getattr(f, "subject", None)]
-    return f"SELECT {select(fields)} FROM {obj.object} WHERE {f.update_required} = {vql.quote(True)}"
+    return Query.select(obj.object, fields).filter(f"{f.update_required} = {vql.quote(True)}")
 
 
 def clinical_activity(row: dict, cfg, source: str) -> dict:
@@ -52,7 +47,7 @@ def clinical_activity(row: dict, cfg, source: str) -> dict:
         OBJECT_TYPE_API_NAME: cfg.ctms.activity.clinical_type,
         a.person: text(row.get(f.person)),
         a.date: text(row.get(f.date)),
-        a.channel: text(row.get(f.channel)),
+        a.channel: text(row.get(channel_field(f))),
         a.complete: is_yes(row.get(f.complete)),
         a.subject: subject or text(row.get(NAME)),
         a.study: text(row.get(f.study)),
@@ -65,20 +60,22 @@ def clinical_activity(row: dict, cfg, source: str) -> dict:
     return record
 
 
-def automate_activities(cfg, ctms, ledger=None, run: dict | None = None) -> dict:
+def run(cfg, ctms, ledger=None, context=None) -> tuple[list[str], dict[str, dict]]:
     """Create/update the Clinical Activities of flagged records, then clear the flags.
 
     One upsert for the activities of both sources (fewer calls), then one flag update per source.
-    Returns {"activity_ids": [...], "counts": {source object: {...}}}.
+    Returns the ids of the activities written and counts per source object.
     """
+    from clinical_crm.engine import load
+    from clinical_crm.flows.base import SOURCE_ID
+
     a = cfg.ctms.activity.fields
     flagged: dict[str, list[dict]] = {}
     activities: list[dict] = []
     source_of: dict[str, str] = {}  # activity external id -> source name
     for source in SOURCES:
         obj = getattr(cfg.ctms, source)
-        frames = [p for p in query_pages(ctms, [source_query(cfg, source)]) if not p.empty]
-        flagged[source] = pd.concat(frames, ignore_index=True).to_dict("records") if frames else []
+        flagged[source] = [r for page in ctms.query(source_query(cfg, source)) for r in page.records]
         for row in flagged[source]:
             if blank(row.get(obj.fields.person)):
                 log.warning("%s %s (%s) has Activity Update Required but no Person: no Clinical Activity "
@@ -105,8 +102,8 @@ def automate_activities(cfg, ctms, ledger=None, run: dict | None = None) -> dict
         report += [{"source_id": str(r[ID]), "outcome": "needs_person",
                     "message": "Activity Update Required but no Person; left flagged"} for r in without_person]
         report += [c | {"message": f"flag not cleared: {c.get('message')}"} for c in cleared if c["outcome"] == "failed"]
-        if ledger is not None and run is not None:
-            ledger.add_outcomes(run["run_id"], run["connection"], run["direction"], obj.object, report)
+        if ledger is not None and context is not None:
+            ledger.add_outcomes(context.run_id, context.connection, context.direction, obj.object, report)
         counts[obj.object] = load.tally(mine) | {"flagged": len(flagged[source]), "needs_person": len(without_person)}
         log.info("automated activities from %s: %s", obj.object, counts[obj.object])
-    return {"activity_ids": activity_ids, "counts": counts}
+    return activity_ids, counts

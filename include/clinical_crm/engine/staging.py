@@ -5,8 +5,9 @@ Root: settings.staging_url() (`file://<data>/staging` by default, any fsspec URL
 chunks, so memory follows the page size, not the number of records.
 
 Every column is stored as nullable text: Vault pages differ in which columns are all empty,
-and text keeps one schema for the whole file (booleans become "true"/"false"). The transform
-rules read text (see transform.text / transform.is_yes).
+and text keeps one schema for the whole file (booleans become "true"/"false"). The rules read
+text (see clinical_crm.values). Vault query pages become frames here (`page_frame`): the Vault
+client itself knows no pandas.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clinical_crm import settings
+from clinical_crm.engine.context import StagedFile
 
 CHUNK_ROWS = 20_000
 
@@ -105,12 +107,12 @@ class FrameWriter:
             self._file = path.open("wb")
             self._writer = pq.ParquetWriter(self._file, self._schema())
 
-    def close(self) -> dict:
-        """Finish the file (an empty one when nothing was written); returns {path, rows}."""
+    def close(self) -> StagedFile:
+        """Finish the file (an empty one when nothing was written)."""
         self._open()
         self._writer.close()
         self._file.close()
-        return {"path": self.url, "rows": self.rows}
+        return StagedFile(self.url, self.rows)
 
     def __enter__(self):
         return self
@@ -119,8 +121,8 @@ class FrameWriter:
         self.close()
 
 
-def write_frames(url: str, frames: Iterable[pd.DataFrame], columns: Iterable[str] | None = None) -> dict:
-    """Stream frames into one parquet file; returns {path, rows} (what XCom carries)."""
+def write_frames(url: str, frames: Iterable[pd.DataFrame], columns: Iterable[str] | None = None) -> StagedFile:
+    """Stream frames into one parquet file."""
     writer = FrameWriter(url, columns)
     for frame in frames:
         writer.write(frame)
@@ -154,16 +156,18 @@ def read_frame(url: str | None) -> pd.DataFrame:
     return pd.concat(chunks, ignore_index=True) if len(chunks) > 1 else chunks[0]
 
 
+def page_frame(page) -> pd.DataFrame:
+    """A Vault query page (clinical_crm.vault.QueryPage) as a frame of its columns, in order,
+    plus any extra column its records carry; object dtype keeps None as None."""
+    columns = list(dict.fromkeys([*page.columns, *(k for r in page.records[:1] for k in r)]))
+    return pd.DataFrame({c: pd.Series([r.get(c) for r in page.records], dtype=object) for c in columns})
+
+
 def records(frame: pd.DataFrame) -> list[dict]:
     """The rows as dicts, like `frame.to_dict("records")` (same values) but column-wise in C:
     about 4 x faster on the staged text frames, which the transform and the load walk row by row."""
     columns = list(frame.columns)
     return [dict(zip(columns, values)) for values in zip(*(frame[c].tolist() for c in columns))]
-
-
-def _to_frame(records: list[dict], columns: list[str]) -> pd.DataFrame:
-    # object dtype keeps None as None (pandas 3 would otherwise turn text columns into NaN-str)
-    return pd.DataFrame({c: pd.Series([r[c] for r in records], dtype=object) for c in columns})
 
 
 class IdSet:

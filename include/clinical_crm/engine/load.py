@@ -1,8 +1,8 @@
-"""Load: batched upserts by external id, deletion markers, one outcome per record.
+"""Load for any flow: batched upserts by external id, deletion marks, one outcome per record.
 
-Idempotent: every write is an upsert by the source's global id (`idParam`), and the deletion
-markers are applied only to records that do not carry them yet, so a retried task or a re-run
-window gives the same end state.
+Idempotent: every write is an upsert by the source's global id (`idParam`), and a deletion mark
+is applied once per deleted record (the ledger's deletion queue says which were), so a retried
+task or a re-run window gives the same end state.
 
 No lost updates: each target record carries its source version (`modified_date__v`) from
 transform. Right before each write call, records whose version is older than one a load
@@ -18,22 +18,11 @@ import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 
-import pandas as pd
-
-from clinical_crm import staging, vql, windows
-from clinical_crm.extract import contains_queries, query_pages, select
-from clinical_crm.transform import (
-    ID,
-    OBJECT_TYPE_API_NAME,
-    SOURCE_ID,
-    SOURCE_VERSION,
-    STATUS,
-    deleted_status,
-    deleted_subject,
-    inactivated,
-    is_deleted_subject,
-    text,
-)
+from clinical_crm.flows.base import SOURCE_ID, SOURCE_VERSION
+from clinical_crm.times import as_utc
+from clinical_crm.values import text
+from clinical_crm.vault import Query
+from clinical_crm.vault.fields import ID, MAX_BATCH, vault_datetime
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +51,9 @@ def parse_version(value) -> datetime | None:
     if value is None:
         return None
     try:
-        return windows.parse_time(value)
+        return as_utc(value)
     except (TypeError, ValueError):
         return None
-
-
-def vault_time(moment: datetime) -> str:
-    """A version as Vault writes datetimes: 2026-11-25T10:00:00.000Z."""
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 class VersionGuard:
@@ -119,7 +103,7 @@ def upsert(client, object_name: str, records: Iterable[dict], id_param: str, bat
     outcomes: list[dict] = []
     skipped = 0
     started = time.monotonic()
-    for batch in _batches(ordered, min(batch_size, 500)):
+    for batch in _batches(ordered, min(batch_size, MAX_BATCH)):
         if guard is not None:
             mine = {source_ids.get(str(r[id_param]), str(r[id_param])): versions[str(r[id_param])] for r in batch
                     if versions.get(str(r[id_param])) is not None}
@@ -133,15 +117,15 @@ def upsert(client, object_name: str, records: Iterable[dict], id_param: str, bat
                         outcomes.append({
                             "source_id": source, "target_id": None, "outcome": "superseded", "error_type": None,
                             "external_id": external,
-                            "message": f"a newer version (modified {vault_time(newer[source])}) was already sent; "
-                                       f"this run's older version (modified {vault_time(mine[source])}) was not written"})
+                            "message": f"a newer version (modified {vault_datetime(newer[source])}) was already sent; "
+                                       f"this run's older version (modified {vault_datetime(mine[source])}) was not written"})
                     else:
                         kept.append(r)
                 skipped += len(batch) - len(kept)
                 batch = kept
         if not batch:
             continue
-        results = client.upsert(object_name, batch, id_param=id_param, batch_size=min(batch_size, 500))
+        results = client.upsert(object_name, batch, id_param=id_param, batch_size=min(batch_size, MAX_BATCH))
         written: dict[str, datetime] = {}
         for record, result in zip(batch, results):
             external = str(record[id_param])
@@ -163,8 +147,8 @@ def upsert(client, object_name: str, records: Iterable[dict], id_param: str, bat
 def update(client, object_name: str, records: list[dict], batch_size: int) -> list[dict]:
     """Update records by id in batches; one outcome dict per record (source_id = target id)."""
     outcomes = []
-    for batch in _batches(records, min(batch_size, 500)):
-        results = client.update(object_name, batch, batch_size=min(batch_size, 500))
+    for batch in _batches(records, min(batch_size, MAX_BATCH)):
+        results = client.update(object_name, batch, batch_size=min(batch_size, MAX_BATCH))
         outcomes += [_outcome(r, str(rec[ID])) for rec, r in zip(batch, results)]
     return outcomes
 
@@ -178,81 +162,50 @@ def tally(outcomes: Iterable[dict]) -> dict[str, int]:
 
 
 def find_by_external_id(client, object_name: str, external_field: str, external_ids: Iterable[str],
-                        fields: list[str], where: str = "") -> pd.DataFrame:
+                        fields: list[str], where: str = "") -> list[dict]:
     """Target records carrying these external ids (CONTAINS chunks): one query per chunk."""
-    statement = f"SELECT {select([ID, external_field, *fields])} FROM {object_name}"
+    query = Query.select(object_name, [ID, external_field, *fields])
     if where:
-        statement += f" WHERE {where}"
-    pages = list(query_pages(client, contains_queries(statement, external_field, external_ids)))
-    pages = [p for p in pages if not p.empty]
-    if not pages:
-        return pd.DataFrame(columns=[ID, external_field, *fields])
-    return pd.concat(pages, ignore_index=True)
+        query = query.filter(where)
+    return [record for chunk in query.contains(external_field, external_ids)
+            for page in client.query(chunk) for record in page.records]
 
 
-# ---------------------------------------------------------------- deletions
+# ---------------------------------------------------------------- deletion marks
 
 
-def mark_deleted_interactions(cfg, crm, deleted_global_ids: list[str]) -> list[dict]:
-    """A deleted Clinical Activity: its CRM interaction's subject gets the suffix, exactly once."""
-    i = cfg.crm.interaction
-    found = find_by_external_id(crm, i.object, i.fields.external_id, deleted_global_ids, [i.fields.subject])
+def mark_deleted(client, mark, cfg, pending: list[dict], batch_size: int, expect=None) -> tuple[list[dict], set[str]]:
+    """Apply a flow's DeletionMark to the target records of deleted source records.
+
+    `pending`: the ledger's queued deletions ({source_id, global_id, expected}). A target record
+    already in the marked state (a status), or holding exactly the values this connection wrote
+    for it before (`expected`: e.g. a subject with "Deleted" appended once, by a run that ended
+    before it could record that), is `unchanged`; the others are updated (outcome
+    `marked_deleted`). `expect(source_id -> change)` is called right before the write, so that a
+    crash between the write and its record cannot lead to a second mark. Returns the outcomes
+    and the source ids whose target record does not exist (nothing to mark)."""
+    target_object, external_field = mark.target_object(cfg), mark.external_id(cfg)
+    by_global_id = {str(p["global_id"]): p for p in pending if p.get("global_id")}
+    found = find_by_external_id(client, target_object, external_field, list(by_global_id),
+                                mark.read_fields(cfg), mark.where(cfg) or "")
     outcomes, changes = [], []
-    for row in found.to_dict("records"):
-        source = str(row[i.fields.external_id])
-        if is_deleted_subject(row.get(i.fields.subject), cfg):
-            outcomes.append({"source_id": source, "target_id": row[ID], "outcome": "unchanged",
-                             "message": "subject already marked deleted"})
+    seen: set[str] = set()
+    for row in found:
+        entry = by_global_id.get(str(row[external_field]))
+        if entry is None:
+            continue
+        seen.add(str(row[external_field]))
+        change = mark.change(row, cfg)
+        current = {k: text(row.get(k)) for k in change}
+        if current == change or (entry.get("expected") and current == entry["expected"]):
+            outcomes.append({"source_id": entry["source_id"], "target_id": row[ID], "outcome": "unchanged",
+                             "message": mark.already_message})
         else:
-            changes.append(({ID: row[ID], i.fields.subject: deleted_subject(row.get(i.fields.subject), cfg)}, source))
-    for result, (record, source) in zip(update(crm, i.object, [c for c, _ in changes], cfg.load.batch_size), changes):
-        outcomes.append(result | {"source_id": source, "outcome": _deleted(result["outcome"])})
-    return outcomes
-
-
-def mark_deleted_status(cfg, crm, entity: str, deleted_global_ids: list[str]) -> list[dict]:
-    """A deleted Study / Study Site: "Deleted in Vault Clinical" on the CRM record if one exists
-    (update when found, never create)."""
-    target = getattr(cfg.crm, entity)
-    status_field = cfg.deletion.crm_status_field
-    found = find_by_external_id(crm, target.object, target.fields.external_id, deleted_global_ids, [status_field])
-    outcomes, changes = [], []
-    for row in found.to_dict("records"):
-        source = str(row[target.fields.external_id])
-        if text(row.get(status_field)) == cfg.deletion.crm_deleted_status:
-            outcomes.append({"source_id": source, "target_id": row[ID], "outcome": "unchanged",
-                             "message": "already marked deleted"})
-        else:
-            changes.append((deleted_status([row[ID]], cfg)[0], source))
-    for result, (record, source) in zip(update(crm, target.object, [c for c, _ in changes], cfg.load.batch_size), changes):
-        outcomes.append(result | {"source_id": source, "outcome": _deleted(result["outcome"])})
-    return outcomes
-
-
-def inactivate_medical_activities(cfg, ctms, deleted_call_global_ids: list[str]) -> list[dict]:
-    """A deleted CRM call: its Medical Activity is inactivated (status), once."""
-    a = cfg.ctms.activity
-    where = f"{OBJECT_TYPE_API_NAME} = {vql.quote(a.medical_type)}"  # never touch Clinical Activities
-    found = find_by_external_id(ctms, a.object, a.fields.external_id, deleted_call_global_ids, [STATUS], where)
-    outcomes, changes = [], []
-    for row in found.to_dict("records"):
-        source = str(row[a.fields.external_id])
-        if text(row.get(STATUS)) == cfg.deletion.ctms_inactive_status:
-            outcomes.append({"source_id": source, "target_id": row[ID], "outcome": "unchanged",
-                             "message": "already inactive"})
-        else:
-            changes.append((inactivated([row[ID]], cfg)[0], source))
-    for result, (record, source) in zip(update(ctms, a.object, [c for c, _ in changes], cfg.load.batch_size), changes):
-        outcomes.append(result | {"source_id": source, "outcome": _deleted(result["outcome"])})
-    return outcomes
-
-
-def _deleted(outcome: str) -> str:
-    return "marked_deleted" if outcome in ("updated", "created") else outcome
-
-
-def staged_ids(staged: dict | None, column: str) -> list[str]:
-    ids: list[str] = []
-    for chunk in staging.read_chunks((staged or {}).get("path")):
-        ids += [v for v in map(text, chunk[column]) if v]
-    return ids
+            changes.append((entry["source_id"], {ID: row[ID], **change}))
+    if changes and expect is not None:
+        expect({source: {k: v for k, v in record.items() if k != ID} for source, record in changes})
+    for (source, record), result in zip(changes, update(client, target_object, [r for _, r in changes], batch_size)):
+        outcome = "marked_deleted" if result["outcome"] in ("updated", "created") else result["outcome"]
+        outcomes.append(result | {"source_id": source, "outcome": outcome})
+    missing = {p["source_id"] for g, p in by_global_id.items() if g not in seen}
+    return outcomes, missing

@@ -3,8 +3,11 @@
 Tables: `runs` (one row per DAG run and direction, with its window, state and counts),
 `record_outcomes` (one row per record per run), `quarantine` (records held back, with their
 reasons, until they go through), `id_map` (source id -> target id / external id),
-`dq_summaries` and `source_versions` (the newest source version, `modified_date__v`, written to
-the target per record: an older extraction loaded later is not written over it). The read API at the bottom (`recent_runs`, `open_quarantine`,
+`dq_summaries`, `source_versions` (the newest source version, `modified_date__v`, written to
+the target per record: an older extraction loaded later is not written over it) and
+`deletion_queue` (every deleted source record whose target record must be marked: pending
+until the mark is written, then applied, so each is marked once and none is forgotten).
+The schema is kept by Alembic migrations (engine/migrations), applied when a ledger is opened. The read API at the bottom (`recent_runs`, `open_quarantine`,
 `record_history`, `connections`) returns plain dicts; the Airflow UI plugin relies on it.
 """
 from __future__ import annotations
@@ -31,17 +34,25 @@ from sqlalchemy import (
     event,
     func,
     insert,
-    inspect,
     select,
-    text,
     update,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 
 from clinical_crm import settings
+from clinical_crm.times import as_utc
 
 metadata = MetaData()
+
+
+def _record_key(index_connection: bool = False, index_source: bool = False) -> list[Column]:
+    """The columns that name one source record of one connection and direction."""
+    return [Column("id", Integer, primary_key=True, autoincrement=True),
+            Column("connection", String(100), nullable=False, index=index_connection),
+            Column("direction", String(20), nullable=False),
+            Column("object", String(100), nullable=False),  # the source object
+            Column("source_id", String(255), nullable=False, index=index_source)]
 
 runs = Table(
     "runs",
@@ -63,12 +74,8 @@ runs = Table(
 record_outcomes = Table(
     "record_outcomes",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    *_record_key(index_source=True),
     Column("run_id", Integer, nullable=False, index=True),
-    Column("connection", String(100), nullable=False),
-    Column("direction", String(20), nullable=False),
-    Column("object", String(100), nullable=False),
-    Column("source_id", String(255), nullable=False, index=True),
     Column("target_id", String(255)),
     Column("outcome", String(30), nullable=False),
     Column("error_type", String(100)),
@@ -79,11 +86,7 @@ record_outcomes = Table(
 quarantine = Table(
     "quarantine",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("connection", String(100), nullable=False, index=True),
-    Column("direction", String(20), nullable=False),
-    Column("object", String(100), nullable=False),
-    Column("source_id", String(255), nullable=False, index=True),
+    *_record_key(index_connection=True, index_source=True),
     Column("reasons", JSON, nullable=False),
     Column("first_seen", DateTime(timezone=True), nullable=False),
     Column("last_seen", DateTime(timezone=True), nullable=False),
@@ -124,20 +127,35 @@ dq_summaries = Table(
 )
 
 # The newest version (the source record's modified_date__v, UTC) of each source record that a
-# load has written to the target. A table of its own (not columns of id_map), so ledgers created
-# before it keep working: create_all adds missing tables.
+# load has written to the target.
 source_versions = Table(
     "source_versions",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("connection", String(100), nullable=False),
-    Column("direction", String(20), nullable=False),
-    Column("object", String(100), nullable=False),
-    Column("source_id", String(255), nullable=False),
+    *_record_key(),
     Column("modified_date", DateTime(timezone=True), nullable=False),
     Column("run_id", Integer),  # the run that wrote it
     Column("updated_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("connection", "direction", "object", "source_id", name="uq_source_versions_record"),
+)
+
+# Deleted source records whose target record gets a deletion mark ("Deleted" appended, status
+# "Deleted in Vault Clinical", inactivated). `state`: pending (re-driven by every run until it
+# goes through), applied, or no_target (the target record never existed). `expected`: the values
+# a run is about to write, so a mark written by a run that died before recording it is known.
+deletion_queue = Table(
+    "deletion_queue",
+    metadata,
+    *_record_key(),
+    Column("global_id", String(255)),
+    Column("state", String(20), nullable=False),
+    Column("expected", JSON),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("error_type", String(100)),
+    Column("message", Text),
+    Column("first_seen", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("run_id", Integer),  # the run that last tried it
+    UniqueConstraint("connection", "direction", "object", "source_id", name="uq_deletion_queue_record"),
 )
 
 log = logging.getLogger(__name__)
@@ -149,17 +167,7 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    """SQLite hands datetimes back naive; they were stored as UTC."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value
-
-
-def _as_utc(value: datetime) -> datetime:
-    """An aware datetime in UTC (naive means UTC): stored versions then compare as stored."""
-    value = _utc(value)
-    return value.astimezone(timezone.utc)
+_utc = as_utc  # SQLite hands datetimes back naive; they were stored as UTC
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -198,7 +206,7 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
 
 
 def _engine(url: str) -> Engine:
-    """One engine per URL per process; tables are created on first use."""
+    """One engine per URL per process; the schema is brought up to date on first use."""
     if url not in _ENGINES:
         if url.startswith("sqlite:///"):
             from pathlib import Path
@@ -207,24 +215,11 @@ def _engine(url: str) -> Engine:
         engine = create_engine(url, future=True)
         if url.startswith("sqlite"):
             event.listen(engine, "connect", _sqlite_pragmas)
-        metadata.create_all(engine)
-        _drop_old_indexes(engine)
+        from clinical_crm.engine.migrations import upgrade
+
+        upgrade(engine)
         _ENGINES[url] = engine
     return _ENGINES[url]
-
-
-def _drop_old_indexes(engine: Engine) -> None:
-    """Ledgers made while id_map had an index on connection alone lose it (see id_map). Only when
-    it is there, and a ledger this process may not alter (read-only, not the tables' owner) is
-    still used, with a warning."""
-    if "ix_id_map_connection" not in {index["name"] for index in inspect(engine).get_indexes("id_map")}:
-        return
-    try:
-        with engine.begin() as db:
-            db.execute(text("DROP INDEX IF EXISTS ix_id_map_connection"))
-    except SQLAlchemyError as exc:
-        log.warning("ledger: could not drop the old index ix_id_map_connection (%s); id-map lookups "
-                    "read every row of a connection until it is dropped", exc)
 
 
 class Ledger:
@@ -431,7 +426,7 @@ class Ledger:
         comparison is in the UPDATE itself), and an insert that loses a race to another load's
         insert is retried as an update.
         """
-        versions = {str(k): _as_utc(v) for k, v in versions.items() if v is not None}
+        versions = {str(k): as_utc(v) for k, v in versions.items() if v is not None}
         if not versions:
             return
         for attempt in range(5):
@@ -460,6 +455,75 @@ class Ledger:
                             updated_at=bindparam("new_at")), updates)
             if inserts:
                 db.execute(insert(source_versions), inserts)
+
+    # ------------------------------------------------------------ writing: the deletion queue
+
+    def queue_deletions(self, connection: str, direction: str, object_name: str,
+                        deleted: Iterable[tuple[str, str]], run_id: int | None = None) -> int:
+        """Queue deleted source records (source id, global id) for their deletion mark; a record
+        queued before keeps its row and state (so a mark is never applied twice). Returns how
+        many were new."""
+        rows = {str(s): str(g) for s, g in deleted}
+        if not rows:
+            return 0
+        now = _now()
+        with self.engine.begin() as db:
+            known = set()
+            ids = sorted(rows)
+            for start in range(0, len(ids), 500):
+                known.update(db.execute(select(deletion_queue.c.source_id).where(
+                    deletion_queue.c.connection == connection, deletion_queue.c.direction == direction,
+                    deletion_queue.c.object == object_name,
+                    deletion_queue.c.source_id.in_(ids[start:start + 500]))).scalars())
+            new = [dict(connection=connection, direction=direction, object=object_name, source_id=s,
+                        global_id=rows[s], state="pending", attempts=0, first_seen=now, updated_at=now,
+                        run_id=run_id) for s in ids if s not in known]
+            if new:
+                db.execute(insert(deletion_queue), new)
+        return len(new)
+
+    def pending_deletions(self, connection: str, direction: str, object_name: str) -> list[dict]:
+        """Queued deletions not yet marked: this run's and every earlier run's that did not go through."""
+        with self.engine.connect() as db:
+            return [dict(r) for r in db.execute(
+                select(deletion_queue.c.source_id, deletion_queue.c.global_id, deletion_queue.c.expected,
+                       deletion_queue.c.attempts).where(
+                    deletion_queue.c.connection == connection, deletion_queue.c.direction == direction,
+                    deletion_queue.c.object == object_name, deletion_queue.c.state == "pending")
+                .order_by(deletion_queue.c.id)).mappings()]
+
+    def expect_deletions(self, connection: str, direction: str, object_name: str,
+                         expected: dict[str, dict]) -> None:
+        """Remember the values about to be written as deletion marks (before the write call)."""
+        if expected:
+            with self.engine.begin() as db:
+                db.execute(update(deletion_queue).where(
+                    deletion_queue.c.connection == connection, deletion_queue.c.direction == direction,
+                    deletion_queue.c.object == object_name, deletion_queue.c.source_id == bindparam("key"))
+                    .values(expected=bindparam("expected"), updated_at=_now()),
+                    [{"key": s, "expected": v} for s, v in expected.items()])
+
+    def settle_deletions(self, connection: str, direction: str, object_name: str, outcomes: Iterable[dict],
+                         no_target: Iterable[str] = (), run_id: int | None = None) -> None:
+        """Record what this run's attempt did: applied (marked now or found marked), still pending
+        after a failure (counted in `attempts`, with the vault's error), or no target record."""
+        now = _now()
+        rows = []
+        for o in outcomes:
+            applied = o["outcome"] in ("marked_deleted", "unchanged")
+            rows.append({"key": str(o["source_id"]), "state": "applied" if applied else "pending",
+                         "error_type": None if applied else o.get("error_type"),
+                         "message": None if applied else o.get("message"), "failed": 0 if applied else 1})
+        rows += [{"key": str(s), "state": "no_target", "error_type": None, "message": None, "failed": 0}
+                 for s in no_target]
+        if rows:
+            with self.engine.begin() as db:
+                db.execute(update(deletion_queue).where(
+                    deletion_queue.c.connection == connection, deletion_queue.c.direction == direction,
+                    deletion_queue.c.object == object_name, deletion_queue.c.source_id == bindparam("key"))
+                    .values(state=bindparam("state"), error_type=bindparam("error_type"),
+                            message=bindparam("message"), attempts=deletion_queue.c.attempts + bindparam("failed"),
+                            updated_at=now, run_id=run_id), rows)
 
     def add_dq_summary(self, run_id: int, connection: str, direction: str, object_name: str,
                        rows: int, failing_rows: int, reasons: dict[str, int], success: bool,

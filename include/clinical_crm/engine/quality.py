@@ -1,13 +1,13 @@
-"""Data quality: Great Expectations suites, per-row quarantine reasons, the run's DQ report.
+"""The data-quality gate: Great Expectations suites, per-row quarantine reasons, the DQ report.
 
 Each rule is written once (`Rule`): its expectations (what GX validates and reports in Data
 Docs) and its row mask + readable reason (what quarantines a row) read the same column with the
 same parameters. Rules look at a *check frame* with neutral column names (person, channel,
-account_matches, ...) prepared from the staged records; cross-system matching (Person
-identifier -> CRM Account, Account identifier -> CTMS Person) is a pandas merge whose result
-column (`account_matches` / `person_matches`) GX then validates.
+account_matches, ...) that each flow prepares from its staged records (flows/*: quality_rules
+and the checks); cross-system matching (Person identifier -> CRM Account, Account identifier ->
+CTMS Person) is a pandas merge (`add_match`) whose count column GX then validates.
 
-Two suites per direction: `mapping_completeness` and `identifier_match`.
+Two suites per flow: `mapping_completeness` and `identifier_match`.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from pathlib import Path
 import pandas as pd
 
 from clinical_crm import settings
-from clinical_crm.transform import blank, relationship, study_reference_columns, text
+from clinical_crm.errors import QualityThresholdExceeded
+from clinical_crm.values import blank, text
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +33,6 @@ MAPPING_COMPLETENESS = "mapping_completeness"
 IDENTIFIER_MATCH = "identifier_match"
 EARLIEST_DATE = date(1990, 1, 1)  # an activity before this is a typo, not history
 LATEST_YEARS_AHEAD = 10  # planned activities may be in the future, not in another decade
-
-
-from clinical_crm.quality_errors import QualityThresholdExceeded  # noqa: E402,F401 (re-exported)
 
 
 # ---------------------------------------------------------------- rules
@@ -59,11 +57,11 @@ def _gx():
     return gx
 
 
-def _not_null(column: str) -> Callable[[], list]:
+def not_null(column: str) -> Callable[[], list]:
     return lambda: [_gx().expectations.ExpectColumnValuesToNotBeNull(column=column)]
 
 
-def _in_set(column: str, values: list) -> Callable[[], list]:
+def in_set(column: str, values: list) -> Callable[[], list]:
     # only for small sets (picklist maps, booleans): large sets are merges, see module doc
     def build():
         gx = _gx()
@@ -72,7 +70,7 @@ def _in_set(column: str, values: list) -> Callable[[], list]:
     return build
 
 
-def _exactly_one(column: str) -> Callable[[], list]:
+def exactly_one(column: str) -> Callable[[], list]:
     return lambda: [_gx().expectations.ExpectColumnValuesToBeBetween(column=column, min_value=1, max_value=1)]
 
 
@@ -83,7 +81,28 @@ def date_bounds(today: date | None = None) -> tuple[int, int]:
     return int(EARLIEST_DATE.strftime("%Y%m%d")), int(high.strftime("%Y%m%d"))
 
 
-def _date_rule(today: date | None) -> Rule:
+def blank_mask(values: pd.Series) -> pd.Series:
+    return values.map(blank).astype(bool)
+
+
+def not_true(values: pd.Series) -> pd.Series:
+    return values != True  # noqa: E712 (element-wise)
+
+
+def channel_rule(channels: list[str]) -> Rule:
+    """The channel is one the channel map knows (outbound: its keys, inbound: its values)."""
+    return Rule("channel_mapped", MAPPING_COMPLETENESS, "channel", in_set("channel", channels),
+                lambda s: ~s.isin(channels),
+                lambda r: "channel missing" if blank(r["channel"]) else f"channel '{r['channel']}' is not in the channel map")
+
+
+def match_rule(name: str, count_column: str, key_column: str, what: str, field_name: str) -> Rule:
+    """The key matches exactly one record on the other side (see add_match)."""
+    return Rule(name, IDENTIFIER_MATCH, count_column, exactly_one(count_column), lambda s: s != 1,
+                lambda r: _match_reason(r[count_column], what, field_name, r[key_column]))
+
+
+def date_rule(today: date | None = None) -> Rule:
     low, high = date_bounds(today)
 
     def expectations():
@@ -97,62 +116,6 @@ def _date_rule(today: date | None) -> Rule:
         lambda r: ("date missing" if blank(r["date"]) else
                    f"date '{r['date']}' is not a valid date between {low} and {high} (YYYYMMDD)"),
     )
-
-
-def outbound_rules(cfg, today: date | None = None) -> list[Rule]:
-    """Rules for Clinical Activities going to CRM."""
-    ident = cfg.identifiers
-    channels = list(cfg.channel_map)
-    rules = [
-        Rule("person_present", MAPPING_COMPLETENESS, "person", _not_null("person"),
-             lambda s: s.map(blank).astype(bool), lambda r: "no Person on the Clinical Activity"),
-        Rule("person_has_identifier", MAPPING_COMPLETENESS, "person_identifier", _not_null("person_identifier"),
-             lambda s: s.map(blank).astype(bool),
-             lambda r: f"Person {r['person_label'] or ''} has no {ident.ctms_person_field}".replace("  ", " ")),
-        Rule("channel_mapped", MAPPING_COMPLETENESS, "channel", _in_set("channel", channels),
-             lambda s: ~s.isin(channels),
-             lambda r: "channel missing" if blank(r["channel"]) else f"channel '{r['channel']}' is not in the channel map"),
-        _date_rule(today),
-    ]
-    if cfg.features.studies_and_sites:
-        rules += [
-            Rule("study_resolvable", MAPPING_COMPLETENESS, "study_resolved", _in_set("study_resolved", [True]),
-                 lambda s: s != True,  # noqa: E712 (element-wise)
-                 lambda r: f"Study {r['study_ref']} has no Clinical Study in CRM (not sent yet)"),
-            Rule("site_resolvable", MAPPING_COMPLETENESS, "site_resolved", _in_set("site_resolved", [True]),
-                 lambda s: s != True,  # noqa: E712
-                 lambda r: f"Study Site {r['site_ref']} has no Clinical Site in CRM (not sent yet)"),
-        ]
-    rules.append(Rule(
-        "person_account_match", IDENTIFIER_MATCH, "account_matches", _exactly_one("account_matches"),
-        lambda s: s != 1,
-        lambda r: _match_reason(r["account_matches"], "CRM Account", ident.crm_account_field, r["person_identifier"]),
-    ))
-    return rules
-
-
-def inbound_rules(cfg, today: date | None = None) -> list[Rule]:
-    """Rules for CRM calls going to CTMS as Medical Activities."""
-    ident = cfg.identifiers
-    channels = list(cfg.channel_map.values())
-    return [
-        Rule("account_present", MAPPING_COMPLETENESS, "account", _not_null("account"),
-             lambda s: s.map(blank).astype(bool), lambda r: "no Account on the call"),
-        Rule("account_has_identifier", MAPPING_COMPLETENESS, "account_identifier", _not_null("account_identifier"),
-             lambda s: s.map(blank).astype(bool),
-             lambda r: f"Account {r['account'] or ''} has no {ident.crm_account_field}".replace("  ", " ")),
-        Rule("channel_mapped", MAPPING_COMPLETENESS, "channel", _in_set("channel", channels),
-             lambda s: ~s.isin(channels),
-             lambda r: "channel missing" if blank(r["channel"]) else f"channel '{r['channel']}' is not in the channel map"),
-        # Status: Submitted -> Complete Yes, any other status (Planned, Saved, ...) -> No; only a
-        # missing status is a defect.
-        Rule("status_present", MAPPING_COMPLETENESS, "status", _not_null("status"),
-             lambda s: s.map(blank).astype(bool), lambda r: "status missing"),
-        _date_rule(today),
-        Rule("account_person_match", IDENTIFIER_MATCH, "person_matches", _exactly_one("person_matches"),
-             lambda s: s != 1,
-             lambda r: _match_reason(r["person_matches"], "CTMS Person", ident.ctms_person_field, r["account_identifier"])),
-    ]
 
 
 def _match_reason(matches, what: str, field_name: str, value) -> str:
@@ -188,52 +151,28 @@ def _unique_target(keys: pd.Series, candidates: pd.DataFrame, key_column: str) -
     return merged["id"].astype(object).where(merged["id"].notna(), None).set_axis(keys.index)
 
 
-def activity_checks(activities: pd.DataFrame, accounts: pd.DataFrame, known_studies: set[str],
-                    known_sites: set[str], cfg) -> pd.DataFrame:
-    """The check frame of Clinical Activities, plus `account_id` for the rows that match."""
-    a = cfg.ctms.activity.fields
-    person = relationship(a.person)
-    p = cfg.ctms.person.fields
-    ident_col = f"{person}.{cfg.identifiers.ctms_person_field}"
-    col = lambda name: activities[name] if name in activities else pd.Series([None] * len(activities), dtype=object, index=activities.index)  # noqa: E731
-    checks = pd.DataFrame(index=activities.index)
-    checks["source_id"] = activities["id"]
-    checks["person"] = col(a.person).map(text)
-    checks["person_identifier"] = col(ident_col).map(text)
-    checks["person_label"] = (col(f"{person}.{p.first_name}").map(lambda v: text(v) or "") + " " +
-                              col(f"{person}.{p.last_name}").map(lambda v: text(v) or "")).str.strip()
-    checks["channel"] = col(a.channel).map(text)
-    checks["date"] = col(a.date).map(text)
-    checks["date_number"] = _date_numbers(col(a.date))
-    if cfg.features.studies_and_sites:
-        refs = study_reference_columns(cfg)
-        checks["study_ref"] = col(refs["study"]).map(text)
-        checks["site_ref"] = col(refs["site"]).map(text)
-        checks["study_resolved"] = checks["study_ref"].map(lambda v: blank(v) or v in known_studies).astype(object)
-        checks["site_resolved"] = checks["site_ref"].map(lambda v: blank(v) or v in known_sites).astype(object)
-    account_field = cfg.identifiers.crm_account_field
-    checks["account_matches"] = _match_counts(checks["person_identifier"], accounts, account_field)
-    checks["account_id"] = _unique_target(checks["person_identifier"], accounts, account_field)
+def column_of(frame: pd.DataFrame) -> Callable[[str], pd.Series]:
+    """A column by name, or an empty one when the frame lacks it."""
+    return lambda name: (frame[name] if name in frame else
+                         pd.Series([None] * len(frame), dtype=object, index=frame.index))
+
+
+def check_frame(frame: pd.DataFrame, channel: pd.Series, date_values: pd.Series) -> pd.DataFrame:
+    """The columns every flow's check frame has: source_id, channel, date, date_number."""
+    checks = pd.DataFrame(index=frame.index)
+    checks["source_id"] = frame["id"]
+    checks["channel"] = channel.map(text)
+    checks["date"] = date_values.map(text)
+    checks["date_number"] = _date_numbers(date_values)
     return checks
 
 
-def call_checks(calls: pd.DataFrame, persons: pd.DataFrame, cfg) -> pd.DataFrame:
-    """The check frame of CRM calls, plus `person_id` for the rows that match."""
-    c = cfg.crm.call.fields
-    ident_col = f"{relationship(c.account)}.{cfg.identifiers.crm_account_field}"
-    col = lambda name: calls[name] if name in calls else pd.Series([None] * len(calls), dtype=object, index=calls.index)  # noqa: E731
-    checks = pd.DataFrame(index=calls.index)
-    checks["source_id"] = calls["id"]
-    checks["account"] = col(c.account).map(text)
-    checks["account_identifier"] = col(ident_col).map(text)
-    checks["channel"] = col(c.channel).map(text)
-    checks["status"] = col(c.status).map(text)
-    checks["date"] = col(c.date).map(text)
-    checks["date_number"] = _date_numbers(col(c.date))
-    person_field = cfg.identifiers.ctms_person_field
-    checks["person_matches"] = _match_counts(checks["account_identifier"], persons, person_field)
-    checks["person_id"] = _unique_target(checks["account_identifier"], persons, person_field)
-    return checks
+def add_match(checks: pd.DataFrame, key_column: str, candidates: pd.DataFrame, candidate_field: str,
+              count_column: str, id_column: str) -> None:
+    """How many candidates carry each row's key (`count_column`), and the candidate's id where
+    exactly one does (`id_column`): cross-system identifier matching as a merge."""
+    checks[count_column] = _match_counts(checks[key_column], candidates, candidate_field)
+    checks[id_column] = _unique_target(checks[key_column], candidates, candidate_field)
 
 
 def row_reasons(checks: pd.DataFrame, rules: list[Rule]) -> tuple[pd.Series, dict[str, int]]:
@@ -259,6 +198,7 @@ class Validator:
 
     connection: str
     run_key: str
+    matched_columns: tuple[str, ...] = ()  # target ids beside the checks: not validated
     root: Path = field(init=False)
     results: list[dict] = field(default_factory=list)
 
@@ -308,7 +248,7 @@ class Validator:
             batch = asset.get_batch_definition("whole_frame")
         except (KeyError, LookupError):
             batch = asset.add_batch_definition_whole_dataframe("whole_frame")
-        frame = checks.drop(columns=[c for c in ("account_id", "person_id") if c in checks])
+        frame = checks.drop(columns=[c for c in self.matched_columns if c in checks])
         summaries = []
         for suite_name in (MAPPING_COMPLETENESS, IDENTIFIER_MATCH):
             suite_rules = [r for r in rules if r.suite == suite_name]

@@ -38,7 +38,7 @@ TEMPLATES = Environment(
 
 
 def _ledger():
-    from clinical_crm.ledger import Ledger
+    from clinical_crm.engine.ledger import Ledger
 
     return Ledger(settings.ledger_url())
 

@@ -1,6 +1,6 @@
 """Airflow provider entry point: registers the `veeva_vault` connection type.
 
-pyproject.toml declares `apache_airflow_provider = clinical_crm.provider:get_provider_info`.
+pyproject.toml declares `apache_airflow_provider = clinical_crm.airflow.provider:get_provider_info`.
 Airflow 3.2+ reads the connection form declaratively from `conn-fields` and
 `ui-field-behaviour` here (the hook methods `get_connection_form_widgets` /
 `get_ui_field_behaviour` are deprecated there), so the form is defined once, in this file.
@@ -8,7 +8,7 @@ Airflow 3.2+ reads the connection form declaratively from `conn-fields` and
 from __future__ import annotations
 
 CONN_TYPE = "veeva_vault"
-HOOK_CLASS = "clinical_crm.hooks.VaultHook"
+HOOK_CLASS = "clinical_crm.airflow.hooks.VaultHook"
 
 # Extras of a veeva_vault connection: name -> (label, JSON type, default, description).
 EXTRA_FIELDS: dict[str, tuple[str, str, object, str]] = {
@@ -48,7 +48,7 @@ def get_provider_info() -> dict:
         "name": "Clinical Operations to Medical CRM connection",
         "description": "Veeva Vault REST API hook and connection type for the CTMS <-> Medical CRM DAGs.",
         "versions": ["0.1.0"],
-        "hooks": [{"integration-name": "Veeva Vault", "python-modules": ["clinical_crm.hooks"]}],
+        "hooks": [{"integration-name": "Veeva Vault", "python-modules": ["clinical_crm.airflow.hooks"]}],
         "connection-types": [
             {
                 "connection-type": CONN_TYPE,

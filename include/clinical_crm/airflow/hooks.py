@@ -10,9 +10,9 @@ from typing import Any
 
 from airflow.sdk import BaseHook
 
-from clinical_crm.client import VaultClient
-from clinical_crm.errors import VaultError
-from clinical_crm.provider import CONN_TYPE, EXTRA_FIELDS, UI_FIELD_BEHAVIOUR
+from clinical_crm.airflow.provider import CONN_TYPE, EXTRA_FIELDS, UI_FIELD_BEHAVIOUR
+from clinical_crm.vault import VaultClient
+from clinical_crm.vault.errors import VaultError
 
 _CASTS = {"string": str, "number": float, "integer": int}
 
@@ -69,8 +69,12 @@ class VaultHook(BaseHook):
                 arguments[name] = _CASTS[json_type](value)
         return arguments
 
-    def get_client(self) -> VaultClient:
-        """A VaultClient for this connection (one per hook; the session is opened on first use)."""
+    def get_client(self, **overrides) -> VaultClient:
+        """A VaultClient for this connection, the one way to build one from Airflow (one per hook;
+        the session is opened on first use). `overrides` replace client arguments, e.g.
+        max_retries=1 to answer a person quickly; they give a client of its own."""
+        if overrides:
+            return VaultClient(**{**self.client_arguments(), **overrides})
         if self._client is None:
             self._client = VaultClient(**self.client_arguments())
         return self._client
@@ -81,7 +85,7 @@ class VaultHook(BaseHook):
     def test_connection(self) -> tuple[bool, str]:
         """Authenticate once; Airflow's "Test" button shows the message."""
         try:
-            client = VaultClient(**self.client_arguments(), max_retries=1)  # answer the UI quickly
+            client = self.get_client(max_retries=1)  # answer the UI quickly
             try:
                 return True, f"Authenticated to vault {client.vault_id} as {client.username}"
             finally:

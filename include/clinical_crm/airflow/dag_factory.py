@@ -1,0 +1,278 @@
+"""Builds one DAG per flow per connection file: `<flow>__<name>` (ctms_to_crm__demo, ...).
+
+Each DAG is built from its Flow (clinical_crm.flows): the same thin TaskFlow tasks for every
+flow, each calling one step of clinical_crm.engine.runner. Parsing stays fast: no API calls,
+and pandas / pyarrow / GX / the client are imported inside the tasks, never at module level.
+
+    python -m clinical_crm.airflow.dag_factory pools    # create the per-vault pools (--slots N)
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from datetime import timedelta
+
+from airflow.sdk import DAG, CronDataIntervalTimetable, ExceptionRetryPolicy, Param, RetryAction, RetryRule, task
+
+from clinical_crm.flows import all_flows, flow as flow_named
+from clinical_crm.flows.base import Flow
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POOL_SLOTS = 4
+
+# Retrying cannot fix a wrong password, a missing permission, a bad configuration file or a
+# window whose data fails the quality threshold: fail those at once, retry everything else.
+FAIL_FAST = ExceptionRetryPolicy(rules=[
+    RetryRule(exception=["clinical_crm.vault.errors.VaultAuthenticationError",
+                         "clinical_crm.vault.errors.VaultPermissionError",
+                         "clinical_crm.errors.ConfigError",
+                         "clinical_crm.errors.QualityThresholdExceeded"],
+              action=RetryAction.FAIL, reason="not retryable: fix the credentials, permissions, "
+                                               "configuration or data, then re-run"),
+])
+
+TASK_DEFAULTS = {
+    "owner": "clinical-crm",
+    "retries": 3,
+    "retry_delay": timedelta(seconds=30),
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": timedelta(minutes=10),
+    "retry_policy": FAIL_FAST,
+}
+
+PARAMS = {
+    "window_start": Param(None, type=["null", "string"],
+                          description="Manual runs: start of the window (ISO 8601, UTC). Empty: the rule."),
+    "window_end": Param(None, type=["null", "string"],
+                        description="Manual runs: end of the window (ISO 8601, UTC). Empty: the data interval end, or now."),
+}
+
+
+def task_defaults() -> dict:
+    """TASK_DEFAULTS; the first retry's delay may be set in seconds with the environment variable
+    CLINICAL_CRM_RETRY_DELAY_SECONDS (tests and scripts/fault_run.py use 1 so that dag.test(),
+    which waits for it, does not wait minutes)."""
+    delay = os.environ.get("CLINICAL_CRM_RETRY_DELAY_SECONDS")
+    return {**TASK_DEFAULTS, "retry_delay": timedelta(seconds=float(delay))} if delay else dict(TASK_DEFAULTS)
+
+
+def pool_name(conn_id: str) -> str:
+    """One pool per vault, so API concurrency per vault is bounded: `vault_<conn_id>`."""
+    return conn_id if conn_id.startswith("vault_") else f"vault_{conn_id}"
+
+
+def create_pools(configs=None, slots: int = DEFAULT_POOL_SLOTS) -> list[str]:
+    """Create (or keep) the pool of every vault of every connection; needs the Airflow metadata DB."""
+    from airflow.models.pool import Pool
+
+    from clinical_crm import config
+
+    names = sorted({pool_name(c) for cfg in (configs or config.load_connections())
+                    for c in (cfg.ctms_conn_id, cfg.crm_conn_id)})
+    for name in names:
+        if Pool.get_pool(name) is None:
+            Pool.create_or_update_pool(name, slots, "Concurrent calls to one vault (Clinical CRM connection)",
+                                       include_deferred=False)
+    return names
+
+
+# ---------------------------------------------------------------- run-time helpers
+
+
+def _config(source_file: str):
+    """The configuration as it is now (re-read at run time: an admin may have deactivated it)."""
+    from clinical_crm import config
+
+    return config.load_connection(source_file)
+
+
+@contextlib.contextmanager
+def _step(ctx_xcom: dict | None):
+    """A failing step marks the run failed in the ledger before Airflow sees the error."""
+    from clinical_crm.engine import runner
+    from clinical_crm.engine.context import RunContext
+
+    try:
+        yield
+    except BaseException as error:
+        with contextlib.suppress(Exception):
+            runner.fail(RunContext.from_xcom(ctx_xcom) if ctx_xcom else None, error)
+        raise
+
+
+@contextlib.contextmanager
+def _clients(flow: Flow, cfg, *sides: str):
+    """Vault clients of the given sides ("ctms", "crm"), closed after the step (a client opens
+    its session on its first call: an inactive run makes none)."""
+    from clinical_crm.airflow.hooks import VaultHook
+
+    with contextlib.ExitStack() as stack:
+        clients = {}
+        for side in sides:
+            clients[side] = VaultHook(flow.conn_id(cfg, side)).get_client()
+            stack.callback(clients[side].close)
+        yield clients
+
+
+def _doc(flow: Flow, cfg) -> str:
+    return f"""### Clinical Operations to Medical CRM: `{cfg.name}` ({flow.name})
+
+{flow.describe(cfg)}
+
+{cfg.description}
+
+* Configuration: `{cfg.source_file}` (re-read at every run; `active: false` moves nothing)
+* Vaults: CTMS `{cfg.ctms_conn_id}`, CRM `{cfg.crm_conn_id}` (pools `{pool_name(cfg.ctms_conn_id)}`, `{pool_name(cfg.crm_conn_id)}`)
+* Window: from the end of the last successful window minus {cfg.lookback_minutes} min to the run's
+  data interval end; manual runs may set params `window_start` / `window_end`.
+* Steps: {"pre-step -> " if flow.pre_step else ""}extract -> validate (Great Expectations; failing rows
+  quarantined) -> transform -> load; every run is recorded in the ledger with counts and its
+  Data Docs report. See docs/pipeline.md.
+"""
+
+
+def _dag(flow: Flow, cfg) -> DAG:
+    return DAG(
+        dag_id=f"{flow.name}__{cfg.name}",
+        description=f"{cfg.name}: {flow.name.replace('_', ' ')}",
+        doc_md=_doc(flow, cfg),
+        schedule=CronDataIntervalTimetable(cfg.schedule.cron, timezone="UTC"),
+        start_date=cfg.schedule.start_date,
+        catchup=False,
+        max_active_runs=1,
+        is_paused_upon_creation=not cfg.active,
+        params=PARAMS,
+        default_args=task_defaults(),
+        tags=["clinical-crm", cfg.name, flow.name],
+        owner_links={},
+    )
+
+
+# ---------------------------------------------------------------- tasks
+# Module-level TaskFlow tasks, the same for every flow: `source` is the connection file,
+# re-read at run time; `flow_name` names the flow; hand-offs travel as the steps' XCom dicts.
+
+
+@task
+def begin(source: str, flow_name: str, **context) -> dict:
+    from clinical_crm.engine import runner
+
+    dag_run = context.get("dag_run")
+    manual = dag_run is not None and str(getattr(dag_run, "run_type", "")).lower().endswith("manual")
+    ctx = runner.begin(flow_named(flow_name), _config(source), context["run_id"], context.get("data_interval_start"),
+                       context.get("data_interval_end"), dict(context.get("params") or {}),
+                       triggered_at=context.get("logical_date") if manual else None)
+    return ctx.to_xcom()
+
+
+@task
+def pre_step(source: str, flow_name: str, run: dict) -> dict:
+    from clinical_crm.engine import runner
+    from clinical_crm.engine.context import RunContext
+
+    with _step(run):
+        flow, cfg, ctx = flow_named(flow_name), _config(source), RunContext.from_xcom(run)
+        with _clients(flow, cfg, flow.source_side) as clients:
+            return runner.pre_step(flow, cfg, ctx, clients).to_xcom()
+
+
+@task
+def extract(source: str, flow_name: str, run: dict, pre: dict | None = None) -> dict:
+    from clinical_crm.engine import runner
+    from clinical_crm.engine.context import RunContext, Staged
+
+    with _step(run):
+        flow, cfg, ctx = flow_named(flow_name), _config(source), RunContext.from_xcom(run)
+        with _clients(flow, cfg, "ctms", "crm") as clients:
+            return runner.extract(flow, cfg, ctx, clients, Staged.from_xcom(pre)).to_xcom()
+
+
+@task
+def validate(source: str, flow_name: str, run: dict, staged: dict) -> dict:
+    from clinical_crm.engine import runner
+    from clinical_crm.engine.context import RunContext, Staged
+
+    with _step(run):
+        return runner.validate(flow_named(flow_name), _config(source), RunContext.from_xcom(run),
+                               Staged.from_xcom(staged)).to_xcom()
+
+
+@task
+def transform(source: str, flow_name: str, run: dict, staged: dict, validated: dict) -> dict:
+    from clinical_crm.engine import runner
+    from clinical_crm.engine.context import RunContext, Staged
+
+    with _step(run):
+        return runner.transform(flow_named(flow_name), _config(source), RunContext.from_xcom(run),
+                                Staged.from_xcom(staged), Staged.from_xcom(validated)).to_xcom()
+
+
+@task
+def load(source: str, flow_name: str, run: dict, staged: dict, records: dict) -> dict:
+    from clinical_crm.engine import runner
+    from clinical_crm.engine.context import RunContext, Staged
+
+    with _step(run):
+        flow, cfg, ctx = flow_named(flow_name), _config(source), RunContext.from_xcom(run)
+        with _clients(flow, cfg, flow.target_side) as clients:
+            return runner.load(flow, cfg, ctx, clients[flow.target_side], Staged.from_xcom(staged),
+                               Staged.from_xcom(records))
+
+
+@task
+def finish(run: dict, loaded: dict) -> dict:
+    from clinical_crm.engine import runner
+    from clinical_crm.engine.context import RunContext
+
+    return runner.finish(RunContext.from_xcom(run))
+
+
+# ---------------------------------------------------------------- the DAGs
+
+
+def build_dag(flow: Flow, cfg) -> DAG:
+    """begin -> [pre-step] -> extract -> validate -> transform -> load -> finish. Reads run in the
+    source vault's pool, writes in the target's."""
+    source = str(cfg.source_file)
+    read_pool = pool_name(flow.conn_id(cfg, flow.source_side))
+    write_pool = pool_name(flow.conn_id(cfg, flow.target_side))
+    with _dag(flow, cfg) as dag:
+        run = begin.override(pool=read_pool)(source, flow.name)
+        pre = pre_step.override(task_id=flow.pre_step.task_id, pool=read_pool)(source, flow.name, run) \
+            if flow.pre_step else None
+        staged = extract.override(pool=read_pool)(source, flow.name, run, pre)
+        records = transform(source, flow.name, run, staged, validate(source, flow.name, run, staged))
+        finish(run, load.override(pool=write_pool)(source, flow.name, run, staged, records))
+    return dag
+
+
+def build_dags(configs=None) -> dict[str, DAG]:
+    """One DAG per flow per connection file, by dag_id (for a DAG file's globals())."""
+    from clinical_crm import config
+
+    dags = {}
+    for cfg in configs if configs is not None else config.load_connections():
+        for flow in all_flows():
+            dag = build_dag(flow, cfg)
+            dags[dag.dag_id] = dag
+    return dags
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m clinical_crm.airflow.dag_factory")
+    sub = parser.add_subparsers(dest="command", required=True)
+    pools = sub.add_parser("pools", help="create the per-vault pools of every connection file")
+    pools.add_argument("--slots", type=int, default=DEFAULT_POOL_SLOTS)
+    args = parser.parse_args(argv)
+    if args.command == "pools":
+        for name in create_pools(slots=args.slots):
+            print(name)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
