@@ -8,7 +8,7 @@ ConfigError naming the file, the key path and the problem.
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,9 +18,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from clinical_crm import settings
 from clinical_crm.errors import ConfigError
+from clinical_crm.times import as_utc
+from clinical_crm.vault.fields import MAX_BATCH
 
 MAX_CONNECTIONS = 10  # Vault allows up to ten instances of the connection
-MAX_BATCH = 500
 
 # Vault API names: lowercase, a namespace suffix such as __v, __c, __sys, __clin, __ctms.
 API_NAME = re.compile(r"^[a-z][a-z0-9_]*__[a-z]+$")
@@ -58,7 +59,7 @@ class Schedule(Strict):
     @field_validator("start_date")
     @classmethod
     def _utc(cls, value: datetime) -> datetime:
-        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        return as_utc(value)
 
 
 class Features(Strict):
@@ -153,9 +154,9 @@ class MonitoringEventFields(Strict):
     site: ApiName
     person: ApiName
     date: ApiName
-    channel: ApiName
+    visit_method: ApiName  # Monitoring Visit Method: a Monitoring Event has no Channel (Veeva's help)
     complete: ApiName
-    update_required: ApiName
+    update_required: ApiName  # Activity Update Required
 
 
 class CommunicationLogFields(Strict):

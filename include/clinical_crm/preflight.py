@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from clinical_crm.client import VaultClient
+from clinical_crm.vault import VaultClient
 from clinical_crm.config import ConnectionConfig
-from clinical_crm.errors import VaultAuthenticationError, VaultError, VaultTransientError
+from clinical_crm.flows.automated_activities import channel_field
+from clinical_crm.vault.errors import VaultAuthenticationError, VaultError, VaultTransientError
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ REFERENCE = {"object"}
 ROLE_TYPES: dict[str, set[str]] = {
     "date": {"date", "datetime"},
     "channel": {"picklist"},
+    "visit_method": {"picklist"},
     "status": {"picklist"},
     "complete": {"boolean"},
     "update_required": {"boolean"},
@@ -174,6 +176,23 @@ class SideChecks:
         else:
             self.add(what, True, f"{len(values)} value(s) valid for {object_name}.{field_name}")
 
+    def object_type_active(self, object_name: str, type_name: str, key: str) -> None:
+        """An object type an admin must activate (Medical Activity: Admin > Configuration >
+        Objects > Activity > Object Types), read from Vault's configuration API."""
+        what = f"object type {object_name}.{type_name} ({key}) is active"
+        try:
+            found = self.catalog.client.object_type(object_name, type_name)
+        except VaultError as exc:
+            self.add(what, False, f"not found ({exc}): an admin must create and activate it")
+            return
+        active = found.get("active")
+        if active is None:
+            self.skip(what, "the vault does not say whether it is active")
+        else:
+            self.add(what, bool(active), "active" if active else
+                     f"{found.get('label') or type_name} is inactive: an admin activates it under Admin > "
+                     "Configuration > Objects > Activity > Object Types")
+
     def permissions(self, object_name: str, rights: set[str], object_types: dict[str, set[str]] | None = None) -> None:
         what = f"permissions on {object_name} ({', '.join(sorted(rights))})"
         try:
@@ -219,12 +238,24 @@ def check_ctms(cfg: ConnectionConfig, catalog: VaultCatalog) -> list[Check]:
         else:
             side.values_in_picklist("deletion.ctms_inactive_status", activity.object, "status__v",
                                     [cfg.deletion.ctms_inactive_status])
+    if features.medical_activities and _object_known(catalog, activity.object):
+        side.object_type_active(activity.object, activity.medical_type, "ctms.activity.medical_type")
     if features.automated_activities:
         for key in ("monitoring_event", "communication_log"):
             section = getattr(ctms, key)
-            if _field_known(catalog, section.object, section.fields.channel):
-                side.values_in_picklist(f"channel_map keys on ctms.{key}", section.object,
-                                        section.fields.channel, list(cfg.channel_map))
+            channel = channel_field(section.fields)
+            if _field_known(catalog, section.object, channel):
+                side.values_in_picklist(f"channel_map keys on ctms.{key}", section.object, channel, list(cfg.channel_map))
+        # Veeva: every Monitoring Event type used for automation needs these two fields
+        event = ctms.monitoring_event
+        if _object_known(catalog, event.object):
+            for label, field_name in (("Activity Update Required", event.fields.update_required),
+                                      ("Monitoring Visit Method", event.fields.visit_method)):
+                present = catalog.field(event.object, field_name) is not None
+                side.add(f"automated activities need {label} on {event.object}", present,
+                         f"field {field_name}" if present else
+                         f"{event.object} has no field {field_name} ({label}): add it to every Monitoring Event "
+                         f"type used for automated activities, or set features.automated_activities: false")
     if _object_known(catalog, ctms.person.object):
         side.field_ok("identifiers.ctms_person_field", ctms.person.object, cfg.identifiers.ctms_person_field, "identifier")
 

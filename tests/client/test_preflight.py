@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from clinical_crm import settings
-from clinical_crm.client import VaultClient
+from clinical_crm.vault.client import VaultClient
 from clinical_crm.config import parse_connection
 from clinical_crm.preflight import report, run_preflight
 
@@ -60,9 +60,39 @@ def test_wrong_object_type_and_field_type(demo, ctms, crm):
     demo["ctms"]["activity"]["medical_type"] = "medical_activty__v"
     demo["ctms"]["activity"]["fields"]["complete"] = "subject__v"
     _, failed = preflight(demo, ctms, crm)
-    assert len(failed) == 2
+    assert len(failed) == 3
     assert "(ctms.activity.medical_type): not an object type of crm_activity__v" in failed[1]
     assert "(ctms.activity.fields.complete): is text, expected boolean" in failed[0]
+    assert "object type crm_activity__v.medical_activty__v (ctms.activity.medical_type) is active: not found" in failed[2]
+
+
+def test_an_inactive_medical_activity_type_fails_naming_where_to_activate_it(demo, crm, tmp_path):
+    from vault_sandbox.testing import SandboxServer
+
+    with SandboxServer("ctms", tmp_path / "ctms.db", seed="users",
+                       inactive_object_types="crm_activity__v.medical_activity__v") as inactive:
+        _, failed = preflight(demo, inactive, crm)
+    assert failed == [
+        "FAIL  ctms  object type crm_activity__v.medical_activity__v (ctms.activity.medical_type) is active: "
+        "Medical Activity is inactive: an admin activates it under Admin > Configuration > Objects > Activity > "
+        "Object Types"]
+    demo["features"]["medical_activities"] = False  # not needed without Medical Activities
+    with SandboxServer("ctms", tmp_path / "ctms2.db", seed="users",
+                       inactive_object_types="crm_activity__v.medical_activity__v") as inactive:
+        assert preflight(demo, inactive, crm)[1] == []
+
+
+def test_automated_activities_need_activity_update_required_and_monitoring_visit_method(demo, ctms, crm):
+    fields = demo["ctms"]["monitoring_event"]["fields"]
+    fields["update_required"] = "activity_update_needed__ctms"
+    fields["visit_method"] = "channel__ctms"  # a Monitoring Event has no Channel
+    _, failed = preflight(demo, ctms, crm)
+    assert ("FAIL  ctms  automated activities need Activity Update Required on monitoring_event__ctms: "
+            "monitoring_event__ctms has no field activity_update_needed__ctms (Activity Update Required): add it to "
+            "every Monitoring Event type used for automated activities, or set features.automated_activities: false"
+            ) in failed
+    assert any(f.startswith("FAIL  ctms  automated activities need Monitoring Visit Method on monitoring_event__ctms: "
+                            "monitoring_event__ctms has no field channel__ctms (Monitoring Visit Method)") for f in failed)
 
 
 def test_picklist_values_are_checked(demo, ctms, crm):
@@ -141,7 +171,7 @@ def test_cli_with_airflow_connections(ctms, crm, tmp_path, demo):
 
 
 def test_hook_builds_client_and_tests_connection(ctms, monkeypatch):
-    from clinical_crm.hooks import VaultHook
+    from clinical_crm.airflow.hooks import VaultHook
 
     monkeypatch.setenv("AIRFLOW_CONN_VAULT_HOOK_TEST", json.dumps({
         "conn_type": "veeva_vault", "host": ctms.url, "login": "integration@sandbox.example",
@@ -168,11 +198,11 @@ def test_hook_builds_client_and_tests_connection(ctms, monkeypatch):
 
 
 def test_provider_registers_the_connection_type():
-    from clinical_crm.provider import get_provider_info
+    from clinical_crm.airflow.provider import get_provider_info
 
     info = get_provider_info()
     [conn] = info["connection-types"]
-    assert conn["connection-type"] == "veeva_vault" and conn["hook-class-name"] == "clinical_crm.hooks.VaultHook"
+    assert conn["connection-type"] == "veeva_vault" and conn["hook-class-name"] == "clinical_crm.airflow.hooks.VaultHook"
     assert set(conn["conn-fields"]) == {"api_version", "client_id", "connect_timeout", "read_timeout", "burst_floor"}
 
 
@@ -181,5 +211,5 @@ def test_airflow_lists_the_connection_type(tmp_path):
     listed = subprocess.run([sys.executable, "-m", "airflow", "providers", "hooks", "-o", "json"], env=env,
                             capture_output=True, text=True, timeout=180)
     hooks = {h["connection_type"]: h for h in json.loads(listed.stdout[listed.stdout.index("["):])}
-    assert hooks["veeva_vault"]["class"] == "clinical_crm.hooks.VaultHook"
+    assert hooks["veeva_vault"]["class"] == "clinical_crm.airflow.hooks.VaultHook"
     assert hooks["veeva_vault"]["package_name"] == "clinical-crm-connection"
