@@ -376,3 +376,19 @@ def test_long_contains_lists_are_split_under_the_vql_limit(make_client):
         found += [r["id"] for page in client.query(prefix + vql.in_list(chunk)) for r in page.records]
     assert client.counters["calls.query"] == 3  # two chunks
     assert sorted(found) == sorted(known)
+
+
+def test_a_call_and_its_retries_end_by_the_call_deadline(make_client, ctms, sleeps):
+    """Bounded time: past `call_deadline` a transient fault is not retried any more (client retries
+    and Airflow's task retries never stack into hours), and the time spent is counted."""
+    patient = make_client()
+    ctms.admin.faults(queue=["http502"])
+    any_activity_id(patient)
+    assert patient.counters["retry"] == 1 and patient.counters["sleep_seconds"] == sum(sleeps) > 0
+
+    hurried = make_client(call_deadline=0)
+    ctms.admin.faults(queue=["http502"])
+    with pytest.raises(VaultTransientError):
+        any_activity_id(hurried)
+    assert hurried.counters["retry"] == 0 and hurried.counters["calls.query"] == 1
+    assert hurried.counters["wait_seconds"] > 0

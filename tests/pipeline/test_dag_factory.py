@@ -1,6 +1,7 @@
 """DAG integrity: ids, timetable, retries and the fail-fast policy, pools, params, light parsing."""
 from __future__ import annotations
 
+from datetime import timedelta
 import subprocess
 import sys
 
@@ -49,6 +50,7 @@ def test_retries_back_off_and_fail_fast(dags):
 
     for task in dags["ctms_to_crm__demo"].tasks:
         assert task.retries == 3 and task.retry_exponential_backoff and task.max_retry_delay
+        assert task.execution_timeout == timedelta(hours=2)  # no task holds its pool for hours
         policy = task.retry_policy
         for error in (VaultAuthenticationError("USERNAME_OR_PASSWORD_INCORRECT"),
                       VaultPermissionError("INSUFFICIENT_ACCESS"), ConfigError("bad"),

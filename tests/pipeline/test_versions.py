@@ -167,7 +167,12 @@ class FakeVault:
     def __init__(self):
         self.calls: list[list[dict]] = []
 
-    def upsert(self, object_name, records, id_param, batch_size=500):
+    def retrying(self):
+        import tenacity
+
+        return tenacity.Retrying(stop=tenacity.stop_after_attempt(1), reraise=True)
+
+    def upsert(self, object_name, records, id_param, batch_size=500, retry=True):
         self.calls.append([dict(r) for r in records])
         return [RecordOutcome(i, f"T{r[id_param]}", "failed" if r.get("subject__v") == "fail" else "updated",
                               "INVALID_DATA" if r.get("subject__v") == "fail" else None, None)
@@ -237,7 +242,7 @@ def test_the_check_runs_per_batch_right_before_its_call(ledger):
     guard = load.VersionGuard(ledger, "demo", "ctms_to_crm", OBJ)
 
     class Interleaved(FakeVault):
-        def upsert(self, object_name, records, id_param, batch_size=500):
+        def upsert(self, object_name, records, id_param, batch_size=500, retry=True):
             if not self.calls:  # another run sends a newer V3 while our first batch is written
                 ledger.record_versions("demo", "ctms_to_crm", OBJ, {"V3": T0 + timedelta(seconds=1)})
             return super().upsert(object_name, records, id_param, batch_size)

@@ -71,3 +71,34 @@ def test_a_record_that_keeps_racing_is_not_lost(small_seed, tmp_path, monkeypatc
     snap = harness.snapshot(folder / "ctms.db")
     medical = [json.loads(r) for r in snap["crm_activity__v"] if '"external_id__v": "2002_' in r]
     assert len(medical) == 60
+
+
+def test_a_retried_load_keeps_the_outcome_of_the_attempt_that_wrote_each_record(small_seed, tmp_path, monkeypatch):
+    """Issue 14, finding 3: the first attempt creates 59 Medical Activities and loses one record to
+    RACE_CONDITION; the retry finds the 59 unchanged and creates the last one. The ledger says what
+    happened: 60 created by this run, one outcome per record, counts that do not mix attempts."""
+    import functools
+
+    from sqlalchemy import text
+
+    from clinical_crm.airflow import hooks
+    from clinical_crm.vault.client import VaultClient
+
+    folder = harness.copy_world(small_seed, tmp_path / "w")
+    monkeypatch.setattr(hooks, "VaultClient", functools.partial(VaultClient, backoff_initial=0.01))
+    with harness.World(folder) as world:
+        world.arm()
+        world.ctms.admin.faults(queue=["race_condition"] * 6)
+        dr = world.run_dag("crm_to_ctms__demo", harness.wide_window())
+        world.disarm()
+        ledger = world.ledger()
+        run = ledger.recent_runs("demo", limit=1)[0]
+        with ledger.engine.connect() as db:
+            outcomes = db.execute(text("SELECT source_id, outcome FROM record_outcomes WHERE run_id = :run "
+                                       "AND object = 'call2__v'"), {"run": run["run_id"]}).all()
+    assert dr.state == "success"
+    assert {ti.task_id: ti.try_number for ti in dr.get_task_instances()}["load"] == 2
+    assert len(outcomes) == len({s for s, _ in outcomes}) == 60  # one outcome per record
+    assert {o for _, o in outcomes} == {"created"}, sorted(set(outcomes))[:5]
+    counts = run["counts"]["call2__v"]
+    assert (counts["created"], counts["unchanged"], counts["loaded"], counts["failed"]) == (60, 0, 60, 0), counts

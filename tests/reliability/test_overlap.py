@@ -137,3 +137,81 @@ def test_an_older_extraction_loaded_last_does_not_overwrite_newer_values(tmp_pat
             ctms.close()
             crm.close()
     assert interactions(folder)[record["global_id__sys"]] == ["newest"]
+
+
+def test_a_resend_after_a_lost_answer_never_writes_an_older_version_over_a_newer_one(tmp_path):
+    """Issue 14, finding 2: run A's interaction write is applied by the vault but its answer is
+    lost (a read timeout); meanwhile the source record changes and run B (another process, as a
+    scheduled run beside a backfill) sends the newer value; then A sends its batch again. The
+    newer value survives: B's load waits for A's (loads of one connection and object never
+    overlap) and A's re-send re-checks the version guard. Before, B wrote first and A's client
+    re-sent the older payload over it, and the ledger still said the newer one was written."""
+    from clinical_crm.config import load_connection
+    from clinical_crm.engine import runner
+    from clinical_crm.flows import ctms_to_crm
+    from clinical_crm.vault import VaultClient
+    from clinical_crm.vault.errors import VaultTransientError
+
+    folder = harness.copy_world(harness.seed_world(tmp_path / "seed", 60), tmp_path / "w")
+    with harness.World(folder) as world:
+        cfg = load_connection(folder / "connections" / "demo.yaml")
+        ctms = VaultClient(world.ctms.url, harness.USER, harness.PASSWORD)
+        crm = VaultClient(world.crm.url, harness.USER, harness.PASSWORD)
+        flow, (start, end) = ctms_to_crm.FLOW, harness.wide_window()
+        run = runner.begin(flow, cfg, "backfill__a", None, None,
+                           {"window_start": start.isoformat(), "window_end": end.isoformat()})
+        staged = runner.extract(flow, cfg, run, {"ctms": ctms, "crm": crm})
+        records = runner.transform(flow, cfg, run, staged, runner.validate(flow, cfg, run, staged))
+        record = next(p for p in ctms.query("SELECT id, global_id__sys FROM crm_activity__v ORDER BY id")).records[0]
+        home = tmp_path / "airflow_b"
+        home.mkdir()
+        shutil.copy(Path(os.environ["AIRFLOW_HOME"]) / "airflow.db", home / "airflow.db")
+        env = {**os.environ, **world.env, "AIRFLOW_HOME": str(home),
+               "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}"}
+        b_log = tmp_path / "b.log"
+        procs = {}
+
+        class LostAnswer:
+            """The vault applies A's first interaction write, but the answer never arrives."""
+
+            def __init__(self, client):
+                self.client, self.lost = client, False
+
+            def __getattr__(self, name):
+                return getattr(self.client, name)
+
+            def upsert(self, object_name, batch, id_param, batch_size=500, retry=True):
+                results = self.client.upsert(object_name, batch, id_param, batch_size, retry=False)
+                if object_name == cfg.crm.interaction.object and not self.lost:
+                    self.lost = True
+                    assert ctms.update("crm_activity__v", [{"id": record["id"], "subject__v": "newest"}])[0].outcome == "updated"
+                    window = harness.wide_window()
+                    procs["b"] = subprocess.Popen(
+                        [sys.executable, str(HERE / "run_dag.py"), "ctms_to_crm__demo", window[1].isoformat(),
+                         window[0].isoformat(), window[1].isoformat()],
+                        env=env, stdout=open(b_log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+                    # while A waits for its answer, B validates and reaches its load (before this
+                    # change it wrote the newer value there; now it waits for A's load)
+                    deadline = time.monotonic() + 300
+                    while not any(r["dag_run_id"] != "backfill__a" and r["counts"].get("crm_activity__v", {}).get("valid")
+                                  for r in world.ledger().recent_runs("demo", limit=5)):
+                        assert procs["b"].poll() is None and time.monotonic() < deadline, b_log.read_text()[-3000:]
+                        time.sleep(0.2)
+                    quiet = time.monotonic() + 10
+                    while procs["b"].poll() is None and time.monotonic() < quiet:
+                        time.sleep(0.2)
+                    raise VaultTransientError("TIMEOUT", "POST vobjects/clinical_interaction__v: ReadTimeout")
+                return results
+
+        try:
+            runner.load(flow, cfg, run, LostAnswer(crm), staged, records)
+            assert procs["b"].wait(timeout=300) == 0, b_log.read_text()[-3000:]
+        finally:
+            ctms.close()
+            crm.close()
+            if "b" in procs and procs["b"].poll() is None:
+                procs["b"].kill()
+        history = world.ledger().record_history("demo", str(record["id"]))
+    assert interactions(folder)[record["global_id__sys"]] == ["newest"]
+    newest = max(v["modified_date"] for v in history["versions"])
+    assert [v["modified_date"] for v in history["versions"]] == [newest]  # the ledger knows the newest was written

@@ -154,7 +154,7 @@ def _routes():
 
 PUBLIC = {("POST", "/api/{version}/auth"), ("GET", "/api"), ("GET", "/api/")}
 VALUES = {"version": "v25.2", "object_name": "crm_activity__v", "record_id": "V1A0000000000001",
-          "query_id": "00000000-0000-0000-0000-000000000000", "user_id": "me"}
+          "query_id": "00000000-0000-0000-0000-000000000000", "user_id": "me", "component": "Objecttype"}
 
 
 @pytest.fixture(scope="module")

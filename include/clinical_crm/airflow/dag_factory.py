@@ -35,6 +35,9 @@ FAIL_FAST = ExceptionRetryPolicy(rules=[
 
 TASK_DEFAULTS = {
     "owner": "clinical-crm",
+    # a bound on every task: the client ends each call within its deadline, and a task that is
+    # still running after this is failed (and retried) instead of holding its pool for hours
+    "execution_timeout": timedelta(hours=2),
     "retries": 3,
     "retry_delay": timedelta(seconds=30),
     "retry_exponential_backoff": 2.0,
@@ -112,8 +115,19 @@ def _clients(flow: Flow, cfg, *sides: str):
         clients = {}
         for side in sides:
             clients[side] = VaultHook(flow.conn_id(cfg, side)).get_client()
+            stack.callback(_log_vault_time, side, clients[side])
             stack.callback(clients[side].close)
         yield clients
+
+
+def _log_vault_time(side: str, client) -> None:
+    """How much of the task went to waiting on the vault (the answer to "why was it slow?")."""
+    c = client.counters
+    calls = sum(v for k, v in c.items() if k.startswith("calls."))
+    if calls:
+        log.info("%s vault: %d calls, %.1f s waiting for answers, %.1f s in backoff and pacing "
+                 "(%d retries, %d re-authentications, %d burst-delayed answers)", side, calls,
+                 c["wait_seconds"], c["sleep_seconds"], c["retry"], c["reauth"], c["delayed_responses"])
 
 
 def _doc(flow: Flow, cfg) -> str:
@@ -210,15 +224,17 @@ def transform(source: str, flow_name: str, run: dict, staged: dict, validated: d
 
 
 @task
-def load(source: str, flow_name: str, run: dict, staged: dict, records: dict) -> dict:
+def load(source: str, flow_name: str, run: dict, staged: dict, records: dict, **context) -> dict:
     from clinical_crm.engine import runner
     from clinical_crm.engine.context import RunContext, Staged
 
+    ti = context.get("ti")
+    final_attempt = ti is None or ti.try_number > ti.max_tries  # no Airflow retry is left after this one
     with _step(run):
         flow, cfg, ctx = flow_named(flow_name), _config(source), RunContext.from_xcom(run)
         with _clients(flow, cfg, flow.target_side) as clients:
             return runner.load(flow, cfg, ctx, clients[flow.target_side], Staged.from_xcom(staged),
-                               Staged.from_xcom(records))
+                               Staged.from_xcom(records), final_attempt=final_attempt)
 
 
 @task

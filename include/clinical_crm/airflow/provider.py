@@ -19,6 +19,8 @@ EXTRA_FIELDS: dict[str, tuple[str, str, object, str]] = {
     "read_timeout": ("Read timeout (s)", "number", 120, "Seconds to wait for a response"),
     "burst_floor": ("Burst floor", "integer", 50,
                     "Start pacing calls when fewer burst calls than this remain"),
+    "call_deadline": ("Call deadline (s)", "number", 600,
+                      "One API call and all its retries end within this many seconds"),
 }
 
 UI_FIELD_BEHAVIOUR = {

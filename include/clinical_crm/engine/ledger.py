@@ -12,9 +12,14 @@ The schema is kept by Alembic migrations (engine/migrations), applied when a led
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import logging
+import time
 from collections.abc import Iterable
+from pathlib import Path
 from datetime import datetime, timezone
 from typing import Any
 
@@ -35,6 +40,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine
@@ -63,7 +69,7 @@ runs = Table(
     Column("dag_run_id", String(250), nullable=False),
     Column("window_start", DateTime(timezone=True)),
     Column("window_end", DateTime(timezone=True)),
-    Column("state", String(20), nullable=False),  # running | success | failed | inactive
+    Column("state", String(20), nullable=False),  # running | success | partial | failed | inactive
     Column("counts", JSON),
     Column("dq_report", Text),
     Column("message", Text),
@@ -161,6 +167,8 @@ deletion_queue = Table(
 log = logging.getLogger(__name__)
 
 _ENGINES: dict[str, Engine] = {}
+# Run states whose window counts as done: success, and partial (deletion marks left queued)
+COMPLETED_STATES = ("success", "partial")
 
 
 def _now() -> datetime:
@@ -168,6 +176,12 @@ def _now() -> datetime:
 
 
 _utc = as_utc  # SQLite hands datetimes back naive; they were stored as UTC
+
+
+def _log_wait(name: str, started: float) -> None:
+    waited = time.monotonic() - started
+    if waited > 1:
+        log.info("waited %.1f s for %s (another run held it)", waited, name)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -209,8 +223,6 @@ def _engine(url: str) -> Engine:
     """One engine per URL per process; the schema is brought up to date on first use."""
     if url not in _ENGINES:
         if url.startswith("sqlite:///"):
-            from pathlib import Path
-
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, future=True)
         if url.startswith("sqlite"):
@@ -272,11 +284,13 @@ class Ledger:
         return _run_dict(row)
 
     def last_success_end(self, connection: str, direction: str) -> datetime | None:
-        """End of the last successful window of this connection and direction."""
+        """End of the last successful window of this connection and direction (a partial run
+        moved its window: what it left behind is queued, not bound to the window)."""
         with self.engine.connect() as db:
             value = db.execute(
                 select(func.max(runs.c.window_end)).where(
-                    runs.c.connection == connection, runs.c.direction == direction, runs.c.state == "success")
+                    runs.c.connection == connection, runs.c.direction == direction,
+                    runs.c.state.in_(COMPLETED_STATES))
             ).scalar()
         return _utc(value)
 
@@ -308,6 +322,48 @@ class Ledger:
             query = query.where(record_outcomes.c.outcome.not_in(exclude))
         with self.engine.begin() as db:
             db.execute(query)
+
+    def written_outcomes(self, run_id: int, objects: Iterable[str]) -> dict[str, dict[str, str]]:
+        """{object: {source id: outcome}} of the records this run has written so far (created,
+        updated, marked_deleted) or sent without an answer (unknown): a retried load keeps them
+        as the outcome that counted."""
+        found: dict[str, dict[str, str]] = {}
+        with self.engine.connect() as db:
+            for obj, source, outcome in db.execute(
+                    select(record_outcomes.c.object, record_outcomes.c.source_id, record_outcomes.c.outcome).where(
+                        record_outcomes.c.run_id == run_id, record_outcomes.c.object.in_(list(objects)),
+                        record_outcomes.c.outcome.in_(("created", "updated", "marked_deleted", "unknown")))):
+                found.setdefault(obj, {})[source] = outcome
+        return found
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str):
+        """Hold a named lock across processes while the block runs (two loads of one connection
+        and target object never overlap): a PostgreSQL advisory lock, or a file lock beside a
+        SQLite ledger (one machine). Waiting for another holder is logged."""
+        started = time.monotonic()
+        if self.engine.dialect.name == "postgresql":
+            key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+            with self.engine.connect() as db:
+                db.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+                _log_wait(name, started)
+                try:
+                    yield
+                finally:
+                    db.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                    db.commit()
+        elif self.engine.url.database and self.engine.dialect.name == "sqlite":
+            folder = Path(f"{self.engine.url.database}.locks")
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.lock", "w") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                _log_wait(name, started)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+        else:  # an in-memory ledger: one process
+            yield
 
     def quarantine_records(self, run_id: int, connection: str, direction: str, object_name: str,
                            reasons_by_id: dict[str, list[str]]) -> None:
@@ -364,7 +420,7 @@ class Ledger:
                       & (record_outcomes.c.object == quarantine.c.object)
                       & (record_outcomes.c.connection == quarantine.c.connection)
                       & (record_outcomes.c.outcome == "quarantined"))
-                .join(runs, (runs.c.id == record_outcomes.c.run_id) & (runs.c.state == "success")
+                .join(runs, (runs.c.id == record_outcomes.c.run_id) & runs.c.state.in_(COMPLETED_STATES)
                       & (runs.c.direction == direction))
                 .where(quarantine.c.connection == connection, quarantine.c.direction == direction,
                        quarantine.c.object == object_name, quarantine.c.resolved_at.is_(None))

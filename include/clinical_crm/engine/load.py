@@ -22,6 +22,7 @@ from clinical_crm.flows.base import SOURCE_ID, SOURCE_VERSION
 from clinical_crm.times import as_utc
 from clinical_crm.values import text
 from clinical_crm.vault import Query
+from clinical_crm.vault.errors import VaultTransientError
 from clinical_crm.vault.fields import ID, MAX_BATCH, vault_datetime
 
 log = logging.getLogger(__name__)
@@ -78,15 +79,29 @@ class VersionGuard:
             self.ledger.record_versions(self.connection, self.direction, self.source_object, versions, self.run_id)
 
 
+class WriteUncertain(VaultTransientError):
+    """A write call failed transiently after every re-send (a timeout, a dropped connection, a
+    5xx): the vault may or may not have applied it. `outcomes` holds what this upsert knows,
+    including `unknown` for the records of that call, so the ledger says so before the task fails
+    (and is retried, or the next run re-sends the newest version)."""
+
+    def __init__(self, cause: VaultTransientError, outcomes: list[dict]):
+        super().__init__(cause.error_type, cause.message)
+        self.outcomes = outcomes
+
+
 def upsert(client, object_name: str, records: Iterable[dict], id_param: str, batch_size: int,
            source_ids: dict[str, str] | None = None, guard: VersionGuard | None = None) -> list[dict]:
     """Upsert records by `id_param` in batches; one outcome dict per record. The outcome's source_id
     is the record's SOURCE_ID (never sent), else `source_ids[external id]`, else the external id.
     Duplicates in one batch would fail the batch: the last one wins.
 
-    With a `guard`, each batch is checked right before its call: a record whose SOURCE_VERSION
-    (never sent) is older than the version already written for its source id is not sent (outcome
-    `superseded`); right after the call the versions of the records written are recorded."""
+    With a `guard`, each batch is checked right before every send of its call, the first and each
+    re-send after a transient fault (a timed-out call may have been applied, and another run may
+    have written a newer version meanwhile): a record whose SOURCE_VERSION (never sent) is older
+    than the version already written for its source id is not sent (outcome `superseded`); right
+    after the call the versions of the records written are recorded. Re-sends follow the client's
+    retry policy; when it gives up, WriteUncertain carries the outcomes, `unknown` for that call."""
     source_ids = dict(source_ids or {})
     versions: dict[str, datetime | None] = {}
     unique = {}
@@ -103,33 +118,48 @@ def upsert(client, object_name: str, records: Iterable[dict], id_param: str, bat
     outcomes: list[dict] = []
     skipped = 0
     started = time.monotonic()
+
+    def source_of(record: dict) -> str:
+        external = str(record[id_param])
+        return source_ids.get(external, external)
+
+    def not_superseded(batch: list[dict]) -> list[dict]:
+        mine = {source_of(r): versions[str(r[id_param])] for r in batch if versions.get(str(r[id_param])) is not None}
+        newer = guard.superseded(mine) if guard is not None else {}
+        for r in batch:
+            if source_of(r) in newer:
+                source = source_of(r)
+                outcomes.append({
+                    "source_id": source, "target_id": None, "outcome": "superseded", "error_type": None,
+                    "external_id": str(r[id_param]),
+                    "message": f"a newer version (modified {vault_datetime(newer[source])}) was already sent; "
+                               f"this run's older version (modified {vault_datetime(mine[source])}) was not written"})
+        return [r for r in batch if source_of(r) not in newer]
+
     for batch in _batches(ordered, min(batch_size, MAX_BATCH)):
-        if guard is not None:
-            mine = {source_ids.get(str(r[id_param]), str(r[id_param])): versions[str(r[id_param])] for r in batch
-                    if versions.get(str(r[id_param])) is not None}
-            newer = guard.superseded(mine)
-            if newer:
-                kept = []
-                for r in batch:
-                    external = str(r[id_param])
-                    source = source_ids.get(external, external)
-                    if source in newer:
-                        outcomes.append({
-                            "source_id": source, "target_id": None, "outcome": "superseded", "error_type": None,
-                            "external_id": external,
-                            "message": f"a newer version (modified {vault_datetime(newer[source])}) was already sent; "
-                                       f"this run's older version (modified {vault_datetime(mine[source])}) was not written"})
-                    else:
-                        kept.append(r)
-                skipped += len(batch) - len(kept)
-                batch = kept
+        results = None
+        try:
+            for attempt in client.retrying():
+                with attempt:
+                    kept = not_superseded(batch)
+                    skipped += len(batch) - len(kept)
+                    batch = kept
+                    if batch:
+                        results = client.upsert(object_name, batch, id_param=id_param,
+                                                batch_size=min(batch_size, MAX_BATCH), retry=False)
+        except VaultTransientError as exc:
+            outcomes += [{"source_id": source_of(r), "target_id": None, "outcome": "unknown", "error_type": exc.error_type,
+                          "external_id": str(r[id_param]),
+                          "message": f"the write call got no answer ({exc}); the vault may have applied it: "
+                                     f"the record is sent again (newest version) by the task's retry or the next run"}
+                         for r in batch]
+            raise WriteUncertain(exc, outcomes) from exc
         if not batch:
             continue
-        results = client.upsert(object_name, batch, id_param=id_param, batch_size=min(batch_size, MAX_BATCH))
         written: dict[str, datetime] = {}
         for record, result in zip(batch, results):
             external = str(record[id_param])
-            source = source_ids.get(external, external)
+            source = source_of(record)
             outcomes.append(_outcome(result, source) | {"external_id": external})
             if result.outcome in LOADED and versions.get(external) is not None:
                 written[source] = versions[external]

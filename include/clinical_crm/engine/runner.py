@@ -23,7 +23,7 @@ from clinical_crm.flows.base import VALID, Flow
 log = logging.getLogger(__name__)
 
 # What the load writes for a record (a retried load clears them first: one outcome per record)
-LOAD_OUTCOMES = ["created", "updated", "unchanged", "failed", "marked_deleted", "superseded"]
+LOAD_OUTCOMES = ["created", "updated", "unchanged", "failed", "marked_deleted", "superseded", "unknown"]
 PRE_STEP_IDS = "pre_step_ids"
 # Per-record errors a later attempt can clear (the client already re-sent these records a few
 # times): the load task fails after writing everything else, so Airflow retries it; the upserts
@@ -87,10 +87,19 @@ def fail(ctx: RunContext | None, error: BaseException, ledger: Ledger | None = N
 
 
 def finish(ctx: RunContext, ledger: Ledger | None = None) -> dict:
+    """Close the run: `success`, or `partial` when deletion marks the target refused are left in
+    the deletion queue (every later run tries them again; the ledger and the page say which)."""
     ledger = ledger or Ledger()
     if not ctx.active:
         return ledger.run(ctx.run_id)
-    ledger.finish_run(ctx.run_id, "success", message="")
+    left = {obj: c["deletions_failed"] for obj, c in (ledger.run(ctx.run_id)["counts"] or {}).items()
+            if isinstance(c, dict) and c.get("deletions_failed")}
+    if left:
+        ledger.finish_run(ctx.run_id, "partial", message=f"deletion marks refused by the target vault, still queued "
+                          f"and tried again by every later run: {left}")
+        log.warning("run %s: deletion marks not applied, still queued: %s", ctx.run_id, left)
+    else:
+        ledger.finish_run(ctx.run_id, "success", message="")
     staging.remove_run(ctx.run_dir)
     result = ledger.run(ctx.run_id)
     log.info("run %s finished: %s", ctx.run_id, result["counts"])
@@ -243,28 +252,55 @@ def transform(flow: Flow, cfg, ctx: RunContext, staged: Staged, validated: Stage
 
 @_active(dict)
 def load(flow: Flow, cfg, ctx: RunContext, client, staged: Staged, records: Staged,
-         ledger: Ledger | None = None) -> dict:
+         ledger: Ledger | None = None, final_attempt: bool = True) -> dict:
     """Upsert every target in order, then apply the deletion marks (this run's and those left
-    pending by earlier runs); per-object counts into the run's ledger row."""
+    pending by earlier runs); per-object counts into the run's ledger row.
+
+    A retried load starts over (its outcomes replace the failed attempt's), but a record an
+    earlier attempt of the run wrote keeps that outcome (the retry finds it unchanged). Loads of
+    the same connection and target object never overlap (a ledger lock): a slow backfill and a
+    scheduled run write one after the other, each batch checked against the newest version.
+    `final_attempt`: no task retry is left, so what is still refused or uncertain is quarantined
+    and re-read by the next run instead of waiting for a retry."""
     ledger = ledger or Ledger()
     objects = {t.source_object(cfg) for t in flow.targets} | {d.source_object(cfg) for d in flow.deletions}
+    earlier = ledger.written_outcomes(ctx.run_id, objects)
     for obj in sorted(objects):
         ledger.clear_outcomes(ctx.run_id, obj, only=LOAD_OUTCOMES)  # a retried task starts over
     counts: dict[str, dict] = {}
     for target in flow.targets:
         if target.enabled(cfg):
-            counts[target.source_object(cfg)] = _load_target(ledger, ctx, client, cfg, target, records.path(target.records))
+            with ledger.exclusive(f"load.{ctx.connection}.{target.target_object(cfg)}"):
+                counts[target.source_object(cfg)] = _load_target(
+                    ledger, ctx, client, cfg, target, records.path(target.records), earlier, final_attempt)
     for mark in flow.deletions:
         if mark.enabled(cfg):
             totals = counts.setdefault(mark.source_object(cfg), {})
-            for key, value in _apply_deletions(ledger, ctx, client, cfg, mark, staged).items():
+            for key, value in _apply_deletions(ledger, ctx, client, cfg, mark, staged, earlier).items():
                 totals[key] = totals.get(key, 0) + value
     add_counts(ledger, ctx, counts)
-    _raise_for_refusals(counts)
+    _raise_for_refusals(counts, final_attempt)
     return counts
 
 
-def _load_target(ledger: Ledger, ctx: RunContext, client, cfg, target, path: str | None) -> dict:
+def _as_counted(outcomes: list[dict], earlier: dict[str, str]) -> list[dict]:
+    """A retried attempt finds unchanged what an earlier attempt of the same run wrote: such a
+    record keeps the outcome of the attempt that wrote it (`earlier`: source id -> outcome). When
+    that attempt got no answer (`unknown`), nobody can say whether it created or updated the
+    record: it stays `unchanged`, and the message says why."""
+    counted = []
+    for o in outcomes:
+        before = earlier.get(o["source_id"]) if o["outcome"] == "unchanged" else None
+        if before == "unknown":
+            o = o | {"message": "an earlier attempt of this run sent it and got no answer; the vault holds these values"}
+        elif before is not None:
+            o = o | {"outcome": before, "message": "written by an earlier attempt of this run"}
+        counted.append(o)
+    return counted
+
+
+def _load_target(ledger: Ledger, ctx: RunContext, client, cfg, target, path: str | None,
+                 earlier: dict[str, dict[str, str]] | None = None, final_attempt: bool = True) -> dict:
     """Upsert one staged records file chunk by chunk (memory follows the chunk, not the file);
     record outcomes, the id map and (for the validated object) the quarantine they leave.
     Records older than a version another run already wrote are not sent (outcome superseded,
@@ -276,12 +312,15 @@ def _load_target(ledger: Ledger, ctx: RunContext, client, cfg, target, path: str
     from clinical_crm.engine import load
 
     source_object, target_object = target.source_object(cfg), target.target_object(cfg)
+    written_before = (earlier or {}).get(source_object, {})
     batch_size = cfg.load.batch_size
-    # failure counts always present: a retried load's counts then replace the failed attempt's
-    # in the run's ledger row (add_counts merges key by key)
-    totals: dict[str, int] = dict.fromkeys(("failed", "transient_failed", "permission_denied"), 0)
+    # every count always present: a retried load's counts then replace the failed attempt's in
+    # the run's ledger row (add_counts merges key by key), never mix with them
+    totals: dict[str, int] = dict.fromkeys(("created", "updated", "unchanged", "failed", "superseded", "unknown",
+                                            "loaded", "transient_failed", "permission_denied"), 0)
 
     def record(outcomes: list[dict]) -> None:
+        outcomes = _as_counted(outcomes, written_before)
         ledger.add_outcomes(ctx.run_id, ctx.connection, ctx.direction, source_object, outcomes)
         loaded = [o for o in outcomes if o["outcome"] in load.LOADED]
         ledger.map_ids(ctx.connection, target_object,
@@ -291,16 +330,31 @@ def _load_target(ledger: Ledger, ctx: RunContext, client, cfg, target, path: str
         transient = [o for o in failed if o.get("error_type") in TRANSIENT_RECORD_ERRORS]
         if target.holds_quarantine:
             ledger.resolve_quarantine(ctx.connection, ctx.direction, source_object, [o["source_id"] for o in loaded])
-            # a record the target vault refuses stays visible and is tried again by every run
+            # a record the target vault refuses stays visible and is tried again by every run; a
+            # transient refusal or an unanswered write too, once no task retry is left
+            held = [o for o in failed if o not in transient]
+            if final_attempt:
+                held += transient + [o for o in outcomes if o["outcome"] == "unknown"]
             ledger.quarantine_records(ctx.run_id, ctx.connection, ctx.direction, source_object, {
-                o["source_id"]: [f"{target_object} refused the record: {o.get('error_type')}: {o.get('message') or ''}".rstrip(": ")]
-                for o in failed if o not in transient})
+                o["source_id"]: [f"{target_object} refused the record: {o.get('error_type')}: {o.get('message') or ''}".rstrip(": ")
+                                 if o["outcome"] == "failed" else f"{target_object}: {o.get('message')}"]
+                for o in held})
         _tally_failures(totals, failed, source_object)
         for key, value in load.tally(outcomes).items():
             totals[key] = totals.get(key, 0) + value
 
-    # the version check runs in the writer thread, per batch right before and after its call (the
-    # smallest window between the check and the write); outcomes follow in the ledger thread
+    def written(future) -> list[dict]:
+        """The outcomes of a write; a write that got no answer records what it knows, then fails."""
+        try:
+            return future.result()
+        except load.WriteUncertain as uncertain:
+            for f in recorded:
+                f.result()
+            record(uncertain.outcomes)
+            raise
+
+    # the version check runs in the writer thread, per batch right before each send of its call
+    # (the smallest window between the check and the write); outcomes follow in the ledger thread
     guard = load.VersionGuard(ledger, ctx.connection, ctx.direction, source_object, ctx.run_id)
     recorded = []
     with ThreadPoolExecutor(1, thread_name_prefix="load-write") as writer, \
@@ -311,13 +365,13 @@ def _load_target(ledger: Ledger, ctx: RunContext, client, cfg, target, path: str
             if target.prepare is not None:
                 batch = [target.prepare(r, cfg) for r in batch]
             if pending is not None:
-                recorded.append(recorder.submit(record, pending.result()))
+                recorded.append(recorder.submit(record, written(pending)))
             for done in [f for f in recorded if f.done()]:
                 done.result()  # a ledger failure stops the load here, as it would have in line
             pending = writer.submit(load.upsert, client, target_object, batch, target.id_param(cfg), batch_size,
                                     guard=guard)
         if pending is not None:
-            recorded.append(recorder.submit(record, pending.result()))
+            recorded.append(recorder.submit(record, written(pending)))
         for f in recorded:
             f.result()
     return totals
@@ -333,7 +387,8 @@ def _tally_failures(totals: dict[str, int], failed: list[dict], object_name: str
         o.get("error_type") == "INSUFFICIENT_ACCESS" for o in failed)
 
 
-def _apply_deletions(ledger: Ledger, ctx: RunContext, client, cfg, mark, staged: Staged) -> dict:
+def _apply_deletions(ledger: Ledger, ctx: RunContext, client, cfg, mark, staged: Staged,
+                     earlier: dict[str, dict[str, str]] | None = None) -> dict:
     """Queue this run's deleted records, then mark every pending one (this run's and those
     earlier runs left behind); what did not go through stays pending for the next run."""
     from clinical_crm.engine import load
@@ -348,6 +403,7 @@ def _apply_deletions(ledger: Ledger, ctx: RunContext, client, cfg, mark, staged:
     outcomes, no_target = load.mark_deleted(
         client, mark, cfg, pending, cfg.load.batch_size,
         expect=lambda changes: ledger.expect_deletions(ctx.connection, ctx.direction, source_object, changes))
+    outcomes = _as_counted(outcomes, (earlier or {}).get(source_object, {}))
     ledger.add_outcomes(ctx.run_id, ctx.connection, ctx.direction, source_object, outcomes)
     ledger.settle_deletions(ctx.connection, ctx.direction, source_object, outcomes, no_target, ctx.run_id)
     failed = [o for o in outcomes if o["outcome"] == "failed"]
@@ -358,9 +414,10 @@ def _apply_deletions(ledger: Ledger, ctx: RunContext, client, cfg, mark, staged:
     return totals
 
 
-def _raise_for_refusals(counts: dict[str, dict]) -> None:
+def _raise_for_refusals(counts: dict[str, dict], final_attempt: bool = True) -> None:
     """After every outcome is in the ledger: records refused for lack of permission fail the task
-    at once (VaultPermissionError: no retries); transient refusals fail it to be retried."""
+    at once (VaultPermissionError: no retries); transient refusals fail it to be retried (on the
+    final attempt they are quarantined, so the next run reads them again)."""
     from clinical_crm.vault.errors import VaultPermissionError, VaultTransientError
 
     denied = {obj: c["permission_denied"] for obj, c in counts.items() if c.get("permission_denied")}
@@ -370,5 +427,7 @@ def _raise_for_refusals(counts: dict[str, dict]) -> None:
                                    f"Give the integration user the missing permission, then re-run")
     left = {obj: c["transient_failed"] for obj, c in counts.items() if c.get("transient_failed")}
     if left:
+        then = ("no task retry is left: they are quarantined (deletion marks stay queued) and the next run "
+                "sends them again" if final_attempt else "the load task is retried (upserts are idempotent)")
         raise VaultTransientError("RACE_CONDITION", f"records refused with a transient error after the client's "
-                                  f"re-sends ({left}); the load task is retried (upserts are idempotent)")
+                                  f"re-sends ({left}); {then}")

@@ -68,6 +68,7 @@ class VaultClient:
         backoff_max: float = 60.0,
         pace_max_seconds: float = 2.0,
         race_retries: int = 5,
+        call_deadline: float = 600.0,
         sleep: Callable[[float], None] = time.sleep,
     ):
         if "://" not in base_url:
@@ -83,6 +84,7 @@ class VaultClient:
         self.backoff_max = backoff_max
         self.pace_max_seconds = pace_max_seconds
         self.race_retries = race_retries
+        self.call_deadline = float(call_deadline)  # one call and its retries end by then
         self._sleep = sleep
         self._http = requests.Session()
         self._http.headers.update({"Accept": "application/json", "X-VaultAPI-ClientID": client_id})
@@ -94,7 +96,8 @@ class VaultClient:
         # Read by tests and benchmarks. Keys: "calls.<kind>" (HTTP requests by kind: auth, query,
         # query_page, deletions, write, get, metadata, permissions, picklist), "auth", "reauth",
         # "retry", "race_retry", "records_written", "paced", "pace_seconds",
-        # "delayed_responses", "response_delay_ms", "warnings.<type>".
+        # "delayed_responses", "response_delay_ms", "warnings.<type>", "wait_seconds" (time in HTTP
+        # requests), "sleep_seconds" (backoff and pacing).
         self.counters: Counter = Counter()
 
     def __repr__(self) -> str:
@@ -110,7 +113,7 @@ class VaultClient:
 
     def authenticate(self) -> None:
         """Open a session now (otherwise the first call does it)."""
-        self._retrying()(self._authenticate_once)
+        self.retrying()(self._authenticate_once)
 
     @property
     def vault_id(self) -> str:
@@ -143,15 +146,24 @@ class VaultClient:
 
     # -- one call: retries, re-auth, envelope ----------------------------------------------------
 
-    def _retrying(self) -> tenacity.Retrying:
+    def retrying(self) -> tenacity.Retrying:
+        """The client's retry policy for transient faults: exponential backoff with full jitter,
+        at most `max_retries` re-sends and `call_deadline` seconds in all (so client retries and
+        Airflow's task retries never stack into hours). Callers that must re-check something
+        before a re-send (the load's version guard) iterate it around `retry=False` calls."""
         return tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(VaultTransientError),
             wait=tenacity.wait_random_exponential(multiplier=self.backoff_initial, max=self.backoff_max),
-            stop=tenacity.stop_after_attempt(self.max_retries + 1),
-            sleep=self._sleep,
+            stop=tenacity.stop_after_attempt(self.max_retries + 1) | tenacity.stop_after_delay(self.call_deadline),
+            sleep=self.pause,
             before_sleep=self._count_retry,
             reraise=True,
         )
+
+    def pause(self, seconds: float) -> None:
+        """Sleep (backoff, pacing), counted in `sleep_seconds`."""
+        self.counters["sleep_seconds"] += seconds
+        self._sleep(seconds)
 
     def _count_retry(self, state: tenacity.RetryCallState) -> None:
         self.counters["retry"] += 1
@@ -161,9 +173,12 @@ class VaultClient:
             error, state.attempt_number, state.next_action.sleep if state.next_action else 0,
         )
 
-    def _call(self, method: str, path: str, kind: str, **request_args) -> VaultResponse:
-        """One API call with retries of transient faults and one re-auth on an expired session."""
-        return self._retrying()(self._call_once, method, path, kind, request_args)
+    def _call(self, method: str, path: str, kind: str, retry: bool = True, **request_args) -> VaultResponse:
+        """One API call with retries of transient faults (unless `retry` is false) and one re-auth
+        on an expired session."""
+        if not retry:
+            return self._call_once(method, path, kind, request_args)
+        return self.retrying()(self._call_once, method, path, kind, request_args)
 
     def _call_once(self, method: str, path: str, kind: str, request_args: dict) -> VaultResponse:
         for attempt in (1, 2):
@@ -193,6 +208,7 @@ class VaultClient:
               **request_args) -> VaultResponse:
         """One HTTP request; returns a successful envelope (or per-record results) or raises."""
         headers = {"Authorization": session_id} if session_id else {}
+        started = time.monotonic()
         try:
             response = self._http.request(
                 method, self._url(path), headers=headers, timeout=self.timeout, **request_args
@@ -203,6 +219,8 @@ class VaultClient:
             raise VaultTransientError(
                 "CONNECTION_ERROR", f"{method} {_path_only(path)}: {type(exc).__name__}"
             ) from exc
+        finally:
+            self.counters["wait_seconds"] += time.monotonic() - started
         self._observe_limits(response)
         if response.status_code >= 500:
             raise VaultTransientError(f"HTTP_{response.status_code}", f"{method} {_path_only(path)}")
@@ -247,7 +265,7 @@ class VaultClient:
             self.counters["paced"] += 1
             self.counters["pace_seconds"] += pause
             log.info("Burst limit nearly used (%d calls left); pausing %.2fs", self.burst_remaining, pause)
-            self._sleep(pause)
+            self.pause(pause)
 
     def _report_warnings(self, warnings: Iterable[VaultWarning], what: str) -> None:
         """Every warning but NO_DATA_CHANGES (an expected outcome) is logged and counted."""
@@ -330,9 +348,12 @@ class VaultClient:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def upsert(self, object_name: str, records: list[dict], id_param: str, batch_size: int = MAX_BATCH) -> list[RecordOutcome]:
-        """Create or update by the unique field `id_param`; one outcome per record, input order."""
-        return self._write("POST", object_name, records, batch_size, "upsert", {"idParam": id_param})
+    def upsert(self, object_name: str, records: list[dict], id_param: str, batch_size: int = MAX_BATCH,
+               retry: bool = True) -> list[RecordOutcome]:
+        """Create or update by the unique field `id_param`; one outcome per record, input order.
+        With `retry=False` a transient fault of the call is raised, not re-sent (the caller
+        decides what to send again: see engine.load.upsert)."""
+        return self._write("POST", object_name, records, batch_size, "upsert", {"idParam": id_param}, retry)
 
     def create(self, object_name: str, records: list[dict], batch_size: int = MAX_BATCH) -> list[RecordOutcome]:
         return self._write("POST", object_name, records, batch_size, "create")
@@ -342,7 +363,7 @@ class VaultClient:
         return self._write("PUT", object_name, records, batch_size, "update")
 
     def _write(self, method: str, object_name: str, records: Iterable[dict], batch_size: int,
-               operation: str, params: dict | None = None) -> list[RecordOutcome]:
+               operation: str, params: dict | None = None, retry: bool = True) -> list[RecordOutcome]:
         if not 1 <= batch_size <= MAX_BATCH:
             raise ValueError(f"batch_size must be between 1 and {MAX_BATCH}, not {batch_size}")
         records = [_json_ready(record) for record in records]
@@ -350,21 +371,21 @@ class VaultClient:
         started = time.monotonic()
         for start in range(0, len(records), batch_size):
             batch = list(range(start, min(start + batch_size, len(records))))
-            self._write_batch(method, object_name, records, batch, operation, params, outcomes)
+            self._write_batch(method, object_name, records, batch, operation, params, outcomes, retry)
             done = batch[-1] + 1
             self.counters["records_written"] += len(batch)
             elapsed = max(time.monotonic() - started, 1e-9)
             log.info("%s %s: %d/%d records (%.0f records/s)", operation, object_name, done, len(records), done / elapsed)
         return outcomes  # type: ignore[return-value]  (every slot is filled)
 
-    def _write_batch(self, method, object_name, records, batch, operation, params, outcomes) -> None:
+    def _write_batch(self, method, object_name, records, batch, operation, params, outcomes, retry) -> None:
         """One write call for `batch` (indices into records); records that hit RACE_CONDITION are
         sent again on their own a few times before they are reported failed."""
         pending = batch
         for round_number in range(self.race_retries + 1):
             try:
                 response = self._call(
-                    method, f"vobjects/{object_name}", "write",
+                    method, f"vobjects/{object_name}", "write", retry=retry,
                     json=[records[i] for i in pending], params=params, record_results=True,
                 )
             except VaultInvalidDataError as exc:  # the whole batch refused, e.g. duplicate idParam
@@ -386,7 +407,7 @@ class VaultClient:
                 return
             self.counters["race_retry"] += len(raced)
             log.info("%d records of %s hit RACE_CONDITION; sending them again", len(raced), object_name)
-            self._sleep(min(self.backoff_max, self.backoff_initial * 2**round_number))
+            self.pause(min(self.backoff_max, self.backoff_initial * 2**round_number))
             pending = raced
 
 
