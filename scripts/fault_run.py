@@ -50,6 +50,9 @@ def main() -> int:
     parser.add_argument("--burst-limit", type=int, default=40)
     parser.add_argument("--burst-window", type=float, default=10.0, help="seconds")
     parser.add_argument("--slow-seconds", type=float, default=1.0)
+    parser.add_argument("--change-share", type=float, default=0.1,
+                        help="second window: share of records deleted, and as many updated, per direction")
+    parser.add_argument("--no-heal", action="store_true", help="compare right after the faulty runs (no fault-free run after)")
     parser.add_argument("--keep", type=Path, help="folder for the databases and report (default: a temp dir, removed)")
     args = parser.parse_args()
 
@@ -78,7 +81,8 @@ def main() -> int:
     report = harness.fault_run(base, n=args.n, rate=args.rate, fault_seed=args.fault_seed,
                                batch_size=args.batch_size, page_size=args.page_size,
                                burst_limit=args.burst_limit, burst_window_seconds=args.burst_window,
-                               slow_seconds=args.slow_seconds,
+                               slow_seconds=args.slow_seconds, change_share=args.change_share,
+                               heal=not args.no_heal,
                                log=lambda m: print(f"[{time.monotonic() - started:6.0f}s] {m}", flush=True))
     report["seconds"] = round(time.monotonic() - started)
     (base / "report.json").write_text(json.dumps(report, indent=1, default=str))

@@ -392,3 +392,18 @@ def test_a_call_and_its_retries_end_by_the_call_deadline(make_client, ctms, slee
         any_activity_id(hurried)
     assert hurried.counters["retry"] == 0 and hurried.counters["calls.query"] == 1
     assert hurried.counters["wait_seconds"] > 0
+
+
+def test_a_partial_write_says_which_records_are_settled(make_client, ctms):
+    """The re-send of a record that hit RACE_CONDITION gets no answer: with retry=False the client
+    says which records the vault already answered for, so the caller re-sends only the others
+    (re-sending all would find them unchanged and the ledger would lose that this run wrote them)."""
+    from clinical_crm.vault.errors import VaultPartialWrite
+
+    client = make_client()
+    ids = new_ids(3)
+    ctms.admin.faults(queue=["race_condition", "http502"])
+    with pytest.raises(VaultPartialWrite) as caught:
+        client.upsert(ACTIVITY, [medical_activity(i) for i in ids], id_param="external_id__v", retry=False)
+    assert caught.value.pending == [0] and sorted(caught.value.settled) == [1, 2]
+    assert [o.outcome for o in caught.value.settled.values()] == ["created", "created"]

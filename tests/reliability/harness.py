@@ -214,6 +214,15 @@ class World:
 
         return Ledger(self.env["CLINICAL_CRM_LEDGER_URL"])
 
+    def last_run(self, sql: str) -> tuple[dict, list]:
+        """The ledger's newest run, and the rows of `sql` about it (`:run` is its run id)."""
+        from sqlalchemy import text
+
+        ledger = self.ledger()
+        run = ledger.recent_runs("demo", limit=1)[0]
+        with ledger.engine.connect() as db:
+            return run, db.execute(text(sql), {"run": run["run_id"]}).all()
+
 
 def wide_window(now: datetime | None = None) -> tuple[datetime, datetime]:
     now = now or datetime.now(timezone.utc)
@@ -316,12 +325,68 @@ ALL_FAULTS = ["exception", "http502", "http503", "drop", "slow", "session_expiry
 CALL_FAULTS = ALL_FAULTS[:-1]
 
 
+def change_sources(world: "World", share: float) -> dict[str, int]:
+    """The second window's changes, the same in every copy of a world: `share` of the Clinical
+    Activities and of the flagged CRM calls deleted, as many others given a new subject (updates,
+    so per-record faults also hit updates and deletion marks). Records are picked by id: the
+    copies have the same ids."""
+    from clinical_crm.vault import VaultClient
+
+    changed = {}
+    for server, obj, where in ((world.ctms, "crm_activity__v", "object_type__vr.api_name__v = 'clinical_activity__v'"),
+                               (world.crm, "call2__v", "send_to_vault_clinical__v = true")):
+        with VaultClient(server.url, USER, world.password) as client:
+            ids = sorted(r["id"] for page in client.query(f"SELECT id FROM {obj} WHERE {where}") for r in page.records)
+            count = int(len(ids) * share)
+            deleted, updated = ids[:count], ids[count:2 * count]
+            for i in range(0, len(updated), 500):
+                outcomes = client.update(obj, [{"id": r, "subject__v": f"changed {r}"} for r in updated[i:i + 500]])
+                assert all(o.outcome == "updated" for o in outcomes), outcomes[:3]
+        for record_id in deleted:
+            body = server.admin.call("DELETE", f"/api/v25.2/vobjects/{obj}/{record_id}")
+            assert body["responseStatus"] == "SUCCESS", body
+        changed[obj] = {"deleted": len(deleted), "updated": len(updated)}
+    return changed
+
+
+def ledger_against_vault(folder: Path, ledger) -> dict[str, int]:
+    """What the ledger says, checked against what the target vaults hold: every target id the id
+    map holds exists; every deletion mark the queue calls applied is on its target record."""
+    from sqlalchemy import select
+
+    from clinical_crm.engine.ledger import deletion_queue, id_map
+
+    def rows(app: str, table: str, columns: str) -> list[tuple]:
+        with sqlite3.connect(f"file:{folder / f'{app}.db'}?mode=ro", uri=True) as conn:
+            return conn.execute(f"SELECT {columns} FROM {table}").fetchall()
+
+    present = {r[0] for app, table in (("crm", "clinical_interaction__v"), ("crm", "clinical_study__v"),
+                                       ("crm", "clinical_site__v"), ("ctms", "crm_activity__v"))
+               for r in rows(app, table, "id")}
+    marked = {r[0] for r in rows("crm", "clinical_interaction__v", "external_id__v, subject__v")
+              if (r[1] or "").endswith(" Deleted")}
+    marked |= {r[0] for r in rows("ctms", "crm_activity__v", "external_id__v, status__v") if r[1] == "inactive__v"}
+    with ledger.engine.connect() as db:
+        mapped = [r.target_id for r in db.execute(select(id_map.c.target_id)) if r.target_id]
+        queue = db.execute(select(deletion_queue.c.global_id, deletion_queue.c.state)).all()
+    return {"mapped": len(mapped), "mapped_missing_in_vault": sum(t not in present for t in mapped),
+            "deletions_applied": sum(s == "applied" for _, s in queue),
+            "deletions_pending": sum(s == "pending" for _, s in queue),
+            "applied_without_mark_in_vault": sum(s == "applied" and g not in marked for g, s in queue)}
+
+
 def fault_run(base: Path, n: int, rate: float = 0.10, fault_seed: int = 11, batch_size: int = 100,
               page_size: int = 200, burst_limit: int = 40, burst_window_seconds: float = 5,
               burst_delay_ms: int = 100, slow_seconds: float = 0.5, every_kind_first: bool = True,
-              log=print) -> dict:
+              change_share: float = 0.1, heal: bool = True, log=print) -> dict:
     """Seed n records per direction, run both DAGs fault-free on one copy and with faults on an
     identical copy, and compare the full contents of both vaults. Returns the report.
+
+    Two windows: the first sends everything; then `change_share` of the records of each direction
+    are deleted and as many updated (change_sources), and the second window sends the updates and
+    the deletion marks, faults still on. With `heal`, a fault-free run follows (what a faulty run
+    left queued or quarantined goes through), and the comparison is made after it; without it,
+    right after the faulty runs. The ledger is checked against the vaults (ledger_against_vault).
 
     `every_kind_first`: each vault's first six calls get one fault of every call-level kind (the sandbox's fault
     queue), so every kind is exercised whatever the random draws; then the seeded 10% follow."""
@@ -348,18 +413,30 @@ def fault_run(base: Path, n: int, rate: float = 0.10, fault_seed: int = 11, batc
         log(f"{name} run ...")
         with world, client_counters() as clients:
             world.arm()
-            states = world.run_both(window)
+            phases = [world.run_both(window)]
             counters = world.disarm()
+            changed = change_sources(world, change_share) if change_share else {}
+            if changed:
+                log(f"{name}: second window: {changed}")
+                world.arm()
+                phases.append(world.run_both(wide_window()))
+                counters = merge_counters(counters, world.disarm())
+            healed = world.run_both(wide_window()) if heal else {}
             runs = world.ledger().recent_runs("demo", limit=10)
+            agreement = ledger_against_vault(folder, world.ledger())
         snapshots[name] = {app: snapshot(folder / f"{app}.db") for app in ("ctms", "crm")}
         report[name] = {
-            "dag_runs": {dag: {"state": str(state), "tries": tries} for dag, (state, tries) in states.items()},
+            "dag_runs": {dag: {"state": "success" if all(p[dag][0] == "success" for p in phases) else "failed",
+                               "tries": [p[dag][1] for p in phases]} for dag in DAGS},
             "faults_injected": dict(fault_totals(counters)),
             "api_calls": sum(c["total"] for c in counters.values()),
             "auth_calls": sum(c["auth"] for c in counters.values()),
             "client": {k: (round(v, 2) if isinstance(v, float) else v) for k, v in sorted(clients.items())},
-            "task_retries": sum(t - 1 for _, tries in states.values() for t in tries.values()),
+            "task_retries": sum(t - 1 for p in phases for _, tries in p.values() for t in tries.values()),
             "ledger": [{"direction": r["direction"], "state": r["state"], "counts": r["counts"]} for r in runs],
+            "changed": changed,
+            "healing_runs": {dag: str(state) for dag, (state, _) in healed.items()},
+            "ledger_against_vault": agreement,
         }
     comparison = {app: compare(snapshots["reference"][app], snapshots["faults"][app]) for app in ("ctms", "crm")}
     report["comparison"] = comparison
@@ -371,6 +448,16 @@ def fault_run(base: Path, n: int, rate: float = 0.10, fault_seed: int = 11, batc
     report["missing"] = sum(t["missing"] for c in comparison.values() for t in c.values())
     report["extra"] = sum(t["extra"] for c in comparison.values() for t in c.values())
     return report
+
+
+def merge_counters(first: dict, second: dict) -> dict:
+    """Sandbox counters of two phases added up (faults and totals per vault)."""
+    merged = {}
+    for app in first:
+        faults = Counter(first[app].get("faults", {})) + Counter(second[app].get("faults", {}))
+        merged[app] = {"faults": dict(faults), "total": first[app]["total"] + second[app]["total"],
+                       "auth": first[app]["auth"] + second[app]["auth"]}
+    return merged
 
 
 def summary_lines(report: dict) -> list[str]:
@@ -388,6 +475,9 @@ def summary_lines(report: dict) -> list[str]:
         f"({client.get('pace_seconds', 0)} s), {client.get('delayed_responses', 0)} burst-delayed responses; "
         f"task retries: {f['task_retries']}",
         "DAG runs with faults: " + ", ".join(f"{d}={r['state']}" for d, r in f["dag_runs"].items()),
+        f"second window: {f.get('changed')} deleted / updated per direction; "
+        f"{'then a fault-free run' if f.get('healing_runs') else 'no fault-free run after'}",
         f"records checked: {report['records_checked']} rows of both vaults compared with the fault-free run; "
         f"missing {report['missing']}, extra/duplicated {report['extra']}",
+        f"ledger against the vaults: {f.get('ledger_against_vault')}",
     ]

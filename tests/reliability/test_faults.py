@@ -1,6 +1,8 @@
 """Faults: both vaults inject faults at a 10% rate (every kind, plus burst-limit delays) while
-both DAGs move N records each way; afterwards both vaults hold exactly what a fault-free run over
-an identical copy of the seeded databases produces. The full-size run (N=10,000) is
+both DAGs move N records each way, then 10% of each side are deleted and 10% updated and a second
+window sends those (faults still on); afterwards both vaults hold exactly what a fault-free run
+over an identical copy of the seeded databases produces, deletion marks and inactivations
+included, and the ledger agrees with the vaults. The full-size run (N=10,000) is
 scripts/fault_run.py; CI runs N=1,000 here.
 """
 from __future__ import annotations
@@ -37,9 +39,19 @@ def test_fault_run_ends_exactly_like_a_fault_free_run(tmp_path, capsys):
     assert report["faults"]["client"]["retry"] > 0 and report["faults"]["client"]["race_retry"] > 0
     assert report["missing"] == 0 and report["extra"] == 0, {
         app: {t: r for t, r in c.items() if r["missing"] or r["extra"]} for app, c in report["comparison"].items()}
+    # the ledger says what each record's first run did, faults or not: every record created once
+    first = {r["direction"]: r["counts"] for r in report["faults"]["ledger"][-2:]}
+    assert (first["ctms_to_crm"]["crm_activity__v"]["created"], first["ctms_to_crm"]["crm_activity__v"]["unchanged"]) == (1000, 0)
+    assert (first["crm_to_ctms"]["call2__v"]["created"], first["crm_to_ctms"]["call2__v"]["unchanged"]) == (1000, 0)
     written = report["records_written_by_runs"]
-    assert written["crm"]["clinical_interaction__v"] == 1000
-    assert written["ctms"]["crm_activity__v"] == 2000  # 1,000 Clinical + 1,000 Medical Activities
+    changed = report["faults"]["changed"]
+    assert changed == {"crm_activity__v": {"deleted": 100, "updated": 100}, "call2__v": {"deleted": 100, "updated": 100}}
+    assert written["crm"]["clinical_interaction__v"] == 1000  # deleted activities: marked, never removed
+    assert written["ctms"]["crm_activity__v"] == 1900  # 1,000 Clinical (100 deleted) + 1,000 Medical Activities
+    # the ledger agrees with the vaults: every mapped target exists, every applied mark is there
+    agreement = report["faults"]["ledger_against_vault"]
+    assert agreement["deletions_applied"] == 200 and agreement["deletions_pending"] == 0, agreement
+    assert agreement["mapped_missing_in_vault"] == agreement["applied_without_mark_in_vault"] == 0, agreement
 
 
 def test_a_record_that_keeps_racing_is_not_lost(small_seed, tmp_path, monkeypatch):
@@ -79,8 +91,6 @@ def test_a_retried_load_keeps_the_outcome_of_the_attempt_that_wrote_each_record(
     happened: 60 created by this run, one outcome per record, counts that do not mix attempts."""
     import functools
 
-    from sqlalchemy import text
-
     from clinical_crm.airflow import hooks
     from clinical_crm.vault.client import VaultClient
 
@@ -91,11 +101,8 @@ def test_a_retried_load_keeps_the_outcome_of_the_attempt_that_wrote_each_record(
         world.ctms.admin.faults(queue=["race_condition"] * 6)
         dr = world.run_dag("crm_to_ctms__demo", harness.wide_window())
         world.disarm()
-        ledger = world.ledger()
-        run = ledger.recent_runs("demo", limit=1)[0]
-        with ledger.engine.connect() as db:
-            outcomes = db.execute(text("SELECT source_id, outcome FROM record_outcomes WHERE run_id = :run "
-                                       "AND object = 'call2__v'"), {"run": run["run_id"]}).all()
+        run, outcomes = world.last_run("SELECT source_id, outcome FROM record_outcomes WHERE run_id = :run "
+                                       "AND object = 'call2__v'")
     assert dr.state == "success"
     assert {ti.task_id: ti.try_number for ti in dr.get_task_instances()}["load"] == 2
     assert len(outcomes) == len({s for s, _ in outcomes}) == 60  # one outcome per record

@@ -201,13 +201,8 @@ def test_permission_denial_fails_at_once_and_reports_every_record(small_world, t
         os.environ[f"AIRFLOW_CONN_VAULT_{vault.upper()}_DEMO"] = harness.vault_conn(url, login=user)
         dr = world.run_dag(dag_id, harness.wide_window())
         tries = {ti.task_id: (ti.state, ti.try_number) for ti in dr.get_task_instances()}
-        ledger = world.ledger()
-        run = ledger.recent_runs("demo", limit=1)[0]
-        with ledger.engine.connect() as conn:
-            from sqlalchemy import text
-
-            outcomes = conn.execute(text("SELECT outcome, error_type, count(*) FROM record_outcomes "
-                                         "WHERE run_id = :r GROUP BY outcome, error_type"), {"r": run["run_id"]}).all()
+        run, outcomes = world.last_run("SELECT outcome, error_type, count(*) FROM record_outcomes "
+                                       "WHERE run_id = :run GROUP BY outcome, error_type")
     assert dr.state == "failed"
     assert tries["load"] == ("failed", 1), tries  # no retries
     assert all(state == "success" for t, (state, _) in tries.items() if t not in ("load", "finish")), tries

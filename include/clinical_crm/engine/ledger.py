@@ -336,6 +336,12 @@ class Ledger:
                 found.setdefault(obj, {})[source] = outcome
         return found
 
+    def outcome_count(self, run_id: int, object_name: str, outcome: str) -> int:
+        with self.engine.connect() as db:
+            return db.execute(select(func.count()).select_from(record_outcomes).where(
+                record_outcomes.c.run_id == run_id, record_outcomes.c.object == object_name,
+                record_outcomes.c.outcome == outcome)).scalar() or 0
+
     @contextlib.contextmanager
     def exclusive(self, name: str):
         """Hold a named lock across processes while the block runs (two loads of one connection

@@ -22,7 +22,7 @@ from clinical_crm.flows.base import SOURCE_ID, SOURCE_VERSION
 from clinical_crm.times import as_utc
 from clinical_crm.values import text
 from clinical_crm.vault import Query
-from clinical_crm.vault.errors import VaultTransientError
+from clinical_crm.vault.errors import VaultPartialWrite, VaultTransientError
 from clinical_crm.vault.fields import ID, MAX_BATCH, vault_datetime
 
 log = logging.getLogger(__name__)
@@ -136,8 +136,20 @@ def upsert(client, object_name: str, records: Iterable[dict], id_param: str, bat
                                f"this run's older version (modified {vault_datetime(mine[source])}) was not written"})
         return [r for r in batch if source_of(r) not in newer]
 
+    def answered(settled: dict[str, tuple[dict, object]]) -> list[dict]:
+        """Outcome dicts of the records the vault answered for; the versions written recorded."""
+        answers, written = [], {}
+        for external, (record, result) in settled.items():
+            source = source_of(record)
+            answers.append(_outcome(result, source) | {"external_id": external})
+            if result.outcome in LOADED and versions.get(external) is not None:
+                written[source] = versions[external]
+        if guard is not None:
+            guard.record(written)
+        return answers
+
     for batch in _batches(ordered, min(batch_size, MAX_BATCH)):
-        results = None
+        settled: dict[str, tuple[dict, object]] = {}  # external id -> (record, the vault's RecordOutcome)
         try:
             for attempt in client.retrying():
                 with attempt:
@@ -145,26 +157,24 @@ def upsert(client, object_name: str, records: Iterable[dict], id_param: str, bat
                     skipped += len(batch) - len(kept)
                     batch = kept
                     if batch:
-                        results = client.upsert(object_name, batch, id_param=id_param,
-                                                batch_size=min(batch_size, MAX_BATCH), retry=False)
+                        try:
+                            results = client.upsert(object_name, batch, id_param=id_param,
+                                                    batch_size=min(batch_size, MAX_BATCH), retry=False)
+                        except VaultPartialWrite as partial:  # re-send only what is not settled
+                            settled.update((str(batch[i][id_param]), (batch[i], o)) for i, o in partial.settled.items())
+                            batch = [batch[i] for i in partial.pending]
+                            raise
+                        settled.update((str(r[id_param]), (r, o)) for r, o in zip(batch, results))
+                        batch = []
         except VaultTransientError as exc:
             outcomes += [{"source_id": source_of(r), "target_id": None, "outcome": "unknown", "error_type": exc.error_type,
                           "external_id": str(r[id_param]),
                           "message": f"the write call got no answer ({exc}); the vault may have applied it: "
                                      f"the record is sent again (newest version) by the task's retry or the next run"}
                          for r in batch]
+            outcomes += answered(settled)
             raise WriteUncertain(exc, outcomes) from exc
-        if not batch:
-            continue
-        written: dict[str, datetime] = {}
-        for record, result in zip(batch, results):
-            external = str(record[id_param])
-            source = source_of(record)
-            outcomes.append(_outcome(result, source) | {"external_id": external})
-            if result.outcome in LOADED and versions.get(external) is not None:
-                written[source] = versions[external]
-        if guard is not None:
-            guard.record(written)
+        outcomes += answered(settled)
         elapsed = max(time.monotonic() - started, 1e-6)
         log.info("%s: %d of %d records written (%.0f records/s)", object_name, len(outcomes) - skipped,
                  len(ordered), (len(outcomes) - skipped) / elapsed)

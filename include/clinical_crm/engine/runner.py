@@ -22,8 +22,11 @@ from clinical_crm.flows.base import VALID, Flow
 
 log = logging.getLogger(__name__)
 
-# What the load writes for a record (a retried load clears them first: one outcome per record)
+# What the load writes for a record (a retried load clears them first: one outcome per record),
+# except marked_deleted: a mark written is never written again (the deletion queue), so its
+# outcome stays with the attempt that wrote it
 LOAD_OUTCOMES = ["created", "updated", "unchanged", "failed", "marked_deleted", "superseded", "unknown"]
+CLEARED_ON_RETRY = [o for o in LOAD_OUTCOMES if o != "marked_deleted"]
 PRE_STEP_IDS = "pre_step_ids"
 # Per-record errors a later attempt can clear (the client already re-sent these records a few
 # times): the load task fails after writing everything else, so Airflow retries it; the upserts
@@ -266,7 +269,7 @@ def load(flow: Flow, cfg, ctx: RunContext, client, staged: Staged, records: Stag
     objects = {t.source_object(cfg) for t in flow.targets} | {d.source_object(cfg) for d in flow.deletions}
     earlier = ledger.written_outcomes(ctx.run_id, objects)
     for obj in sorted(objects):
-        ledger.clear_outcomes(ctx.run_id, obj, only=LOAD_OUTCOMES)  # a retried task starts over
+        ledger.clear_outcomes(ctx.run_id, obj, only=CLEARED_ON_RETRY)  # a retried task starts over
     counts: dict[str, dict] = {}
     for target in flow.targets:
         if target.enabled(cfg):
@@ -398,16 +401,18 @@ def _apply_deletions(ledger: Ledger, ctx: RunContext, client, cfg, mark, staged:
     deleted = [(i, g) for chunk in staging.read_chunks(staged.path(mark.staged)) for i, g in zip(chunk[ID], chunk[GLOBAL_ID])]
     ledger.queue_deletions(ctx.connection, ctx.direction, source_object, deleted, ctx.run_id)
     pending = ledger.pending_deletions(ctx.connection, ctx.direction, source_object)
-    if not pending:
-        return {}
-    outcomes, no_target = load.mark_deleted(
-        client, mark, cfg, pending, cfg.load.batch_size,
-        expect=lambda changes: ledger.expect_deletions(ctx.connection, ctx.direction, source_object, changes))
+    outcomes, no_target = [], set()
+    if pending:
+        outcomes, no_target = load.mark_deleted(
+            client, mark, cfg, pending, cfg.load.batch_size,
+            expect=lambda changes: ledger.expect_deletions(ctx.connection, ctx.direction, source_object, changes))
     outcomes = _as_counted(outcomes, (earlier or {}).get(source_object, {}))
     ledger.add_outcomes(ctx.run_id, ctx.connection, ctx.direction, source_object, outcomes)
     ledger.settle_deletions(ctx.connection, ctx.direction, source_object, outcomes, no_target, ctx.run_id)
     failed = [o for o in outcomes if o["outcome"] == "failed"]
-    totals = {"deletions_applied": sum(o["outcome"] == "marked_deleted" for o in outcomes),
+    # applied: by any attempt of this run (an earlier attempt's marks are not redone, see
+    # CLEARED_ON_RETRY); every key always present, so a retry's counts replace the attempt's
+    totals = {"deletions_applied": ledger.outcome_count(ctx.run_id, source_object, "marked_deleted"),
               "deletions_already_applied": sum(o["outcome"] == "unchanged" for o in outcomes),
               "deletions_failed": len(failed)}
     _tally_failures(totals, failed, source_object)

@@ -29,6 +29,7 @@ from clinical_crm.vault.errors import (
     VaultAuthenticationError,
     VaultError,
     VaultInvalidDataError,
+    VaultPartialWrite,
     VaultQueryError,
     VaultRateLimitError,
     VaultTransientError,
@@ -371,7 +372,13 @@ class VaultClient:
         started = time.monotonic()
         for start in range(0, len(records), batch_size):
             batch = list(range(start, min(start + batch_size, len(records))))
-            self._write_batch(method, object_name, records, batch, operation, params, outcomes, retry)
+            try:
+                self._write_batch(method, object_name, records, batch, operation, params, outcomes, retry)
+            except VaultTransientError as exc:
+                settled = {i: o for i, o in enumerate(outcomes) if o is not None}
+                if not settled:
+                    raise
+                raise VaultPartialWrite(exc, settled, [i for i, o in enumerate(outcomes) if o is None]) from exc
             done = batch[-1] + 1
             self.counters["records_written"] += len(batch)
             elapsed = max(time.monotonic() - started, 1e-9)

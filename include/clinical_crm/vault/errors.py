@@ -39,6 +39,18 @@ class VaultTransientError(VaultError):
     """A fault worth retrying: EXCEPTION envelopes, 5xx, dropped connections, timeouts."""
 
 
+class VaultPartialWrite(VaultTransientError):
+    """A write that failed transiently after some of its records were settled (e.g. the re-send
+    of the records that hit RACE_CONDITION got no answer): `settled` maps input positions to
+    their RecordOutcome, `pending` lists the positions still to send. Re-send only `pending`:
+    the settled records were written (or refused) already."""
+
+    def __init__(self, cause: VaultTransientError, settled: dict, pending: list[int]):
+        super().__init__(cause.error_type, cause.message)
+        self.settled = settled
+        self.pending = pending
+
+
 ERROR_TYPES: dict[str, type[VaultError]] = {
     "INVALID_SESSION_ID": VaultAuthenticationError,
     "USERNAME_OR_PASSWORD_INCORRECT": VaultAuthenticationError,
