@@ -169,10 +169,8 @@ QUARANTINE_ACTIONS = ("retry", "ignore")
 quarantine_actions = Table(
     "quarantine_actions",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    *_record_key(index_source=True),
     Column("quarantine_id", Integer, nullable=False, index=True),
-    Column("connection", String(100), nullable=False),
-    Column("source_id", String(255), nullable=False, index=True),
     Column("action", String(20), nullable=False),  # retry | ignore
     Column("reason", Text),
     Column("actor", String(250), nullable=False),  # the Airflow user
@@ -389,8 +387,8 @@ class Ledger:
                 if newer_open is None:
                     db.execute(update(quarantine).where(quarantine.c.id == row["id"]).values(resolved_at=resolved_at))
             db.execute(insert(quarantine_actions).values(
-                quarantine_id=row["id"], connection=row["connection"], source_id=row["source_id"],
-                action=action, reason=reason, actor=actor, at=now))
+                quarantine_id=row["id"], connection=row["connection"], direction=row["direction"],
+                object=row["object"], source_id=row["source_id"], action=action, reason=reason, actor=actor, at=now))
         return self.quarantine_entry(quarantine_id)
 
     def quarantined_ids(self, connection: str, direction: str, object_name: str) -> list[str]:
