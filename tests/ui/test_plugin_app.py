@@ -312,6 +312,12 @@ def test_quarantine_csv_export_of_the_filtered_set(client, many_held):
     assert len(lines) == 31 and all("unknown channel fax" in line for line in lines[1:])
 
 
+def test_quarantine_csv_cells_are_not_spreadsheet_formulas(client, many_held):
+    many_held.quarantine_records(1, "demo", "crm_to_ctms", "call2__v", {"E1": ['=HYPERLINK("http://x")']})
+    text = client.get("/quarantine.csv", params={"connection": "demo", "rule": "HYPERLINK"}).text
+    assert text.splitlines()[1].count("'=HYPERLINK") == 1
+
+
 class User:
     """Airflow's simple auth manager's user, with a role."""
 

@@ -325,6 +325,13 @@ def create_backfill(request: Request, dag: str, window_start: datetime, window_e
                          headers={"Authorization": f"Bearer {token}"} if token else {})
 
 
+def csv_cell(value: Any) -> Any:
+    """A CSV cell that a spreadsheet shows as text: vault data starting with = + - @ is not a formula."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 # ---------------------------------------------------------------- rendering
 
 
@@ -417,7 +424,7 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
             writer = csv.writer(buffer)
             writer.writerow(CSV_COLUMNS)
             for row in rows:
-                writer.writerow([" | ".join(row[c]) if c == "reasons" else row[c] for c in CSV_COLUMNS])
+                writer.writerow([csv_cell(" | ".join(row[c]) if c == "reasons" else row[c]) for c in CSV_COLUMNS])
                 if buffer.tell() > 65536:
                     yield buffer.getvalue()
                     buffer.seek(0)
