@@ -247,6 +247,9 @@ def test_backfill_this_window_creates_an_airflow_backfill(api_server, browser):
     assert len(backfills) == 1
     assert backfills[0]["from_date"].startswith("2026-11-25T09:50:00")
     assert backfills[0]["to_date"].startswith("2026-11-25T10:50:00")
+    runs = requests.get(f"{api_server}/api/v2/dags/crm_to_ctms__demo/dagRuns", timeout=30).json()["dag_runs"]
+    # its DAG run: the schedule's one point in the missed hour
+    assert [(r["run_type"], r["logical_date"]) for r in runs] == [("backfill", "2026-11-25T10:00:00Z")]
 
 
 def test_quarantine_triage_ignore_with_a_reason(api_server, browser):
