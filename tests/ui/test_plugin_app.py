@@ -369,6 +369,7 @@ def test_ignore_with_a_reason_is_recorded_with_the_airflow_user_and_closes_the_r
     html = editor.get("/record", params={"connection": "demo", "source_id": "V1A0000000000004"}).text
     action = re.search(r'<tr class="action">(.*?)</tr>', html, re.S).group(1)
     assert "ignore" in action and '<td class="actor">erin</td>' in action and "test record of the CRA" in action
+    assert '<span class="ignored">(ignored)</span>' in html
     assert "Nothing held back." in section(editor.get("/").text, "demo")
 
     answer = editor.post("/quarantine/action", headers=SAME_ORIGIN,
@@ -389,6 +390,10 @@ def test_actions_need_edit_permission_on_the_dag(as_user):
         "window_end": "2026-11-25T11:00:00+00:00"}).status_code == 403
     assert open_row()["resolved_at"] is None
     assert viewer.get("/").status_code == 200  # reading stays allowed
+    triage = viewer.get("/quarantine", params={"connection": "demo"}).text
+    assert "actions need edit permission on DAG ctms_to_crm__demo" in triage and 'class="ignore"' not in triage
+    editor_triage = as_user("erin", "user").get("/quarantine", params={"connection": "demo"}).text
+    assert 'class="ignore"' in editor_triage and "actions need edit permission" not in editor_triage
 
 
 def test_action_forms_are_refused_from_another_origin(as_user):

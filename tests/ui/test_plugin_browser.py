@@ -6,7 +6,8 @@ admin) with a ledger filled through its write API and two stand-in DAGs of the `
 through playwright: the page is listed in the Airflow UI, shows the runs and the quarantine, and
 the record lookup works; the operations console shows health, chart, Airflow links, quarantine
 triage with an action, and a backfill created through Airflow's REST API. Screenshots are kept in
-test-artifacts/ (plugin.png, plugin-record.png, console.png, console-quarantine.png).
+test-artifacts/ (plugin.png, plugin-record.png, console.png, console-quarantine.png,
+console-record-decision.png).
 """
 from __future__ import annotations
 
@@ -273,5 +274,6 @@ def test_quarantine_triage_ignore_with_a_reason(api_server, browser):
         action = frame.wait_for_selector("table.record-actions tr.action", timeout=30_000).inner_text()
         assert "ignore" in action and "a test record, never to be sent" in action
         assert frame.locator("td.actor").inner_text() == "Anonymous"  # the user of the all-admins mode
+        page.screenshot(path=str(ARTIFACTS / "console-record-decision.png"), full_page=True)
     finally:
         page.close()

@@ -285,6 +285,11 @@ def may_edit_dag(user, dag: str) -> bool:
     return get_auth_manager().is_authorized_dag(method="PUT", details=DagDetails(id=dag), user=user)
 
 
+def editable_directions(user, connection: str, held: list[dict]) -> set[str]:
+    """The directions of these quarantine rows whose DAG the user may edit (their actions shown)."""
+    return {d for d in {h["direction"] for h in held} if may_edit_dag(user, dag_id(d, connection))}
+
+
 def require_edit(user, dag: str) -> None:
     if not may_edit_dag(user, dag):
         raise HTTPException(status_code=403, detail=f"editing DAG {dag} is not allowed for this user")
@@ -399,7 +404,8 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
                    rule: Annotated[str | None, Query(max_length=200)] = None,
                    min_age_days: Annotated[int | None, Query(ge=0, le=3650)] = None,
                    page: Annotated[int, Query(ge=1)] = 1,
-                   notice: Annotated[str | None, Query(max_length=300)] = None) -> HTMLResponse:
+                   notice: Annotated[str | None, Query(max_length=300)] = None,
+                   user: Any = user_dependency) -> HTMLResponse:
         ledger = _ledger()
         filters = {"object_name": object_name or None, "rule": rule or None, "min_age_days": min_age_days or None}
         total = ledger.count_quarantine(connection, **filters)
@@ -409,7 +415,8 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
         return render("quarantine.html", connections=[c["connection"] for c in ledger.connections()],
                       connection=connection, rows=rows, total=total, page=page, page_size=PAGE_SIZE,
                       pages=max((total + PAGE_SIZE - 1) // PAGE_SIZE, 1), query=query,
-                      objects=ledger.quarantine_objects(connection), notice=notice)
+                      objects=ledger.quarantine_objects(connection), notice=notice,
+                      editable=editable_directions(user, connection, rows))
 
     @app.get("/quarantine.csv")
     def quarantine_csv(connection: Annotated[str, Query(min_length=1, max_length=100)],
@@ -473,12 +480,14 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
     @app.get("/record", response_class=HTMLResponse)
     def record(connection: Annotated[str, Query(min_length=1, max_length=100)],
                source_id: Annotated[str, Query(min_length=1, max_length=255)],
-               notice: Annotated[str | None, Query(max_length=300)] = None) -> HTMLResponse:
+               notice: Annotated[str | None, Query(max_length=300)] = None,
+               user: Any = user_dependency) -> HTMLResponse:
         ledger = _ledger()
         connections = [c["connection"] for c in ledger.connections()]
         history = ledger.record_history(connection, source_id.strip())
         found = bool(history["outcomes"] or history["quarantine"] or history["id_map"] or history.get("versions"))
-        return render("record.html", history=history, found=found, connections=connections, notice=notice)
+        return render("record.html", history=history, found=found, connections=connections, notice=notice,
+                      editable=editable_directions(user, connection, history["quarantine"]))
 
     @app.get("/reports/{path:path}")
     def reports(path: str) -> FileResponse:
