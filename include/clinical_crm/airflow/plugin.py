@@ -11,10 +11,12 @@ from the sync ledger's read API. This module owns, per part of the page:
   state, the open quarantine, and an SVG chart of the last runs (written / quarantined / failed
   bars, duration line);
 - Airflow links: each run links to its DAG run and task logs in the Airflow UI;
+- missed and failed windows: a gap before the next window of the same direction, and failed
+  runs, are marked with "Backfill this window", which creates an Airflow backfill through
+  Airflow's REST API as the current user;
 - quarantine triage: filters (object, reason text, age), paging in SQL, a streamed CSV export,
   and the actions "retry in the next run" / "ignore, with a reason", recorded with the Airflow
-  user; gaps between windows and failed runs are marked, with "Backfill this window", which
-  creates an Airflow backfill through Airflow's REST API as the current user.
+  user.
 
 Actions and backfills need Airflow's edit permission on the DAG (`<direction>__<connection>`),
 asked of Airflow's auth manager; their POST forms are accepted from the page's own origin only
