@@ -12,6 +12,7 @@ console-record-decision.png).
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -34,6 +35,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
+JWT_SECRET = secrets.token_urlsafe(32)  # the api-server's; the test signs tokens of other users with it
 
 
 # The DAG ids of connection `demo` (the real DAGs need a connection file and vaults; a backfill
@@ -73,7 +75,7 @@ def api_server(tmp_path_factory):
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__DAGS_FOLDER": str(home / "dags"),
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+        "AIRFLOW__API_AUTH__JWT_SECRET": JWT_SECRET,
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
         "CLINICAL_CRM_LEDGER_URL": ledger_url,
         "CLINICAL_CRM_REPORTS_DIR": str(reports),
@@ -277,3 +279,42 @@ def test_quarantine_triage_ignore_with_a_reason(api_server, browser):
         page.screenshot(path=str(ARTIFACTS / "console-record-decision.png"), full_page=True)
     finally:
         page.close()
+
+
+def token_for(name: str, role: str, monkeypatch) -> str:
+    """An Airflow token of a simple-auth-manager user with this role, signed as the api-server signs."""
+    from airflow.api_fastapi.app import create_auth_manager
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    monkeypatch.setenv("AIRFLOW__API_AUTH__JWT_SECRET", JWT_SECRET)
+    return create_auth_manager().generate_jwt(SimpleAuthManagerUser(username=name, role=role))
+
+
+def test_actions_on_the_api_server_need_edit_permission_on_the_dag(api_server, monkeypatch):
+    """Through the real api-server and Airflow's own login: a viewer is refused, an editor's
+    action is recorded under their name."""
+    def post(path: str, token: str, data: dict) -> requests.Response:
+        return requests.post(f"{api_server}/clinical-crm/{path}", data=data, timeout=60, allow_redirects=False,
+                             headers={"Authorization": f"Bearer {token}", "Origin": api_server})
+
+    viewer, editor = token_for("vic", "viewer", monkeypatch), token_for("erin", "user", monkeypatch)
+    held = requests.get(f"{api_server}/clinical-crm/record", timeout=60,
+                        params={"connection": "demo", "source_id": "V1A0000000000004"},
+                        headers={"Authorization": f"Bearer {viewer}"})
+    assert held.status_code == 200 and "actions need edit permission on DAG ctms_to_crm__demo" in held.text
+    row_id = int(re.search(r'name="quarantine_id" value="(\d+)"', requests.get(
+        f"{api_server}/clinical-crm/record", params={"connection": "demo", "source_id": "V1A0000000000004"},
+        headers={"Authorization": f"Bearer {editor}"}, timeout=60).text).group(1))
+
+    assert post("quarantine/action", viewer, {"quarantine_id": row_id, "action": "retry"}).status_code == 403
+    assert post("backfill", viewer, {"connection": "demo", "direction": "ctms_to_crm",
+                                     "window_start": "2026-11-25T09:50:00+00:00",
+                                     "window_end": "2026-11-25T11:00:00+00:00"}).status_code == 403
+    assert requests.get(f"{api_server}/api/v2/backfills", params={"dag_id": "ctms_to_crm__demo"},
+                        timeout=30).json()["backfills"] == []
+    done = post("quarantine/action", editor, {"quarantine_id": row_id, "action": "retry"})
+    assert done.status_code == 303, done.text
+    history = requests.get(f"{api_server}/clinical-crm/record", timeout=60,
+                           params={"connection": "demo", "source_id": "V1A0000000000004"},
+                           headers={"Authorization": f"Bearer {editor}"}).text
+    assert re.search(r'<tr class="action">.*?retry in the next run.*?<td class="actor">erin</td>', history, re.S)
