@@ -257,14 +257,16 @@ def test_runs_link_to_their_airflow_dag_run_and_task_logs(client):
     assert f"{base}/tasks/extract" in tasks and f"{base}/tasks/load" in tasks and len(tasks) == len(plugin.TASKS)
 
 
-def test_missed_and_failed_windows_are_marked_with_a_backfill(client):
-    demo = section(client.get("/").text, "demo")
+def test_missed_and_failed_windows_are_marked_with_a_backfill(as_user):
+    demo = section(as_user("erin", "user").get("/").text, "demo")
     gap = re.search(r'<tr class="gap" data-direction="crm_to_ctms">(.*?)</tr>', demo, re.S).group(1)
     assert "2026-11-25 09:50:00" in gap and "2026-11-25 10:50:00" in gap
     assert 'name="window_start" value="2026-11-25T09:50:00+00:00"' in gap and "Backfill this window" in gap
     assert "Backfill this window" in run_row(demo, "scheduled__2026-11-25T11:00:00+00:00", "crm_to_ctms")  # failed
     assert "Backfill this window" not in run_row(demo, TEN)  # succeeded, no gap before it
     assert demo.count('<tr class="gap"') == 1
+    seen_by_viewer = section(as_user("vic", "viewer").get("/").text, "demo")
+    assert '<tr class="gap"' in seen_by_viewer and "Backfill this window" not in seen_by_viewer
 
 
 # ---------------------------------------------------------------- quarantine triage

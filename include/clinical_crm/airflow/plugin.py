@@ -277,13 +277,17 @@ def no_login_user() -> Any:
     return None
 
 
-def may_edit_dag(user, dag: str) -> bool:
-    """Whether Airflow's auth manager lets this user edit the DAG (what actions need)."""
+def may_edit_dag(user, dag: str, runs: bool = False) -> bool:
+    """Whether Airflow's auth manager lets this user edit the DAG (what quarantine actions need)
+    or, with `runs`, create its DAG runs (what Airflow's backfill API itself checks)."""
     if user is None:
         return False
     from airflow.api_fastapi.app import get_auth_manager
-    from airflow.api_fastapi.auth.managers.models.resource_details import DagDetails
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
 
+    if runs:
+        return get_auth_manager().is_authorized_dag(method="POST", access_entity=DagAccessEntity.RUN,
+                                                    details=DagDetails(id=dag), user=user)
     return get_auth_manager().is_authorized_dag(method="PUT", details=DagDetails(id=dag), user=user)
 
 
@@ -292,8 +296,8 @@ def editable_directions(user, connection: str, held: list[dict]) -> set[str]:
     return {d for d in {h["direction"] for h in held} if may_edit_dag(user, dag_id(d, connection))}
 
 
-def require_edit(user, dag: str) -> None:
-    if not may_edit_dag(user, dag):
+def require_edit(user, dag: str, runs: bool = False) -> None:
+    if not may_edit_dag(user, dag, runs):
         raise HTTPException(status_code=403, detail=f"editing DAG {dag} is not allowed for this user")
 
 
@@ -379,7 +383,8 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     def overview(request: Request, limit: Annotated[int, Query(ge=1, le=200)] = 20,
-                 notice: Annotated[str | None, Query(max_length=300)] = None) -> HTMLResponse:
+                 notice: Annotated[str | None, Query(max_length=300)] = None,
+                 user: Any = user_dependency) -> HTMLResponse:
         ledger = _ledger()
         now = datetime.now(timezone.utc)
         sections = []
@@ -396,6 +401,8 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
                              "airflow": airflow_links(ui_base(request), run)})
             sections.append({"name": name, "rows": mark_gaps(runs), "chart": run_chart(runs),
                              "health": health(ledger, connection, now),
+                             "may_backfill": {d for d in {r["direction"] for r in runs}
+                                              if may_edit_dag(user, dag_id(d, name), runs=True)},
                              "quarantine": ledger.quarantine_page(name, limit=OVERVIEW_QUARANTINE)})
         return render("overview.html", sections=sections, connections=[s["name"] for s in sections],
                       notice=notice)
@@ -470,7 +477,7 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
                  window_start: Annotated[datetime, Form()], window_end: Annotated[datetime, Form()],
                  user: Any = user_dependency):
         dag = dag_id(direction, connection)
-        require_edit(user, dag)
+        require_edit(user, dag, runs=True)
         answer = create_backfill(request, dag, window_start, window_end)
         if not answer.ok:
             detail = answer.json().get("detail") if "json" in answer.headers.get("content-type", "") else answer.text
