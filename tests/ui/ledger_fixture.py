@@ -1,7 +1,7 @@
 """A small ledger story for the page tests, written through the ledger's write API."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from clinical_crm.engine.ledger import Ledger
@@ -68,4 +68,30 @@ def fill_ledger(url: str, reports_dir: Path) -> dict:
                           reasons={}, success=True, report_path=str(report))
     ledger.finish_run(run4, "success", counts={"call2__v": {"extracted": 18, "created": 0, "updated": 0,
                                                             "unchanged": 18, "loaded": 18}}, dq_report=str(report))
+    fill_trial(ledger)
     return {"report": report, "runs": [run1, run2, run3, run4]}
+
+
+def fill_trial(ledger: Ledger) -> None:
+    """`trial`: a day of hourly ctms_to_crm runs, for the console's chart: varying counts and
+    durations, one failed run and one missed hour (10:00)."""
+    from sqlalchemy import update
+
+    from clinical_crm.engine.ledger import runs
+
+    start = datetime(2026, 11, 24, 0, 0, tzinfo=timezone.utc)
+    for hour in range(16):
+        if hour == 10:
+            continue
+        begin = start + timedelta(hours=hour)
+        run = ledger.start_run("trial", "ctms_to_crm", f"scheduled__{begin.isoformat()}", begin, begin + timedelta(hours=1))
+        created, updated, held = (hour * 7) % 40, (hour * 13) % 25, (hour * 5) % 9
+        failed = hour == 13
+        ledger.finish_run(run, "failed" if failed else "success", message="too many rows quarantined" if failed else None,
+                          counts={"crm_activity__v": {"extracted": created + updated + held + 5, "created": created,
+                                                      "updated": updated, "unchanged": 5, "quarantined": held,
+                                                      "failed": hour % 4 == 0 and 2 or 0}})
+        with ledger.engine.begin() as db:  # run times as a scheduler would have them: 40 s to 4 min
+            db.execute(update(runs).where(runs.c.id == run).values(
+                started_at=begin + timedelta(hours=1, minutes=1),
+                ended_at=begin + timedelta(hours=1, minutes=1, seconds=40 + (hour * 37) % 200)))

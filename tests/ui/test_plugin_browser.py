@@ -6,8 +6,8 @@ admin) with a ledger filled through its write API and two stand-in DAGs of the `
 through playwright: the page is listed in the Airflow UI, shows the runs and the quarantine, and
 the record lookup works; the operations console shows health, chart, Airflow links, quarantine
 triage with an action, and a backfill created through Airflow's REST API. Screenshots are kept in
-test-artifacts/ (plugin.png, plugin-record.png, console.png, console-quarantine.png,
-console-record-decision.png).
+test-artifacts/ (plugin.png, plugin-record.png, console.png, console-chart.png,
+console-quarantine.png, console-record-decision.png).
 """
 from __future__ import annotations
 
@@ -226,6 +226,10 @@ def test_console_health_chart_and_links_to_the_airflow_run(api_server, browser):
         assert demo.locator("svg.chart rect.bar-loaded").first.bounding_box()["height"] > 0  # drawn, visible
         assert demo.locator("tr.gap").count() == 1
         page.screenshot(path=str(ARTIFACTS / "console.png"), full_page=True)
+        trial = frame.locator('section[data-connection="trial"]')
+        assert trial.locator("svg.chart g.bar").count() == 15 and trial.locator("tr.gap").count() == 1
+        trial.locator("h2").evaluate("heading => heading.scrollIntoView({block: 'start'})")
+        page.screenshot(path=str(ARTIFACTS / "console-chart.png"), full_page=True)
 
         # The run's link opens the DAG run in the Airflow UI itself (not inside the page's frame).
         demo.locator('tr.run[data-direction="ctms_to_crm"] a.airflow-run').click()

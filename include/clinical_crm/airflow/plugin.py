@@ -216,13 +216,15 @@ def health(ledger, connection: dict, now: datetime) -> dict:
                            for direction, end in sorted(ends.items())]}
 
 
-def run_chart(runs: list[dict], width: int = 760, height: int = 170) -> dict:
+def run_chart(runs: list[dict], width: int = 1000, height: int = 180) -> dict:
     """Geometry of an SVG chart of runs, oldest left: a stacked bar per run (written,
-    quarantined, failed) on the left axis, the run's duration as a line on the right axis."""
+    quarantined, failed) on the left axis, the run's duration as a line on the right axis.
+    Bars are labelled with direction and window end as often as the labels fit (~80 px each)."""
     runs = list(reversed(runs))
-    left, right, top, bottom = 44, 56, 12, 40
+    left, right, top, bottom = 44, 64, 12, 40
     plot_w, plot_h = width - left - right, height - top - bottom
     slot = plot_w / max(len(runs), 1)
+    label_every = max(1, -(-80 // int(slot)))  # ceil(80 / slot)
     most = max([sum(r["totals"][k] for k in ("loaded", "quarantined", "failed")) for r in runs] + [1])
     durations = [r["duration"] for r in runs]
     longest = max([d for d in durations if d is not None] + [1])
@@ -237,7 +239,8 @@ def run_chart(runs: list[dict], width: int = 760, height: int = 170) -> dict:
             y -= h
             segments.append({"key": key, "value": value, "y": round(y, 1), "h": round(h, 1)})
         bars.append({"x": round(x, 1), "w": round(slot * 0.6, 1), "segments": segments, "state": run["state"],
-                     "label": timestamp(run["window_end"])[5:16], "direction": run["direction"].split("_to_")[-1],
+                     "label": timestamp(run["window_end"])[5:16] if index % label_every == 0 else "",
+                     "direction": run["direction"].split("_to_")[-1],
                      "title": f"{run['direction']} {run['dag_run_id']}: written {run['totals']['loaded']}, "
                               f"quarantined {run['totals']['quarantined']}, failed {run['totals']['failed']}, "
                               f"{run['state']}, {duration(run['duration'])}"})
