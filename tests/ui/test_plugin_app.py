@@ -406,6 +406,9 @@ def test_action_forms_are_refused_from_another_origin(as_user):
                              data={"quarantine_id": held["id"], "action": "ignore", "reason": "csrf"})
         assert answer.status_code == 403, headers
     assert open_row()["resolved_at"] is None
+    behind_proxy = editor.post("/quarantine/action", data={"quarantine_id": held["id"], "action": "retry"},
+                               headers={"Origin": "https://airflow.example.org", "X-Forwarded-Host": "airflow.example.org"})
+    assert behind_proxy.status_code == 303
 
 
 def test_ignore_needs_a_reason(as_user):

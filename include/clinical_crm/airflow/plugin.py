@@ -305,9 +305,12 @@ def require_edit(user, dag: str, runs: bool = False) -> None:
 
 
 def same_origin(request: Request) -> None:
-    """CSRF guard of the POST forms: the browser's Origin (or Referer) must be this server."""
+    """CSRF guard of the POST forms: the browser's Origin (or Referer) must be this server, as
+    the browser addressed it (Host, or X-Forwarded-Host behind a proxy that rewrites Host; a
+    cross-site form cannot set either)."""
     source = request.headers.get("origin") or request.headers.get("referer") or ""
-    if urlsplit(source).netloc.lower() != (request.headers.get("host") or "").lower():
+    hosts = {request.headers.get(name, "").lower() for name in ("host", "x-forwarded-host")} - {""}
+    if urlsplit(source).netloc.lower() not in hosts:
         raise HTTPException(status_code=403, detail="form posted from another origin")
 
 
