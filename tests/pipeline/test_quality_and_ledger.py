@@ -262,3 +262,87 @@ def test_old_id_map_index_on_postgresql_dropped_by_the_owner_kept_for_others(cap
                 cur.execute(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}")
             conn.close()
             database._admin(f"DROP ROLE IF EXISTS {role}")
+
+
+# ---------------------------------------------------------------- quarantine triage (the page)
+
+
+def test_ignored_records_are_closed_for_good_and_retried_ones_are_read_again(ledger):
+    run = ledger.start_run("demo", "ctms_to_crm", "r1", None, None)
+    ledger.quarantine_records(run, "demo", "ctms_to_crm", "crm_activity__v", {"V1": ["bad"], "V2": ["bad"]})
+    v1, v2 = (q["id"] for q in ledger.open_quarantine("demo"))
+
+    ignored = ledger.act_on_quarantine(v1, "ignore", "alice", reason="test record, never to be sent")
+    assert ignored["resolved_at"] is not None
+    assert ledger.quarantined_ids("demo", "ctms_to_crm", "crm_activity__v") == ["V2"]  # the runner re-reads V2 only
+    assert ledger.act_on_quarantine(v2, "retry", "bob")["resolved_at"] is None  # stays open: read again
+    assert ledger.act_on_quarantine(v1, "retry", "carol")["resolved_at"] is None  # reopened
+    assert sorted(ledger.quarantined_ids("demo", "ctms_to_crm", "crm_activity__v")) == ["V1", "V2"]
+
+    actions = ledger.record_history("demo", "V1")["actions"]
+    assert [(a["action"], a["actor"], a["reason"]) for a in actions] == [
+        ("ignore", "alice", "test record, never to be sent"), ("retry", "carol", None)]
+    with pytest.raises(ValueError):
+        ledger.act_on_quarantine(v1, "delete", "mallory")
+    with pytest.raises(KeyError):
+        ledger.act_on_quarantine(999, "ignore", "alice")
+
+
+def test_quarantine_triage_filters_by_object_rule_and_age(ledger):
+    run = ledger.start_run("demo", "ctms_to_crm", "r1", None, None)
+    ledger.quarantine_records(run, "demo", "ctms_to_crm", "crm_activity__v",
+                              {"V1": ["no CRM account for person P1"], "V2": ['channel "fax" 100% unknown']})
+    ledger.quarantine_records(run, "demo", "crm_to_ctms", "call2__v", {"C1": ["no CRM account for person P9"]})
+    from clinical_crm.engine import ledger as ledger_module
+    from sqlalchemy import update
+
+    with ledger.engine.begin() as db:  # V1 was first held ten days ago
+        db.execute(update(ledger_module.quarantine).where(ledger_module.quarantine.c.source_id == "V1")
+                   .values(first_seen=datetime.now(timezone.utc) - timedelta(days=10)))
+
+    def ids(**filters):
+        return [q["source_id"] for q in ledger.quarantine_page("demo", **filters)]
+
+    assert ids() == ["V1", "V2", "C1"]
+    assert ids(object_name="call2__v") == ["C1"]
+    assert ids(rule="no CRM account") == ["V1", "C1"]
+    assert ids(rule='"fax" 100%') == ["V2"]  # quotes and LIKE wildcards match as text
+    assert ids(rule="100_") == []
+    assert ids(min_age_days=7) == ["V1"]
+    assert ledger.count_quarantine("demo", rule="no CRM account", object_name="crm_activity__v") == 1
+    assert ledger.quarantine_objects("demo") == ["call2__v", "crm_activity__v"]
+
+
+def test_quarantine_pages_in_sql_at_100000_open_rows(ledger):
+    """Paging and export read a page or a chunk per query from the database, never the whole set."""
+    from sqlalchemy import event, insert
+
+    from clinical_crm.engine import ledger as ledger_module
+
+    now = datetime.now(timezone.utc)
+    rows = [dict(connection="demo", direction="ctms_to_crm", object="crm_activity__v", source_id=f"V{i:06d}",
+                 reasons=["no CRM account"], first_seen=now, last_seen=now) for i in range(100_000)]
+    with ledger.engine.begin() as db:
+        db.execute(insert(ledger_module.quarantine), rows)
+    statements: list[str] = []
+    fetched: list[int] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany):
+        statements.append(statement)
+
+    event.listen(ledger.engine, "after_cursor_execute", seen)
+    try:
+        page = ledger.quarantine_page("demo", limit=50, offset=99_950)
+        assert [q["source_id"] for q in page] == [f"V{i:06d}" for i in range(99_950, 100_000)]
+        [select_page] = [s for s in statements if "FROM quarantine" in s]
+        assert "LIMIT" in select_page and "OFFSET" in select_page
+        assert ledger.count_quarantine("demo") == 100_000
+        statements.clear()
+        for chunk_start, row in enumerate(ledger.iter_quarantine("demo", chunk=10_000)):
+            if chunk_start % 10_000 == 0:
+                fetched.append(len(statements))
+        selects = [s for s in statements if "FROM quarantine" in s]
+        assert len(selects) == 11 and all("LIMIT" in s for s in selects)  # 10 full chunks and an empty one
+        assert fetched == list(range(1, 11))  # each chunk read when the export reaches it
+    finally:
+        event.remove(ledger.engine, "after_cursor_execute", seen)

@@ -32,26 +32,33 @@ def section(html: str, connection: str) -> str:
     return match.group(1)
 
 
+def run_row(html: str, dag_run_id: str, direction: str = "ctms_to_crm", with_breakdown: bool = False) -> str:
+    """The runs-list row of one run (and its per-object breakdown row)."""
+    rest = html.split(f'data-dag-run-id="{dag_run_id}" data-direction="{direction}"')[1]
+    rows = rest.split("</tr>")
+    return "</tr>".join(rows[:2]) if with_breakdown else rows[0]
+
+
 def test_overview_lists_runs_per_connection_with_windows_counts_and_dq(client):
     response = client.get("/")
     assert response.status_code == 200
     demo = section(response.text, "demo")
     assert "scheduled__2026-11-25T10:00:00+00:00" in demo
     assert "2026-11-25 09:50:00" in demo and "2026-11-25 11:00:00" in demo
-    first_run = demo.split('data-dag-run-id="scheduled__2026-11-25T10:00:00+00:00"')[1].split("</tr>")[0]
+    first_run = run_row(demo, "scheduled__2026-11-25T10:00:00+00:00")
     counts = dict(re.findall(r'class="num count-(\w+)">(\d+)<', first_run))
     assert counts == {"extracted": "4", "loaded": "1", "unchanged": "1", "quarantined": "1", "failed": "1"}
     assert 'class="dq-pass"' in first_run
     assert 'class="data-docs" href="reports/demo/gx/data_docs/index.html"' in first_run
     run_pages = re.findall(r'class="data-docs-run" href="([^"]+)"[^>]*>([^<]+)<', first_run)
     assert run_pages == [(
-        "reports/demo/gx/data_docs/validations/demo/crm_activity__v/identifier_match/"
-        "scheduled__2026-11-25T10%3A00%3A00%2B00%3A00/20261125T110000Z/demo_checks-crm_activity__v.html",
-        "crm_activity__v / identifier_match")]  # this run's page only, not the 09:00 run's
-    breakdown = demo.split('data-dag-run-id="scheduled__2026-11-25T10:00:00+00:00"')[1].split('<tr class="objects">')[1]
+        "reports/demo/gx/data_docs/validations/demo/clinical_interaction__v/identifier_match/"
+        "scheduled__2026-11-25T10%3A00%3A00%2B00%3A00/20261125T110000Z/demo_checks-clinical_interaction__v.html",
+        "clinical_interaction__v / identifier_match")]  # this run's page only, not the 09:00 run's
+    breakdown = run_row(demo, "scheduled__2026-11-25T10:00:00+00:00", with_breakdown=True).split('<tr class="objects">')[1]
     breakdown = re.sub(r"<[^>]+>|\s+", " ", breakdown.split("</tr>")[0])
     assert "clinical_interaction__v: extracted 4, loaded 1, unchanged 1, quarantined 1, failed 1, deletions_applied 2" in " ".join(breakdown.split())
-    second_run = demo.split('data-dag-run-id="scheduled__2026-11-25T11:00:00+00:00"')[1].split("</tr>")[0]
+    second_run = run_row(demo, "scheduled__2026-11-25T11:00:00+00:00", "crm_to_ctms")
     assert 'class="dq-fail"' in second_run and "too many rows quarantined" in second_run
     assert "data-docs" not in second_run  # no report file, no link
     other = section(response.text, "other")
@@ -96,11 +103,11 @@ def test_data_docs_are_served_from_the_reports_folder(client):
     assert "Data Docs of demo" in response.text
     assert response.headers["content-security-policy"].startswith("sandbox")  # no access to the Airflow session
     assert response.headers["x-content-type-options"] == "nosniff"
-    first_run = client.get("/").text.split('data-dag-run-id="scheduled__2026-11-25T10:00:00+00:00"')[1]
+    first_run = run_row(client.get("/").text, "scheduled__2026-11-25T10:00:00+00:00")
     link = re.search(r'class="data-docs-run" href="([^"]+)"', first_run).group(1)
     page = client.get("/" + link)
     assert page.status_code == 200
-    assert "Validation of scheduled__2026-11-25T10:00:00+00:00" in page.text
+    assert "Validation of clinical_interaction__v in scheduled__2026-11-25T10:00:00+00:00" in page.text
 
 
 @pytest.mark.parametrize("path", [
@@ -181,3 +188,239 @@ def test_record_lookup_shows_a_superseded_version(story, client):
     # a record with outcomes but no version says so
     other = client.get("/record", params={"connection": "demo", "source_id": "V1A0000000000001"}).text
     assert "No version recorded." in other
+
+
+# ---------------------------------------------------------------- the operations console
+
+TEN = "scheduled__2026-11-25T10:00:00+00:00"
+
+
+def test_a_runs_data_quality_lists_only_its_own_suites(client):
+    """Both directions ran as DAG run `TEN`; the GX site holds both runs' pages under that name."""
+    demo = section(client.get("/").text, "demo")
+    ctms_to_crm = re.findall(r'class="data-docs-run" href="[^"]+"[^>]*>([^<]+)<', run_row(demo, TEN))
+    crm_to_ctms = re.findall(r'class="data-docs-run" href="[^"]+"[^>]*>([^<]+)<', run_row(demo, TEN, "crm_to_ctms"))
+    assert ctms_to_crm == ["clinical_interaction__v / identifier_match"]
+    assert crm_to_ctms == ["call2__v / identifier_match"]
+
+
+def counts_of(row: str) -> dict[str, int]:
+    return {k: int(v) for k, v in re.findall(r'class="num count-(\w+)">(\d+)<', row)}
+
+
+def breakdown_of(row_with_breakdown: str) -> dict[str, dict[str, int]]:
+    text = " ".join(re.sub(r"<[^>]+>", " ", row_with_breakdown.split('<tr class="objects">')[1]).split())
+    return {obj: {k: int(v) for k, v in re.findall(r"(\w+) (\d+)", body)}
+            for obj, body in re.findall(r"(\w+): ([^·]+)", text.replace("&middot;", "·"))}
+
+
+def test_loaded_means_written_and_the_row_agrees_with_its_breakdown(client):
+    demo = section(client.get("/").text, "demo")
+    unchanged_run = counts_of(run_row(demo, TEN, "crm_to_ctms"))
+    assert unchanged_run["loaded"] == 0 and unchanged_run["unchanged"] == 18  # not "Loaded 18, Unchanged 18"
+    for direction in ("ctms_to_crm", "crm_to_ctms"):
+        row = run_row(demo, TEN, direction, with_breakdown=True)
+        per_object = breakdown_of(row)
+        assert per_object
+        for column, total in counts_of(row).items():
+            assert total == sum(o[column] for o in per_object.values()), (direction, column)
+    assert counts_of(run_row(demo, TEN))["loaded"] == 1  # created 1 + updated 0; its unchanged 1 apart
+
+
+def test_health_line_per_connection(client):
+    demo = section(client.get("/").text, "demo")
+    health = re.search(r'<p class="health[^"]*" data-open-quarantine="(\d+)">(.*?)</p>', demo, re.S)
+    assert health.group(1) == "1"
+    text = " ".join(re.sub(r"<[^>]+>", "", health.group(2)).split())
+    assert "Last run: success" in text  # the newest run (crm_to_ctms, 18 unchanged)
+    assert "ctms_to_crm: last successful window end 2026-11-25 11:00:00, lag" in text
+    assert "crm_to_ctms: last successful window end 2026-11-25 09:50:00, lag" in text  # run2 failed
+    assert re.search(r"lag \d+ (d|h|min|s)\b", text)
+
+
+def test_chart_of_the_last_runs_is_a_picture(client):
+    demo = section(client.get("/").text, "demo")
+    svg = re.search(r"<svg class=\"chart\".*?</svg>", demo, re.S).group(0)
+    bars = re.findall(r'<g class="bar state-(\w+)">(.*?)</g>', svg, re.S)
+    assert [state for state, _ in bars] == ["success", "failed", "success"]  # oldest first
+    first = dict(re.findall(r'class="bar-(\w+)" data-value="(\d+)"', bars[0][1]))
+    assert first == {"loaded": "1", "quarantined": "1", "failed": "1"}
+    assert "bar-quarantined" in bars[1][1]  # the failed run's 6 quarantined
+    assert "<polyline class=\"duration\"" in svg
+
+
+def test_runs_link_to_their_airflow_dag_run_and_task_logs(client):
+    row = run_row(section(client.get("/").text, "demo"), TEN)
+    base = "/dags/ctms_to_crm__demo/runs/scheduled__2026-11-25T10%3A00%3A00%2B00%3A00"
+    assert f'class="airflow-link airflow-run" href="{base}"' in row
+    tasks = re.findall(r'class="airflow-link airflow-task" href="([^"]+)"', row)
+    assert f"{base}/tasks/extract" in tasks and f"{base}/tasks/load" in tasks and len(tasks) == len(plugin.TASKS)
+
+
+def test_missed_and_failed_windows_are_marked_with_a_backfill(as_user):
+    demo = section(as_user("erin", "user").get("/").text, "demo")
+    gap = re.search(r'<tr class="gap" data-direction="crm_to_ctms">(.*?)</tr>', demo, re.S).group(1)
+    assert "2026-11-25 09:50:00" in gap and "2026-11-25 10:50:00" in gap
+    assert 'name="window_start" value="2026-11-25T09:50:00+00:00"' in gap and "Backfill this window" in gap
+    assert "Backfill this window" in run_row(demo, "scheduled__2026-11-25T11:00:00+00:00", "crm_to_ctms")  # failed
+    assert "Backfill this window" not in run_row(demo, TEN)  # succeeded, no gap before it
+    assert demo.count('<tr class="gap"') == 1
+    seen_by_viewer = section(as_user("vic", "viewer").get("/").text, "demo")
+    assert '<tr class="gap"' in seen_by_viewer and "Backfill this window" not in seen_by_viewer
+
+
+# ---------------------------------------------------------------- quarantine triage
+
+
+@pytest.fixture
+def many_held(story):
+    """130 more open records of `demo`: 100 of call2__v with one reason, 30 with another."""
+    from clinical_crm.engine.ledger import Ledger
+    from clinical_crm.settings import ledger_url
+
+    ledger = Ledger(ledger_url())
+    run = story["runs"][1]
+    ledger.quarantine_records(run, "demo", "crm_to_ctms", "call2__v",
+                              {f"C{i:04d}": ["no CTMS site for account A1"] for i in range(100)})
+    ledger.quarantine_records(run, "demo", "crm_to_ctms", "call2__v",
+                              {f"D{i:04d}": ["unknown channel fax"] for i in range(30)})
+    return ledger
+
+
+def held_ids(html: str) -> list[str]:
+    return re.findall(r'<tr class="held" data-source-id="([^"]+)"', html)
+
+
+def test_quarantine_triage_filters_and_pages(client, many_held):
+    page1 = client.get("/quarantine", params={"connection": "demo"}).text
+    assert '<span id="quarantine-total">131</span>' in page1
+    assert len(held_ids(page1)) == plugin.PAGE_SIZE and "Page 1 of 3" in page1
+    page3 = client.get("/quarantine", params={"connection": "demo", "page": 3}).text
+    assert held_ids(page3) == ["C0099"] + [f"D{i:04d}" for i in range(30)]  # rows 101 to 131
+    fax = client.get("/quarantine", params={"connection": "demo", "rule": "channel fax"}).text
+    assert held_ids(fax) == [f"D{i:04d}" for i in range(30)]
+    interactions = client.get("/quarantine", params={"connection": "demo", "object": "clinical_interaction__v"}).text
+    assert held_ids(interactions) == ["V1A0000000000004"]
+    assert held_ids(client.get("/quarantine", params={"connection": "demo", "min_age_days": 3}).text) == []
+
+
+def test_quarantine_csv_export_of_the_filtered_set(client, many_held):
+    response = client.get("/quarantine.csv", params={"connection": "demo", "object": "call2__v", "rule": "fax"})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/csv")
+    assert "attachment" in response.headers["content-disposition"]
+    lines = response.text.strip().splitlines()
+    assert lines[0] == ",".join(plugin.CSV_COLUMNS)
+    assert len(lines) == 31 and all("unknown channel fax" in line for line in lines[1:])
+
+
+def test_quarantine_csv_cells_are_not_spreadsheet_formulas(client, many_held):
+    many_held.quarantine_records(1, "demo", "crm_to_ctms", "call2__v", {"E1": ['=HYPERLINK("http://x")']})
+    text = client.get("/quarantine.csv", params={"connection": "demo", "rule": "HYPERLINK"}).text
+    assert text.splitlines()[1].count("'=HYPERLINK") == 1
+
+
+class User:
+    """Airflow's simple auth manager's user, with a role."""
+
+    def __new__(cls, name: str, role: str):
+        from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+        return SimpleAuthManagerUser(username=name, role=role)
+
+
+@pytest.fixture
+def as_user(story, monkeypatch):
+    """A client of the app with Airflow's login, as a given user (Airflow's simple auth manager
+    decides the permissions)."""
+    from airflow.api_fastapi.app import create_auth_manager
+    from airflow.api_fastapi.core_api.security import get_user
+
+    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "False")
+    create_auth_manager()
+
+    def client_as(name: str, role: str) -> TestClient:
+        app = plugin.create_app()
+        app.dependency_overrides[get_user] = lambda: User(name, role)
+        return TestClient(app, base_url="http://airflow.test", follow_redirects=False)
+    return client_as
+
+
+def open_row(source_id: str = "V1A0000000000004") -> dict:
+    from clinical_crm.engine.ledger import Ledger
+    from clinical_crm.settings import ledger_url
+
+    return next(q for q in Ledger(ledger_url()).record_history("demo", source_id)["quarantine"])
+
+
+SAME_ORIGIN = {"Origin": "http://airflow.test"}
+
+
+def test_ignore_with_a_reason_is_recorded_with_the_airflow_user_and_closes_the_record(as_user):
+    from clinical_crm.engine.ledger import Ledger
+    from clinical_crm.settings import ledger_url
+
+    editor = as_user("erin", "user")  # may edit DAGs
+    held = open_row()
+    answer = editor.post("/quarantine/action", headers=SAME_ORIGIN, data={
+        "quarantine_id": held["id"], "action": "ignore", "reason": "test record of the CRA", "back": "record"})
+    assert answer.status_code == 303
+    assert answer.headers["location"].startswith("../record?connection=demo&source_id=V1A0000000000004")
+    ledger = Ledger(ledger_url())
+    assert ledger.quarantined_ids("demo", "ctms_to_crm", "clinical_interaction__v") == []  # never re-read
+    html = editor.get("/record", params={"connection": "demo", "source_id": "V1A0000000000004"}).text
+    action = re.search(r'<tr class="action">(.*?)</tr>', html, re.S).group(1)
+    assert "ignore" in action and '<td class="actor">erin</td>' in action and "test record of the CRA" in action
+    assert '<span class="ignored">(ignored)</span>' in html
+    assert "Nothing held back." in section(editor.get("/").text, "demo")
+
+    answer = editor.post("/quarantine/action", headers=SAME_ORIGIN,
+                         data={"quarantine_id": held["id"], "action": "retry"})
+    assert answer.status_code == 303
+    assert ledger.quarantined_ids("demo", "ctms_to_crm", "clinical_interaction__v") == ["V1A0000000000004"]
+    assert [a["action"] for a in ledger.record_history("demo", "V1A0000000000004")["actions"]] == ["ignore", "retry"]
+
+
+def test_actions_need_edit_permission_on_the_dag(as_user):
+    held = open_row()
+    viewer = as_user("vic", "viewer")  # may read DAGs, not edit them
+    answer = viewer.post("/quarantine/action", headers=SAME_ORIGIN,
+                         data={"quarantine_id": held["id"], "action": "ignore", "reason": "no"})
+    assert answer.status_code == 403, answer.text
+    assert viewer.post("/backfill", headers=SAME_ORIGIN, data={
+        "connection": "demo", "direction": "ctms_to_crm", "window_start": "2026-11-25T09:50:00+00:00",
+        "window_end": "2026-11-25T11:00:00+00:00"}).status_code == 403
+    assert open_row()["resolved_at"] is None
+    assert viewer.get("/").status_code == 200  # reading stays allowed
+    triage = viewer.get("/quarantine", params={"connection": "demo"}).text
+    assert "actions need edit permission on DAG ctms_to_crm__demo" in triage and 'class="ignore"' not in triage
+    editor_triage = as_user("erin", "user").get("/quarantine", params={"connection": "demo"}).text
+    assert 'class="ignore"' in editor_triage and "actions need edit permission" not in editor_triage
+
+
+def test_action_forms_are_refused_from_another_origin(as_user):
+    editor = as_user("erin", "user")
+    held = open_row()
+    for headers in ({}, {"Origin": "https://evil.example"}, {"Referer": "https://evil.example/page"}):
+        answer = editor.post("/quarantine/action", headers=headers,
+                             data={"quarantine_id": held["id"], "action": "ignore", "reason": "csrf"})
+        assert answer.status_code == 403, headers
+    assert open_row()["resolved_at"] is None
+    behind_proxy = editor.post("/quarantine/action", data={"quarantine_id": held["id"], "action": "retry"},
+                               headers={"Origin": "https://airflow.example.org", "X-Forwarded-Host": "airflow.example.org"})
+    assert behind_proxy.status_code == 303
+
+
+def test_ignore_needs_a_reason(as_user):
+    answer = as_user("erin", "user").post("/quarantine/action", headers=SAME_ORIGIN,
+                                          data={"quarantine_id": open_row()["id"], "action": "ignore", "reason": " "})
+    assert answer.status_code == 422
+    assert open_row()["resolved_at"] is None
+
+
+def test_actions_require_an_airflow_login(story):
+    client = TestClient(plugin.create_app())
+    assert client.post("/quarantine/action", headers={"Origin": "http://testserver"},
+                       data={"quarantine_id": 1, "action": "retry"}).status_code == 401
+    assert client.get("/quarantine", params={"connection": "demo"}).status_code == 401
+    assert client.get("/quarantine.csv", params={"connection": "demo"}).status_code == 401

@@ -1,25 +1,42 @@
-"""The data engineers' page inside the Airflow UI (an Airflow 3 plugin).
+"""The data engineers' page inside the Airflow UI (an Airflow 3 plugin): the operations console.
 
 A small FastAPI app, mounted by the api-server under ``/clinical-crm``, renders server-side HTML
-from the sync ledger's read API only: per connection the recent runs (window, state, counts, data
-quality with a link to the run's Data Docs), the open quarantine with its reasons, and a lookup of
-one record's history by source id (outcomes, e.g. `superseded` when a newer version had already been
-sent; quarantine; id map; the newest source version sent). The Data Docs HTML is served from the reports folder
-(``settings.reports_dir()``); paths outside it are refused.
+from the sync ledger's read API. This module owns, per part of the page:
 
-The plugin also declares an external view, so the page is listed in the UI's "Browse" menu and
-shown inside the Airflow UI. Every route requires an authenticated Airflow user (the api-server's
-session cookie or bearer token), like Airflow's own API.
+- counts: a run's row and its per-object breakdown from the same numbers; "Loaded" is what was
+  written (created + updated), "Unchanged" stands apart (the ledger's `loaded` includes it);
+- data quality: pass/fail and the Data Docs pages of the run's own `dq_summaries` rows (their
+  objects and report site only, never another direction's suites of the same DAG run id);
+- health: per connection the last successful window end and lag per direction, the last run's
+  state, the open quarantine, and an SVG chart of the last runs (written / quarantined / failed
+  bars, duration line);
+- Airflow links: each run links to its DAG run and task logs in the Airflow UI;
+- missed and failed windows: a gap before the next window of the same direction, and failed
+  runs, are marked with "Backfill this window", which creates an Airflow backfill through
+  Airflow's REST API as the current user;
+- quarantine triage: filters (object, reason text, age), paging in SQL, a streamed CSV export,
+  and the actions "retry in the next run" / "ignore, with a reason", recorded with the Airflow
+  user.
+
+Actions and backfills need Airflow's edit permission on the DAG (`<direction>__<connection>`),
+asked of Airflow's auth manager; their POST forms are accepted from the page's own origin only
+(CSRF). The Data Docs HTML is served from the reports folder (``settings.reports_dir()``); paths
+outside it are refused. Every route requires an authenticated Airflow user (the api-server's
+session cookie or bearer token), like Airflow's own API. The plugin also declares an external
+view, so the page is listed in the UI's "Browse" menu and shown inside the Airflow UI.
 """
 from __future__ import annotations
 
+import csv
+import io
 import logging
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated
-from urllib.parse import quote
+from typing import Annotated, Any
+from urllib.parse import quote, urlencode, urlsplit
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, StreamingResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -31,6 +48,11 @@ from clinical_crm import settings
 URL_PREFIX = "/clinical-crm"
 REPORT_CSP = "sandbox allow-scripts allow-forms"
 COUNT_COLUMNS = ("extracted", "loaded", "unchanged", "quarantined", "failed")
+WRITTEN = ("created", "updated")  # "loaded" on the page: records written to the target
+TASKS = ("begin", "extract", "validate", "transform", "load", "finish")  # the DAG's tasks, in order
+PAGE_SIZE = 50  # quarantine rows per triage page
+OVERVIEW_QUARANTINE = 10  # the oldest open quarantine rows on the overview
+CSV_COLUMNS = ("id", "direction", "object", "source_id", "reasons", "first_seen", "last_seen")
 TEMPLATES = Environment(
     loader=FileSystemLoader(Path(__file__).parent / "templates"),
     autoescape=select_autoescape(default=True, default_for_string=True),
@@ -51,24 +73,62 @@ def timestamp(value: str | None) -> str:
     return text[:19] if text.endswith("+00:00") or text.endswith("Z") else text
 
 
+def _moment(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def duration(seconds: float | None) -> str:
+    """A duration as `2 d 3 h`, `3 h 5 min`, `4 min 2 s` or `12 s`."""
+    if seconds is None:
+        return ""
+    seconds = int(max(seconds, 0))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
 TEMPLATES.filters["timestamp"] = timestamp
+TEMPLATES.filters["duration"] = duration
 
 
-def total_counts(counts: dict) -> dict[str, int]:
-    """Run counts as one row: totals of the per-object counts when the counts are nested by object."""
-    totals = {name: 0 for name in COUNT_COLUMNS}
-    for key, value in (counts or {}).items():
-        if isinstance(value, dict):
-            for name in COUNT_COLUMNS:
-                totals[name] += int(value.get(name) or 0)
-        elif key in totals:
-            totals[key] += int(value or 0)
-    return totals
+# ---------------------------------------------------------------- counts
 
 
-def object_counts(counts: dict) -> dict[str, dict]:
-    """The per-object part of a run's counts (empty when the counts are flat totals)."""
-    return {key: value for key, value in (counts or {}).items() if isinstance(value, dict)}
+def object_row(counts: dict) -> dict[str, int]:
+    """One object's counts in the page's columns: loaded = written (created + updated)."""
+    row = {name: int(counts.get(name) or 0) for name in COUNT_COLUMNS}
+    if any(key in counts for key in WRITTEN):
+        row["loaded"] = sum(int(counts.get(key) or 0) for key in WRITTEN)
+    else:  # counts without the split: the ledger's loaded includes the unchanged records
+        row["loaded"] = max(row["loaded"] - row["unchanged"], 0)
+    return row
+
+
+def run_counts(counts: dict) -> tuple[dict[str, int], dict[str, dict]]:
+    """A run's row (totals) and its per-object breakdown, computed from the same numbers so they
+    agree: {object: {"columns": page columns, "other": the object's other non-zero counts}}."""
+    nested = {key: value for key, value in (counts or {}).items() if isinstance(value, dict)}
+    flat = {key: value for key, value in (counts or {}).items() if not isinstance(value, dict)}
+    if flat and nested:
+        nested["(run)"] = flat
+    objects = {name: {"columns": object_row(values),
+                      "other": {k: v for k, v in values.items()
+                                if k not in COUNT_COLUMNS and k not in WRITTEN and v}}
+               for name, values in nested.items()}
+    rows = [o["columns"] for o in objects.values()] or [object_row(flat)]
+    totals = {name: sum(row[name] for row in rows) for name in COUNT_COLUMNS}
+    return totals, objects
+
+
+# ---------------------------------------------------------------- data quality
 
 
 def report_file(path: str | None) -> Path | None:
@@ -106,26 +166,190 @@ def validation_pages(site_index: Path | None) -> dict[str, list[dict]]:
         return pages
     validations = site_index.parent / "validations"
     for page in sorted(validations.glob("*/*/*/*/*/*.html")):
-        suite_parts = page.relative_to(validations).parts[:3]
+        connection, object_name, suite = page.relative_to(validations).parts[:3]
         run_name = page.parent.parent.name
         link = report_link(page)
         if link:
-            pages.setdefault(run_name, []).append({"label": " / ".join(suite_parts[1:]), "link": link})
+            pages.setdefault(run_name, []).append({"connection": connection, "object": object_name,
+                                                   "label": f"{object_name} / {suite}", "link": link})
     return pages
 
 
 def data_quality(ledger, run: dict, pages_by_site: dict) -> dict:
-    """Pass/fail of a run's quality checks, with links to the run's own Data Docs pages."""
+    """Pass/fail of a run's quality checks, with links to the Data Docs pages of the run's own
+    summaries: the same DAG run id in the other direction validates other objects in the same
+    connection's site, and those pages are not this run's."""
     summaries = ledger.dq_summaries(run["run_id"])
     passed = all(s["success"] for s in summaries) if summaries else None
-    candidates = [run.get("dq_report"), *(s.get("report_path") for s in summaries)]
-    site = next((found for found in map(report_file, candidates) if found), None)
+    site = next((found for found in (report_file(s.get("report_path")) for s in summaries) if found), None)
     if site is not None and site not in pages_by_site:
         pages_by_site[site] = validation_pages(site)
-    pages = pages_by_site.get(site, {}).get(run["dag_run_id"], []) if site else []
+    objects = {s["object"] for s in summaries}
+    pages = [p for p in pages_by_site.get(site, {}).get(run["dag_run_id"], [])
+             if p["connection"] == run["connection"] and p["object"] in objects]
     failing = sum(int(s.get("failing_rows") or 0) for s in summaries)
     return {"passed": passed, "link": report_link(site) if site else None, "pages": pages,
             "failing_rows": failing, "objects": summaries}
+
+
+# ---------------------------------------------------------------- health, chart, gaps, links
+
+
+def dag_id(direction: str, connection: str) -> str:
+    return f"{direction}__{connection}"
+
+
+def airflow_links(ui_base: str, run: dict) -> dict:
+    """The run's DAG run and task pages in the Airflow UI (their logs)."""
+    dag = quote(dag_id(run["direction"], run["connection"]), safe="")
+    base = f"{ui_base}/dags/{dag}/runs/{quote(run['dag_run_id'], safe='')}"
+    return {"run": base, "tasks": [{"task_id": task, "link": f"{base}/tasks/{task}"} for task in TASKS]}
+
+
+def health(ledger, connection: dict, now: datetime) -> dict:
+    """A connection's health line: per direction the last successful window end and the lag
+    since, the last run's state, the open quarantine."""
+    ends = ledger.last_success_ends(connection["connection"])
+    return {"last_run": connection["last_run"], "open_quarantine": connection["open_quarantine"],
+            "directions": [{"direction": direction, "last_success_end": end,
+                            "lag": (now - _moment(end)).total_seconds()}
+                           for direction, end in sorted(ends.items())]}
+
+
+def run_chart(runs: list[dict], width: int = 1000, height: int = 180) -> dict:
+    """Geometry of an SVG chart of runs, oldest left: a stacked bar per run (written,
+    quarantined, failed) on the left axis, the run's duration as a line on the right axis.
+    Bars are labelled with direction and window end as often as the labels fit (~80 px each)."""
+    runs = list(reversed(runs))
+    left, right, top, bottom = 44, 64, 12, 40
+    plot_w, plot_h = width - left - right, height - top - bottom
+    slot = plot_w / max(len(runs), 1)
+    label_every = max(1, -(-80 // int(slot)))  # ceil(80 / slot)
+    most = max([sum(r["totals"][k] for k in ("loaded", "quarantined", "failed")) for r in runs] + [1])
+    durations = [r["duration"] for r in runs]
+    longest = max([d for d in durations if d is not None] + [1])
+    bars, points = [], []
+    for index, run in enumerate(runs):
+        x = left + index * slot + slot * 0.2
+        y = top + plot_h
+        segments = []
+        for key in ("loaded", "quarantined", "failed"):
+            value = run["totals"][key]
+            h = plot_h * value / most
+            y -= h
+            segments.append({"key": key, "value": value, "y": round(y, 1), "h": round(h, 1)})
+        bars.append({"x": round(x, 1), "w": round(slot * 0.6, 1), "segments": segments, "state": run["state"],
+                     "label": timestamp(run["window_end"])[5:16] if index % label_every == 0 else "",
+                     "direction": run["direction"].split("_to_")[-1],
+                     "title": f"{run['direction']} {run['dag_run_id']}: written {run['totals']['loaded']}, "
+                              f"quarantined {run['totals']['quarantined']}, failed {run['totals']['failed']}, "
+                              f"{run['state']}, {duration(run['duration'])}"})
+        if run["duration"] is not None:
+            points.append(f"{x + slot * 0.3:.1f},{top + plot_h - plot_h * run['duration'] / longest:.1f}")
+    return {"width": width, "height": height, "left": left, "right": width - right, "top": top,
+            "bottom": top + plot_h, "bars": bars, "points": " ".join(points), "most": most,
+            "longest": duration(longest), "runs": len(runs)}
+
+
+def mark_gaps(runs: list[dict]) -> list[dict]:
+    """Rows for the runs list, newest first: each run, and before it (above) a missed window
+    when its window starts after the end of the previous window of the same direction."""
+    previous_end: dict[str, str] = {}
+    gap_before: dict[int, dict] = {}
+    for run in sorted(runs, key=lambda r: (r["direction"], r["window_start"] or "")):
+        start, end = _moment(run["window_start"]), _moment(run["window_end"])
+        before = _moment(previous_end.get(run["direction"]))
+        if before and start and start > before:
+            gap_before[run["run_id"]] = {"direction": run["direction"], "connection": run["connection"],
+                                         "window_start": before.isoformat(), "window_end": start.isoformat()}
+        if end and (before is None or end > before):
+            previous_end[run["direction"]] = end.isoformat()
+    rows = []
+    for run in runs:
+        if run["run_id"] in gap_before:
+            rows.append({"kind": "gap", **gap_before[run["run_id"]]})
+        rows.append({"kind": "run", **run})
+    return rows
+
+
+# ---------------------------------------------------------------- users, permissions, forms
+
+
+def no_login_user() -> Any:
+    """The user of an app built without Airflow's login (tests of the app on its own): none."""
+    return None
+
+
+def may_edit_dag(user, dag: str, runs: bool = False) -> bool:
+    """Whether Airflow's auth manager lets this user edit the DAG (what quarantine actions need)
+    or, with `runs`, create its DAG runs (what Airflow's backfill API itself checks)."""
+    if user is None:
+        return False
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
+
+    if runs:
+        return get_auth_manager().is_authorized_dag(method="POST", access_entity=DagAccessEntity.RUN,
+                                                    details=DagDetails(id=dag), user=user)
+    return get_auth_manager().is_authorized_dag(method="PUT", details=DagDetails(id=dag), user=user)
+
+
+def editable_directions(user, connection: str, held: list[dict]) -> set[str]:
+    """The directions of these quarantine rows whose DAG the user may edit (their actions shown)."""
+    return {d for d in {h["direction"] for h in held} if may_edit_dag(user, dag_id(d, connection))}
+
+
+def require_edit(user, dag: str, runs: bool = False) -> None:
+    if not may_edit_dag(user, dag, runs):
+        raise HTTPException(status_code=403, detail=f"editing DAG {dag} is not allowed for this user")
+
+
+def same_origin(request: Request) -> None:
+    """CSRF guard of the POST forms: the browser's Origin (or Referer) must be this server, as
+    the browser addressed it (Host, or X-Forwarded-Host behind a proxy that rewrites Host; a
+    cross-site form cannot set either)."""
+    source = request.headers.get("origin") or request.headers.get("referer") or ""
+    hosts = {request.headers.get(name, "").lower() for name in ("host", "x-forwarded-host")} - {""}
+    if urlsplit(source).netloc.lower() not in hosts:
+        raise HTTPException(status_code=403, detail="form posted from another origin")
+
+
+def ui_base(request: Request) -> str:
+    """The Airflow UI's base path: this app's mount path without its prefix."""
+    return request.scope.get("root_path", "").removesuffix(URL_PREFIX)
+
+
+def airflow_token(request: Request) -> str | None:
+    """The user's Airflow token (bearer header, else the UI's session cookie), to call Airflow's
+    REST API as that user."""
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:]
+    from airflow.api_fastapi.core_api.security import COOKIE_NAME_JWT_TOKEN
+
+    return request.cookies.get(COOKIE_NAME_JWT_TOKEN)
+
+
+def create_backfill(request: Request, dag: str, window_start: datetime, window_end: datetime):
+    """POST /api/v2/backfills on this api-server as the current user; Airflow's answer."""
+    import requests
+
+    url = f"{request.url.scheme}://{request.url.netloc}{ui_base(request)}/api/v2/backfills"
+    body = {"dag_id": dag, "from_date": window_start.isoformat(), "to_date": window_end.isoformat(),
+            "reprocess_behavior": "failed", "max_active_runs": 1, "run_backwards": False, "dag_run_conf": {}}
+    token = airflow_token(request)
+    return requests.post(url, json=body, timeout=60,
+                         headers={"Authorization": f"Bearer {token}"} if token else {})
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell that a spreadsheet shows as text: vault data starting with = + - @ is not a formula."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
+# ---------------------------------------------------------------- rendering
 
 
 def render(template: str, status_code: int = 200, **context) -> HTMLResponse:
@@ -140,13 +364,22 @@ def ledger_unavailable(request: Request, error: SQLAlchemyError) -> HTMLResponse
                   error=f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
 
 
+def back_to(path: str, **params) -> RedirectResponse:
+    """After a POST, back to a page of this app (relative, so it stays under the mount)."""
+    query = urlencode({k: v for k, v in params.items() if v not in (None, "")})
+    return RedirectResponse(f"{path}?{query}" if query else path, status_code=303)
+
+
 def create_app(require_airflow_login: bool = True) -> FastAPI:
     """The page's app; `require_airflow_login=False` only for tests of the app on its own."""
     dependencies = []
+    current_user = no_login_user
     if require_airflow_login:
-        from airflow.api_fastapi.core_api.security import requires_authenticated
+        from airflow.api_fastapi.core_api.security import get_user, requires_authenticated
 
         dependencies.append(Depends(requires_authenticated()))
+        current_user = get_user
+    user_dependency = Depends(current_user)
     app = FastAPI(
         title="Clinical CRM connection: data engineers' page",
         dependencies=dependencies,
@@ -155,28 +388,121 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
     )
 
     @app.get("/", response_class=HTMLResponse)
-    def overview(limit: Annotated[int, Query(ge=1, le=200)] = 20) -> HTMLResponse:
+    def overview(request: Request, limit: Annotated[int, Query(ge=1, le=200)] = 20,
+                 notice: Annotated[str | None, Query(max_length=300)] = None,
+                 user: Any = user_dependency) -> HTMLResponse:
         ledger = _ledger()
+        now = datetime.now(timezone.utc)
         sections = []
         pages_by_site: dict = {}  # Data Docs sites scanned once per request
         for connection in ledger.connections():
             name = connection["connection"]
             runs = []
             for run in ledger.recent_runs(name, limit=limit):
-                runs.append({**run, "totals": total_counts(run.get("counts")),
-                             "objects": object_counts(run.get("counts")),
-                             "dq": data_quality(ledger, run, pages_by_site)})
-            sections.append({"name": name, "runs": runs, "quarantine": ledger.open_quarantine(name)})
-        return render("overview.html", sections=sections, connections=[s["name"] for s in sections])
+                totals, objects = run_counts(run.get("counts"))
+                started, ended = _moment(run["started_at"]), _moment(run["ended_at"])
+                runs.append({**run, "totals": totals, "objects": objects,
+                             "duration": (ended - started).total_seconds() if started and ended else None,
+                             "dq": data_quality(ledger, run, pages_by_site),
+                             "airflow": airflow_links(ui_base(request), run)})
+            sections.append({"name": name, "rows": mark_gaps(runs), "chart": run_chart(runs),
+                             "health": health(ledger, connection, now),
+                             "may_backfill": {d for d in {r["direction"] for r in runs}
+                                              if may_edit_dag(user, dag_id(d, name), runs=True)},
+                             "quarantine": ledger.quarantine_page(name, limit=OVERVIEW_QUARANTINE)})
+        return render("overview.html", sections=sections, connections=[s["name"] for s in sections],
+                      notice=notice)
+
+    @app.get("/quarantine", response_class=HTMLResponse)
+    def quarantine(connection: Annotated[str, Query(min_length=1, max_length=100)],
+                   object_name: Annotated[str | None, Query(alias="object", max_length=100)] = None,
+                   rule: Annotated[str | None, Query(max_length=200)] = None,
+                   min_age_days: Annotated[int | None, Query(ge=0, le=3650)] = None,
+                   page: Annotated[int, Query(ge=1)] = 1,
+                   notice: Annotated[str | None, Query(max_length=300)] = None,
+                   user: Any = user_dependency) -> HTMLResponse:
+        ledger = _ledger()
+        filters = {"object_name": object_name or None, "rule": rule or None, "min_age_days": min_age_days or None}
+        total = ledger.count_quarantine(connection, **filters)
+        rows = ledger.quarantine_page(connection, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE, **filters)
+        query = {"connection": connection, "object": object_name or "", "rule": rule or "",
+                 "min_age_days": min_age_days or ""}
+        return render("quarantine.html", connections=[c["connection"] for c in ledger.connections()],
+                      connection=connection, rows=rows, total=total, page=page, page_size=PAGE_SIZE,
+                      pages=max((total + PAGE_SIZE - 1) // PAGE_SIZE, 1), query=query,
+                      objects=ledger.quarantine_objects(connection), notice=notice,
+                      editable=editable_directions(user, connection, rows))
+
+    @app.get("/quarantine.csv")
+    def quarantine_csv(connection: Annotated[str, Query(min_length=1, max_length=100)],
+                       object_name: Annotated[str | None, Query(alias="object", max_length=100)] = None,
+                       rule: Annotated[str | None, Query(max_length=200)] = None,
+                       min_age_days: Annotated[int | None, Query(ge=0, le=3650)] = None) -> StreamingResponse:
+        rows = _ledger().iter_quarantine(connection, object_name=object_name or None, rule=rule or None,
+                                         min_age_days=min_age_days or None)
+
+        def lines():
+            buffer = io.StringIO()
+            writer = csv.writer(buffer)
+            writer.writerow(CSV_COLUMNS)
+            for row in rows:
+                writer.writerow([csv_cell(" | ".join(row[c]) if c == "reasons" else row[c]) for c in CSV_COLUMNS])
+                if buffer.tell() > 65536:
+                    yield buffer.getvalue()
+                    buffer.seek(0)
+                    buffer.truncate()
+            yield buffer.getvalue()
+
+        filename = f"quarantine-{connection}.csv".replace('"', "")
+        return StreamingResponse(lines(), media_type="text/csv",
+                                 headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+    @app.post("/quarantine/action", dependencies=[Depends(same_origin)])
+    def quarantine_action(quarantine_id: Annotated[int, Form()],
+                          action: Annotated[str, Form(pattern="^(retry|ignore)$")],
+                          reason: Annotated[str, Form(max_length=1000)] = "",
+                          back: Annotated[str, Form(pattern="^(quarantine|record)$")] = "quarantine",
+                          user: Any = user_dependency):
+        ledger = _ledger()
+        held = ledger.quarantine_entry(quarantine_id)
+        if held is None:
+            raise HTTPException(status_code=404, detail="No such quarantine row")
+        require_edit(user, dag_id(held["direction"], held["connection"]))
+        if action == "ignore" and not reason.strip():
+            raise HTTPException(status_code=422, detail="ignoring a record needs a reason")
+        ledger.act_on_quarantine(quarantine_id, action, user.get_name(), reason.strip() or None)
+        done = "will be read again in the next run" if action == "retry" else "ignored for good"
+        notice = f"{held['object']} {held['source_id']}: {done}"
+        if back == "record":
+            return back_to("../record", connection=held["connection"], source_id=held["source_id"], notice=notice)
+        return back_to("../quarantine", connection=held["connection"], notice=notice)
+
+    @app.post("/backfill", dependencies=[Depends(same_origin)])
+    def backfill(request: Request, connection: Annotated[str, Form(max_length=100)],
+                 direction: Annotated[str, Form(max_length=20)],
+                 window_start: Annotated[datetime, Form()], window_end: Annotated[datetime, Form()],
+                 user: Any = user_dependency):
+        dag = dag_id(direction, connection)
+        require_edit(user, dag, runs=True)
+        answer = create_backfill(request, dag, window_start, window_end)
+        if not answer.ok:
+            detail = answer.json().get("detail") if "json" in answer.headers.get("content-type", "") else answer.text
+            raise HTTPException(status_code=answer.status_code, detail=f"Airflow refused the backfill: {detail}")
+        created = answer.json()
+        return back_to("./", notice=f"backfill {created.get('id')} of {dag} created for "
+                                    f"{timestamp(window_start.isoformat())} - {timestamp(window_end.isoformat())}")
 
     @app.get("/record", response_class=HTMLResponse)
     def record(connection: Annotated[str, Query(min_length=1, max_length=100)],
-               source_id: Annotated[str, Query(min_length=1, max_length=255)]) -> HTMLResponse:
+               source_id: Annotated[str, Query(min_length=1, max_length=255)],
+               notice: Annotated[str | None, Query(max_length=300)] = None,
+               user: Any = user_dependency) -> HTMLResponse:
         ledger = _ledger()
         connections = [c["connection"] for c in ledger.connections()]
         history = ledger.record_history(connection, source_id.strip())
         found = bool(history["outcomes"] or history["quarantine"] or history["id_map"] or history.get("versions"))
-        return render("record.html", history=history, found=found, connections=connections)
+        return render("record.html", history=history, found=found, connections=connections, notice=notice,
+                      editable=editable_directions(user, connection, history["quarantine"]))
 
     @app.get("/reports/{path:path}")
     def reports(path: str) -> FileResponse:

@@ -6,9 +6,14 @@ reasons, until they go through), `id_map` (source id -> target id / external id)
 `dq_summaries`, `source_versions` (the newest source version, `modified_date__v`, written to
 the target per record: an older extraction loaded later is not written over it) and
 `deletion_queue` (every deleted source record whose target record must be marked: pending
-until the mark is written, then applied, so each is marked once and none is forgotten).
+until the mark is written, then applied, so each is marked once and none is forgotten) and
+`quarantine_actions` (what a data engineer decided about a quarantined record on the page:
+"retry" keeps or reopens it, so the next run reads it again; "ignore" closes it for good; each
+with the Airflow user and the reason).
 The schema is kept by Alembic migrations (engine/migrations), applied when a ledger is opened. The read API at the bottom (`recent_runs`, `open_quarantine`,
-`record_history`, `connections`) returns plain dicts; the Airflow UI plugin relies on it.
+`quarantine_page`, `record_history`, `connections`, ...) returns plain dicts; the Airflow UI
+plugin relies on it. Quarantine triage pages in SQL (LIMIT/OFFSET; the CSV export walks the
+filtered set by id, a chunk at a time), so 100,000 open rows cost one page of rows per request.
 """
 from __future__ import annotations
 
@@ -18,9 +23,9 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import (
@@ -35,6 +40,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    cast,
     create_engine,
     event,
     func,
@@ -162,6 +168,19 @@ deletion_queue = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("run_id", Integer),  # the run that last tried it
     UniqueConstraint("connection", "direction", "object", "source_id", name="uq_deletion_queue_record"),
+)
+
+# A data engineer's decision about one quarantine row (revision 0003).
+QUARANTINE_ACTIONS = ("retry", "ignore")
+quarantine_actions = Table(
+    "quarantine_actions",
+    metadata,
+    *_record_key(index_source=True),
+    Column("quarantine_id", Integer, nullable=False, index=True),
+    Column("action", String(20), nullable=False),  # retry | ignore
+    Column("reason", Text),
+    Column("actor", String(250), nullable=False),  # the Airflow user
+    Column("at", DateTime(timezone=True), nullable=False),
 )
 
 log = logging.getLogger(__name__)
@@ -406,6 +425,34 @@ class Ledger:
                     quarantine.c.source_id.in_(ids[start:start + 500])).values(resolved_at=_now())).rowcount
         return done
 
+    def act_on_quarantine(self, quarantine_id: int, action: str, actor: str, reason: str | None = None) -> dict:
+        """A data engineer's decision about a quarantined record, recorded with who took it.
+
+        "ignore" closes the record's open row for good (the runner re-reads open rows only);
+        "retry" keeps it open, or reopens its row when it was closed, so the next run reads the
+        record again. Returns the row as it is afterwards; KeyError for an unknown row.
+        """
+        if action not in QUARANTINE_ACTIONS:
+            raise ValueError(f"unknown quarantine action {action!r}")
+        now = _now()
+        with self.engine.begin() as db:
+            row = db.execute(select(quarantine).where(quarantine.c.id == quarantine_id)).mappings().first()
+            if row is None:
+                raise KeyError(quarantine_id)
+            if row["resolved_at"] is None or action == "retry":
+                # one open row per record: a retry of an old row reopens nothing if a newer one is open
+                newer_open = db.execute(select(quarantine.c.id).where(
+                    quarantine.c.connection == row["connection"], quarantine.c.direction == row["direction"],
+                    quarantine.c.object == row["object"], quarantine.c.source_id == row["source_id"],
+                    quarantine.c.resolved_at.is_(None), quarantine.c.id != row["id"])).scalar()
+                resolved_at = now if action == "ignore" else None
+                if newer_open is None:
+                    db.execute(update(quarantine).where(quarantine.c.id == row["id"]).values(resolved_at=resolved_at))
+            db.execute(insert(quarantine_actions).values(
+                quarantine_id=row["id"], connection=row["connection"], direction=row["direction"],
+                object=row["object"], source_id=row["source_id"], action=action, reason=reason, actor=actor, at=now))
+        return self.quarantine_entry(quarantine_id)
+
     def quarantined_ids(self, connection: str, direction: str, object_name: str) -> list[str]:
         """Source ids still quarantined: extraction re-reads them by id every run."""
         with self.engine.connect() as db:
@@ -614,6 +661,59 @@ class Ledger:
         with self.engine.connect() as db:
             return [_quarantine_dict(r) for r in db.execute(query).mappings()]
 
+    def quarantine_entry(self, quarantine_id: int) -> dict | None:
+        """One quarantine row by its id (None when unknown)."""
+        with self.engine.connect() as db:
+            row = db.execute(select(quarantine).where(quarantine.c.id == quarantine_id)).mappings().first()
+        return _quarantine_dict(row) if row else None
+
+    def quarantine_page(self, connection: str, object_name: str | None = None, rule: str | None = None,
+                        min_age_days: int | None = None, limit: int = 50, offset: int = 0) -> list[dict]:
+        """One page of the open quarantine of a connection, oldest first, filtered by object, by
+        text in its reasons (a rule's reason) and by age (first seen at least N days ago); paged
+        in SQL (LIMIT/OFFSET)."""
+        query = (select(quarantine).where(*_quarantine_filter(connection, object_name, rule, min_age_days))
+                 .order_by(quarantine.c.id).limit(limit).offset(offset))
+        with self.engine.connect() as db:
+            return [_quarantine_dict(r) for r in db.execute(query).mappings()]
+
+    def count_quarantine(self, connection: str, object_name: str | None = None, rule: str | None = None,
+                         min_age_days: int | None = None) -> int:
+        """How many open quarantine rows match the filters of `quarantine_page`."""
+        query = select(func.count()).select_from(quarantine).where(
+            *_quarantine_filter(connection, object_name, rule, min_age_days))
+        with self.engine.connect() as db:
+            return int(db.execute(query).scalar() or 0)
+
+    def iter_quarantine(self, connection: str, object_name: str | None = None, rule: str | None = None,
+                        min_age_days: int | None = None, chunk: int = 1000) -> Iterator[dict]:
+        """Every open quarantine row matching the filters, oldest first, read `chunk` rows at a
+        time by id (for a streamed export: memory stays one chunk whatever the size)."""
+        after = 0
+        while True:
+            query = (select(quarantine).where(*_quarantine_filter(connection, object_name, rule, min_age_days),
+                                              quarantine.c.id > after)
+                     .order_by(quarantine.c.id).limit(chunk))
+            with self.engine.connect() as db:
+                rows = [_quarantine_dict(r) for r in db.execute(query).mappings()]
+            yield from rows
+            if len(rows) < chunk:
+                return
+            after = rows[-1]["id"]
+
+    def quarantine_objects(self, connection: str) -> list[str]:
+        """The objects with open quarantine rows in a connection (the triage filter's choices)."""
+        with self.engine.connect() as db:
+            return sorted(db.execute(select(quarantine.c.object).distinct().where(
+                quarantine.c.connection == connection, quarantine.c.resolved_at.is_(None))).scalars())
+
+    def last_success_ends(self, connection: str) -> dict[str, str]:
+        """{direction: end of its last successful window} of a connection (ISO, UTC)."""
+        with self.engine.connect() as db:
+            rows = db.execute(select(runs.c.direction, func.max(runs.c.window_end)).where(
+                runs.c.connection == connection, runs.c.state == "success").group_by(runs.c.direction)).all()
+        return {direction: _iso(end) for direction, end in rows}
+
     def record_history(self, connection: str, source_id: str) -> dict:
         """What happened to record X, and when: outcomes per run (with windows), quarantine, id map."""
         with self.engine.connect() as db:
@@ -631,6 +731,9 @@ class Ledger:
             versions = db.execute(select(source_versions).where(
                 source_versions.c.connection == connection, source_versions.c.source_id == str(source_id))
                 .order_by(source_versions.c.id)).mappings().all()
+            actions = db.execute(select(quarantine_actions).where(
+                quarantine_actions.c.connection == connection, quarantine_actions.c.source_id == str(source_id))
+                .order_by(quarantine_actions.c.id)).mappings().all()
         return {
             "connection": connection,
             "source_id": str(source_id),
@@ -647,6 +750,8 @@ class Ledger:
             "versions": [{"direction": v["direction"], "object": v["object"],
                           "modified_date": _iso(v["modified_date"]), "run_id": v["run_id"],
                           "updated_at": _iso(v["updated_at"])} for v in versions],
+            "actions": [{"quarantine_id": a["quarantine_id"], "action": a["action"], "reason": a["reason"],
+                         "actor": a["actor"], "at": _iso(a["at"])} for a in actions],
         }
 
     def connections(self) -> list[dict]:
@@ -682,9 +787,24 @@ def _run_dict(row) -> dict:
     }
 
 
+def _quarantine_filter(connection: str, object_name: str | None, rule: str | None,
+                       min_age_days: int | None) -> list:
+    """WHERE clauses of the open quarantine of a connection, filtered for triage."""
+    clauses = [quarantine.c.connection == connection, quarantine.c.resolved_at.is_(None)]
+    if object_name:
+        clauses.append(quarantine.c.object == object_name)
+    if rule:
+        text = json.dumps(rule)[1:-1]  # as the reasons are stored (JSON text)
+        pattern = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        clauses.append(cast(quarantine.c.reasons, Text).like(f"%{pattern}%", escape="\\"))
+    if min_age_days:
+        clauses.append(quarantine.c.first_seen <= _now() - timedelta(days=min_age_days))
+    return clauses
+
+
 def _quarantine_dict(row) -> dict:
     return {
-        "connection": row["connection"], "direction": row["direction"], "object": row["object"],
+        "id": row["id"], "connection": row["connection"], "direction": row["direction"], "object": row["object"],
         "source_id": row["source_id"], "reasons": list(row["reasons"] or []),
         "first_seen": _iso(row["first_seen"]), "last_seen": _iso(row["last_seen"]),
         "resolved_at": _iso(row["resolved_at"]),
