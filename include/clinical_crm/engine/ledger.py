@@ -711,7 +711,7 @@ class Ledger:
         """{direction: end of its last successful window} of a connection (ISO, UTC)."""
         with self.engine.connect() as db:
             rows = db.execute(select(runs.c.direction, func.max(runs.c.window_end)).where(
-                runs.c.connection == connection, runs.c.state == "success").group_by(runs.c.direction)).all()
+                runs.c.connection == connection, runs.c.state.in_(COMPLETED_STATES)).group_by(runs.c.direction)).all()
         return {direction: _iso(end) for direction, end in rows}
 
     def record_history(self, connection: str, source_id: str) -> dict:
