@@ -265,7 +265,7 @@ def reconcile(flow: Flow, cfg, clients: dict, dag_run_id: str, repair: bool = Fa
         valid = _valid_rows(flow, cfg, staged, ctx.run_dir) if flow.validation.feature(cfg) else Staged()
         records = runner.transform(flow, cfg, ctx, staged, valid)
         for target in flow.targets:
-            if target.enabled(cfg):
+            if _compared(flow, target, cfg):
                 check = TargetCheck(flow, target, cfg, clients, ledger, staged, records)
                 objects[check.target_object] = _reconcile_target(check, ledger, run_id, repair)
     except BaseException as error:
@@ -276,6 +276,12 @@ def reconcile(flow: Flow, cfg, clients: dict, dag_run_id: str, repair: bool = Fa
     summary = {"run_id": run_id, "repair": repair, "objects": objects}
     ledger.finish_reconcile(run_id, "success", summary)
     return summary
+
+
+def _compared(flow: Flow, target: Target, cfg) -> bool:
+    """An enabled target, and for the validated object's target its feature on (off, the
+    target object's records are none of this connection's business)."""
+    return target.enabled(cfg) and (target.source != VALID or flow.validation.feature(cfg))
 
 
 def _reconcile_target(check: TargetCheck, ledger: Ledger, run_id: int, repair: bool) -> dict:
