@@ -161,12 +161,17 @@ deletion_queue = Table(
 # Reconciliation (engine/reconcile.py): one row per flow per reconcile DAG run, with its summary
 # ({target object: {expected, in_target, <drift kind>: n, repaired}}), and one `drift` row per
 # record found different from what the source says the target should hold.
+def _reconcile_key() -> list[Column]:
+    """The columns both reconciliation tables start with: row id, connection, flow."""
+    return [Column("id", Integer, primary_key=True, autoincrement=True),
+            Column("connection", String(100), nullable=False, index=True),
+            Column("flow", String(20), nullable=False)]
+
+
 reconcile_runs = Table(
     "reconcile_runs",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("connection", String(100), nullable=False, index=True),
-    Column("flow", String(20), nullable=False),
+    *_reconcile_key(),
     Column("dag_run_id", String(250), nullable=False),
     Column("repair", Integer, nullable=False),
     Column("state", String(20), nullable=False),  # running | success | failed
@@ -179,10 +184,8 @@ reconcile_runs = Table(
 drift = Table(
     "drift",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    *_reconcile_key(),
     Column("run_id", Integer, nullable=False, index=True),  # reconcile_runs.id
-    Column("connection", String(100), nullable=False, index=True),
-    Column("flow", String(20), nullable=False),
     Column("object", String(100), nullable=False),  # the target object
     Column("source_id", String(255)),
     Column("external_id", String(255), nullable=False),
