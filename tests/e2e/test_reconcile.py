@@ -82,9 +82,12 @@ def planted(clients, vaults):
     """Both connection DAGs over the demo seed, then one drift of each kind planted by hand."""
     ctms, crm = clients
     ctms_server, crm_server = vaults
+    study = rows(ctms, "SELECT id FROM study__v")[0]["id"]
+    [site] = ctms.create("site__v", [{"name__v": "RS-1", "site_name__v": "Reconcile site", "study__v": study}])
     send("ctms_to_crm__demo")
     send("crm_to_ctms__demo")
-    assert not reconcile(repair=False), "the vaults agree right after the connection ran"
+    assert Ledger().open_quarantine("demo"), "the demo seed has records that fail the rules ..."
+    assert not reconcile(repair=False), "... and they are not drift: the vaults agree after the connection ran"
 
     sent = by_external_id(crm, INTERACTIONS)
     activities = {r["global_id__sys"]: r["id"] for r in rows(
@@ -105,6 +108,10 @@ def planted(clients, vaults):
                                                     "subject__v": sent[reverted]["subject__v"]}])[0].outcome == "updated"
     # missing deletion mark: an activity deleted without the connection running since
     delete(ctms_server, "crm_activity__v", activities[unsent])
+    # missing deletion mark (a status): a Study Site deleted, its Clinical Site still active
+    site_global_id = rows(ctms, f"SELECT global_id__sys FROM site__v WHERE id = {vql.quote(site.id)}")[0]["global_id__sys"]
+    delete(ctms_server, "site__v", site.id)
+    plan[("ctms_to_crm", site_global_id)] = "missing_deletion_mark"
     # extra: an interaction carrying an external id of the CTMS vault that no activity has
     extra = f"{ctms.vault_id}_V0Z000000009999"
     template = sent[stale]
@@ -122,7 +129,7 @@ def planted(clients, vaults):
     plan[("crm_to_ctms", edited)] = "stale"
     plan[("crm_to_ctms", orphan)] = "missing_deletion_mark"
     return {"plan": plan, "sent": sent, "medical": medical, "missing": missing, "stale": stale,
-            "reverted": reverted, "reverted_id": activities[reverted], "unsent": unsent, "extra": extra, "edited": edited, "orphan": orphan}
+            "site": site_global_id, "reverted": reverted, "reverted_id": activities[reverted], "unsent": unsent, "extra": extra, "edited": edited, "orphan": orphan}
 
 
 def test_reconcile_reports_each_drift_and_changes_nothing(clients, planted):
@@ -159,6 +166,8 @@ def test_reconcile_repairs_then_finds_no_drift(clients, vaults, planted):
     for deleted in (planted["reverted"], planted["unsent"]):
         assert now_crm[deleted]["subject__v"] == f"{sent[deleted]['subject__v']} Deleted"
     assert now_crm[planted["extra"]]["subject__v"] == "Nobody's"  # extra: reported, never deleted
+    assert rows(crm, "SELECT vault_clinical_status__v FROM clinical_site__v WHERE external_id__v = "
+                + vql.quote(planted["site"])) == [{"vault_clinical_status__v": "deleted_in_vault_clinical__v"}]
     medical = by_external_id(ctms, MEDICAL)
     assert medical[planted["edited"]]["channel__v"] == planted["medical"][planted["edited"]]["channel__v"]
     assert medical[planted["orphan"]]["status__v"] == "inactive__v"

@@ -294,7 +294,7 @@ def _reconcile_target(check: TargetCheck, ledger: Ledger, run_id: int, repair: b
         repaired = check.repair(found)
         ledger.drift_repaired(run_id, check.target_object, repaired)
         counts["repaired"] = len(repaired)
-    log.info("%s %s -> %s: %d expected, %d in the target; %s%s", check.flow.name, check.source_object,
+    log.log(logging.WARNING if found else logging.INFO, "%s %s -> %s: %d expected, %d in the target; %s%s", check.flow.name, check.source_object,
              check.target_object, counts["expected"], counts["in_target"],
              ", ".join(f"{k} {counts[k]}" for k in KINDS), f"; repaired {counts['repaired']}" if "repaired" in counts else "")
     for d in found[:SHOWN]:
