@@ -123,9 +123,11 @@ def planted(clients, vaults):
     # crm_to_ctms: a Medical Activity changed in CTMS (stale), one left active after its call was deleted
     medical = by_external_id(ctms, MEDICAL)
     calls = {r["global_id__sys"]: r["id"] for r in rows(crm, "SELECT id, global_id__sys FROM call2__v")}
-    edited, orphan = [g for g in medical if g in calls and medical[g]["status__v"] != "inactive__v"][:2]
+    edited, orphan, unflagged = [g for g in medical if g in calls and medical[g]["status__v"] != "inactive__v"][:3]
     assert ctms.update("crm_activity__v", [{"id": medical[edited]["id"], "channel__v": "other__v"}])[0].outcome == "updated"
     delete(crm_server, "call2__v", calls[orphan])
+    # not drift: a call no longer flagged keeps its Medical Activity (the connection leaves it alone)
+    assert crm.update("call2__v", [{"id": calls[unflagged], "send_to_vault_clinical__v": False}])[0].outcome == "updated"
     plan[("crm_to_ctms", edited)] = "stale"
     plan[("crm_to_ctms", orphan)] = "missing_deletion_mark"
     return {"plan": plan, "sent": sent, "medical": medical, "missing": missing, "stale": stale,

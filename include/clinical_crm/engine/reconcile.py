@@ -11,10 +11,13 @@ declarations only (no direction is named here):
   by each `Target.build` (and `prepare`, as the load sends them);
 * target: every record of the target object (`Target.where`) carrying an external id of this
   source vault (`{vault id}_...`), paged;
-* deletions: the ledger's deletion queue (with the values a mark wrote), the vault's recent
-  deletions (staged by the extraction) and the ledger's id map (the connection wrote it, its
-  source is gone) say a source record was deleted; `DeletionMark.carried` (or the mark's own
-  values) says whether its target carries the mark.
+* deletions: a target record with no source record in that read, and none found by its global
+  id either (a record changed since the read, or no longer selected, e.g. a call unflagged, is
+  no deletion: the connection leaves those alone), lost its source. It is a deletion the
+  connection must mark when the ledger's deletion queue, the vault's recent deletions (staged
+  by the extraction) or the ledger's id map (the connection wrote it) know the record;
+  `DeletionMark.carried` (or the value the ledger says the mark wrote) says whether the target
+  carries the mark.
 
 Drift kinds, per target record (external id = the source's global id):
   missing                a valid source record has no target record
@@ -34,7 +37,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
-from clinical_crm.engine import load, quality, staging
+from clinical_crm.engine import load, quality, runner, staging
 from clinical_crm.engine.context import RunContext, Staged
 from clinical_crm.engine.ledger import Ledger
 from clinical_crm.engine.windows import Window
@@ -156,7 +159,7 @@ class TargetCheck:
     def __init__(self, flow: Flow, target: Target, cfg, clients: dict, ledger: Ledger, staged: Staged,
                  records: Staged):
         self.flow, self.target, self.cfg, self.ledger = flow, target, cfg, ledger
-        self.client = clients[flow.target_side]
+        self.client, self.source_client = clients[flow.target_side], clients[flow.source_side]
         self.prefix = f"{clients[flow.source_side].vault_id}_"
         self.source_object, self.target_object = target.source_object(cfg), target.target_object(cfg)
         self.id_param = target.id_param(cfg)
@@ -181,28 +184,31 @@ class TargetCheck:
         found = []
         for external_id, record in self.expected.items():
             row = self.actual.get(external_id)
-            if row is None:
-                found.append({"kind": "missing", "details": None})
-            elif diff := differences(record, row, self.fields):
-                found.append({"kind": "stale", "details": {"fields": diff}})
-            else:
-                continue
-            found[-1].update(external_id=external_id, source_id=str(record[SOURCE_ID]), target_id=None if row is None
-                             else row[ID])
-        gone = [e for e in self.actual if e not in self.sources]
+            diff = differences(record, row, self.fields) if row is not None else None
+            if row is None or diff:
+                found.append({"kind": "stale" if diff else "missing", "external_id": external_id,
+                              "source_id": str(record[SOURCE_ID]), "details": {"fields": diff} if diff else None})
+        unmarked = [e for e, row in self.actual.items() if e not in self.sources and not any(
+            carries_mark(m, row, self.cfg, self.entries.get(e)) for m in self.marks)]
+        gone = [e for e in unmarked if e not in self.still_there(unmarked)]
         written = self.ledger.known_external_ids(self.cfg.name, self.target_object, gone) if gone else set()
         for external_id in gone:
-            row = self.actual[external_id]
-            if any(carries_mark(m, row, self.cfg, self.entries.get(external_id)) for m in self.marks):
-                continue
             known = external_id in self.entries or external_id in self.deleted or external_id in written
-            mark = self.marks[0] if self.marks else None
-            kind = "missing_deletion_mark" if known and mark is not None else "extra"
-            details = {"fields": {k: {"expected": value(v), "actual": value(row.get(k))}
-                                  for k, v in mark.change(row, self.cfg).items()}} if kind != "extra" else None
-            found.append({"kind": kind, "external_id": external_id, "source_id": self.source_id(external_id),
-                          "target_id": row[ID], "details": details})
+            mark = self.marks[0] if known and self.marks else None
+            row = self.actual[external_id]
+            found.append({"kind": "missing_deletion_mark" if mark else "extra", "external_id": external_id,
+                          "source_id": self.source_id(external_id), "details": mark and {"fields": {
+                              k: {"expected": value(v), "actual": value(row.get(k))}
+                              for k, v in mark.change(row, self.cfg).items()}}})
         return found
+
+    def still_there(self, global_ids: list[str]) -> set[str]:
+        """Which of these source records exist after all: changed since the full read, or no
+        longer selected by the flow (e.g. a call whose flag was cleared) — neither is a deletion,
+        and the connection leaves their target records alone."""
+        query = Query.select(self.source_object, [GLOBAL_ID]).paged(self.cfg.load.query_page_size)
+        return {str(r[GLOBAL_ID]) for chunk in query.contains(GLOBAL_ID, global_ids)
+                for page in self.source_client.query(chunk) for r in page.records}
 
     def repair(self, found: list[dict]) -> list[str]:
         """Re-send what drifted (extra excepted); the external ids repaired."""
@@ -260,8 +266,6 @@ def reconcile(flow: Flow, cfg, clients: dict, dag_run_id: str, repair: bool = Fa
     try:
         with _whole_history_deletions():
             staged = Staged(flow.extraction.stage(cfg, clients, ctx.window, ctx.run_dir, [], ledger))
-        from clinical_crm.engine import runner
-
         valid = _valid_rows(flow, cfg, staged, ctx.run_dir) if flow.validation.feature(cfg) else Staged()
         records = runner.transform(flow, cfg, ctx, staged, valid)
         for target in flow.targets:
