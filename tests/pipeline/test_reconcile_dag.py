@@ -42,3 +42,26 @@ def test_cron_and_repair_from_the_connection_file():
 def test_bad_reconcile_key_is_named(reconcile, problem):
     with pytest.raises(ConfigError, match=problem):
         parse_connection(demo(**reconcile))
+
+
+@pytest.mark.parametrize("param, in_file, repairs", [(None, False, False), (None, True, True), (True, False, True),
+                                                     (False, True, False)])
+def test_the_param_repair_overrides_the_file(tmp_path, monkeypatch, param, in_file, repairs):
+    import contextlib
+
+    from clinical_crm.engine import reconcile
+
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(demo(repair=in_file)))
+    calls = []
+    monkeypatch.setattr(dag_factory, "_clients", lambda *a: contextlib.nullcontext({}))
+    monkeypatch.setattr(reconcile, "reconcile", lambda flow, cfg, clients, run_id, repair: calls.append(repair) or {})
+    dag_factory.reconcile.function(str(path), "ctms_to_crm", params={"repair": param}, run_id="manual__1")
+    assert calls == [repairs]
+
+
+def test_an_inactive_connection_reconciles_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(demo()).replace("active: true", "active: false", 1))
+    monkeypatch.setattr(dag_factory, "_clients", lambda *a: pytest.fail("no client for an inactive connection"))
+    assert dag_factory.reconcile.function(str(path), "ctms_to_crm", params={}, run_id="manual__1") == {}
