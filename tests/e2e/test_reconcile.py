@@ -131,7 +131,8 @@ def planted(clients, vaults):
     plan[("crm_to_ctms", edited)] = "stale"
     plan[("crm_to_ctms", orphan)] = "missing_deletion_mark"
     return {"plan": plan, "sent": sent, "medical": medical, "missing": missing, "stale": stale,
-            "site": site_global_id, "reverted": reverted, "reverted_id": activities[reverted], "unsent": unsent, "extra": extra, "edited": edited, "orphan": orphan}
+            "site": site_global_id, "reverted": reverted, "reverted_id": activities[reverted], "unsent": unsent,
+            "extra": extra, "edited": edited, "orphan": orphan}
 
 
 def test_reconcile_reports_each_drift_and_changes_nothing(clients, planted):

@@ -40,7 +40,6 @@ from datetime import datetime, timezone
 from clinical_crm.engine import load, quality, runner, staging
 from clinical_crm.engine.context import RunContext, Staged
 from clinical_crm.engine.ledger import Ledger
-from clinical_crm.engine.windows import Window
 from clinical_crm.flows.base import SOURCE_ID, SOURCE_VERSION, VALID, DeletionMark, Flow, Target
 from clinical_crm.values import text
 from clinical_crm.vault import Query
@@ -135,12 +134,13 @@ def target_records(client, target: Target, cfg, fields: list[str], prefix: str) 
 def carries_mark(mark: DeletionMark, row: dict, cfg, entry: dict | None) -> bool:
     """Does the target row carry the deletion mark? The values the connection wrote as the mark
     (the ledger's `expected`) when known, else the mark's own test."""
-    current = {k: value(row.get(k)) for k in mark.change(row, cfg)}
+    change = mark.change(row, cfg)
+    current = {k: value(row.get(k)) for k in change}
     if entry and entry.get("expected"):
         return current == {k: value(v) for k, v in entry["expected"].items()}
     if mark.carried is not None:
         return mark.carried(row, cfg)
-    return current == {k: value(v) for k, v in mark.change(row, cfg).items()}
+    return current == {k: value(v) for k, v in change.items()}
 
 
 # ---------------------------------------------------------------- comparing
@@ -190,7 +190,8 @@ class TargetCheck:
                               "source_id": str(record[SOURCE_ID]), "details": {"fields": diff} if diff else None})
         unmarked = [e for e, row in self.actual.items() if e not in self.sources and not any(
             carries_mark(m, row, self.cfg, self.entries.get(e)) for m in self.marks)]
-        gone = [e for e in unmarked if e not in self.still_there(unmarked)]
+        existing = self.still_there(unmarked) if unmarked else set()
+        gone = [e for e in unmarked if e not in existing]
         written = self.ledger.known_external_ids(self.cfg.name, self.target_object, gone) if gone else set()
         for external_id in gone:
             known = external_id in self.entries or external_id in self.deleted or external_id in written
@@ -298,9 +299,10 @@ def _reconcile_target(check: TargetCheck, ledger: Ledger, run_id: int, repair: b
         repaired = check.repair(found)
         ledger.drift_repaired(run_id, check.target_object, repaired)
         counts["repaired"] = len(repaired)
-    log.log(logging.WARNING if found else logging.INFO, "%s %s -> %s: %d expected, %d in the target; %s%s", check.flow.name, check.source_object,
-             check.target_object, counts["expected"], counts["in_target"],
-             ", ".join(f"{k} {counts[k]}" for k in KINDS), f"; repaired {counts['repaired']}" if "repaired" in counts else "")
+    log.log(logging.WARNING if found else logging.INFO, "%s %s -> %s: %d expected, %d in the target; %s%s",
+            check.flow.name, check.source_object, check.target_object, counts["expected"], counts["in_target"],
+            ", ".join(f"{k} {counts[k]}" for k in KINDS),
+            f"; repaired {counts['repaired']}" if "repaired" in counts else "")
     for d in found[:SHOWN]:
         log.info("  %s %s (source %s)%s", d["kind"], d["external_id"], d["source_id"],
                  "".join(f"; {f}: {c['actual']!r} should be {c['expected']!r}"
