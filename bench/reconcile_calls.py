@@ -1,15 +1,15 @@
 """API calls of reconciliation against the read floor of both sides, over a seeded `scale` state.
 
     .venv/bin/python bench/reconcile_calls.py              # N = 10,000
-    .venv/bin/python bench/reconcile_calls.py --n 1000 --stale 10
+    .venv/bin/python bench/reconcile_calls.py --n 1000 --stale 10 --repair
 
 1. Seed both vaults with the `scale` scenario (bench/floor.py's seed: N Clinical Activities on
    N/20 Persons, N/1000+1 Studies with 2 Sites each, one CRM Account per Person).
 2. Send everything once: the runner's steps of `ctms_to_crm` in this process (the bench
    connection of floor.py: clinical activities + studies/sites), so CRM holds the targets.
 3. Optionally plant `--stale` changed interactions (edited in CRM).
-4. Reconcile both flows (engine.reconcile, in this process, no repair), counting the calls the
-   sandboxes serve by endpoint and the query pages the client reads per object.
+4. Reconcile both flows (engine.reconcile, in this process; with --repair, repairing), counting
+   the calls the sandboxes serve by endpoint and the query pages the client reads per object.
 5. The read floor: for each object read, ceil(rows / 1000) pages (the vault's page size), from
    the rows each side holds; deletions calls (one per object, the last 30 days) apart.
 
@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--stale", type=int, default=0, help="interactions to edit in CRM before reconciling")
+    parser.add_argument("--repair", action="store_true", help="repair what drifted (write calls: ceil(K / 500))")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="reconcile_bench_"))
@@ -111,12 +112,13 @@ def main(argv=None) -> int:
         pages: Counter = Counter()
         counting_queries(pages)
         started = time.perf_counter()
-        summaries = {f.name: reconcile.reconcile(f, cfg, clients, f"bench-{datetime.now().isoformat()}")
+        summaries = {f.name: reconcile.reconcile(f, cfg, clients, f"bench-{datetime.now().isoformat()}",
+                                                           repair=args.repair)
                      for f in all_flows()}
         seconds = time.perf_counter() - started
         endpoints = {side: floor.split_counters(s.admin.counters()) for side, s in (("ctms", ctms_s), ("crm", crm_s))}
     read_floor = {obj: math.ceil(n / PAGE) or 1 for side in rows.values() for obj, n in side.items()}
-    result = {"n": args.n, "stale_planted": args.stale, "rows": rows, "reconcile_seconds": round(seconds, 1),
+    result = {"n": args.n, "stale_planted": args.stale, "repair": args.repair, "rows": rows, "reconcile_seconds": round(seconds, 1),
               "seed_and_send_seconds": round(seeded, 1),
               "calls": {side: {"data": c[0], "auth": c[1], "endpoints": c[2]} for side, c in endpoints.items()},
               "pages_by_object": dict(pages), "floor_pages_by_object": read_floor,
@@ -125,7 +127,8 @@ def main(argv=None) -> int:
     floor_calls = sum(read_floor.values())
     result.update(data_calls=data_calls, floor_calls=floor_calls, ratio=round(data_calls / floor_calls, 2))
 
-    print(f"reconcile, N = {args.n:,}: {seconds:.1f} s (seed + send: {seeded:.1f} s)")
+    print(f"reconcile{' with repair' if args.repair else ''}, N = {args.n:,}, {args.stale} stale planted: "
+          f"{seconds:.1f} s (seed + send: {seeded:.1f} s)")
     print(f"{'object':28} {'rows':>8} {'floor pages':>12} {'pages read':>11}")
     for obj, n in {k: v for side in rows.values() for k, v in side.items()}.items():
         print(f"{obj:28} {n:>8,} {read_floor[obj]:>12} {pages.get(obj, 0):>11}")
