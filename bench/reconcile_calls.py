@@ -53,6 +53,32 @@ def counting_queries(pages: Counter):
     VaultClient.query = query
 
 
+class PeakRss:
+    """The process's peak RSS while the block runs (sampled every 50 ms), in MiB."""
+
+    def __enter__(self):
+        import threading
+
+        import psutil
+
+        me, self.peak, self.stop = psutil.Process(), 0, threading.Event()
+        self.before = round(me.memory_info().rss / 2**20)
+
+        def sample():
+            while not self.stop.is_set():
+                self.peak = max(self.peak, me.memory_info().rss)
+                self.stop.wait(0.05)
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.mib = round(self.peak / 2**20)
+
+
 def send_everything(cfg, clients, window) -> None:
     from clinical_crm.engine import runner
     from clinical_crm.flows import flow
@@ -112,13 +138,14 @@ def main(argv=None) -> int:
         pages: Counter = Counter()
         counting_queries(pages)
         started = time.perf_counter()
-        summaries = {f.name: reconcile.reconcile(f, cfg, clients, f"bench-{datetime.now().isoformat()}",
-                                                           repair=args.repair)
-                     for f in all_flows()}
+        with PeakRss() as rss:
+            summaries = {f.name: reconcile.reconcile(f, cfg, clients, f"bench-{datetime.now().isoformat()}",
+                                                     repair=args.repair) for f in all_flows()}
         seconds = time.perf_counter() - started
         endpoints = {side: floor.split_counters(s.admin.counters()) for side, s in (("ctms", ctms_s), ("crm", crm_s))}
     read_floor = {obj: math.ceil(n / PAGE) or 1 for side in rows.values() for obj, n in side.items()}
     result = {"n": args.n, "stale_planted": args.stale, "repair": args.repair, "rows": rows, "reconcile_seconds": round(seconds, 1),
+              "rss_mib_before_reconcile": rss.before, "peak_rss_mib_during_reconcile": rss.mib,
               "seed_and_send_seconds": round(seeded, 1),
               "calls": {side: {"data": c[0], "auth": c[1], "endpoints": c[2]} for side, c in endpoints.items()},
               "pages_by_object": dict(pages), "floor_pages_by_object": read_floor,
@@ -128,7 +155,7 @@ def main(argv=None) -> int:
     result.update(data_calls=data_calls, floor_calls=floor_calls, ratio=round(data_calls / floor_calls, 2))
 
     print(f"reconcile{' with repair' if args.repair else ''}, N = {args.n:,}, {args.stale} stale planted: "
-          f"{seconds:.1f} s (seed + send: {seeded:.1f} s)")
+          f"{seconds:.1f} s, RSS {rss.before} -> peak {rss.mib} MiB (seed + send: {seeded:.1f} s)")
     print(f"{'object':28} {'rows':>8} {'floor pages':>12} {'pages read':>11}")
     for obj, n in {k: v for side in rows.values() for k, v in side.items()}.items():
         print(f"{obj:28} {n:>8,} {read_floor[obj]:>12} {pages.get(obj, 0):>11}")
