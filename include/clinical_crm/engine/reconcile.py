@@ -104,21 +104,22 @@ def _global_ids(path: str | None) -> dict[str, str]:
     return found
 
 
-def expected_records(target: Target, cfg, records: Staged) -> dict[str, dict]:
-    """{external id: the record the load would send}, from the target's staged records."""
-    expected = {}
+def expected_records(target: Target, cfg, records: Staged) -> Iterator[dict]:
+    """The records the load would send, from the target's staged records (streamed: memory
+    follows the chunk)."""
     for chunk in staging.read_chunks(records.path(target.records)):
         for record in staging.records(chunk):
-            record = target.prepare(record, cfg) if target.prepare is not None else record
-            expected[str(record[target.id_param(cfg)])] = record
-    return expected
+            yield target.prepare(record, cfg) if target.prepare is not None else record
+
+
+def compared_fields(target: Target, cfg, records: Staged) -> list[str]:
+    """The fields the target's records carry (the columns of its staged records)."""
+    first = next(staging.read_chunks(records.path(target.records), chunk_rows=1), None)
+    columns = set(first.columns) if first is not None else set()
+    return sorted(columns - {SOURCE_ID, SOURCE_VERSION, target.id_param(cfg)})
 
 
 # ---------------------------------------------------------------- the target side
-
-
-def compared_fields(expected: dict[str, dict], id_param: str) -> list[str]:
-    return sorted({k for r in expected.values() for k in r} - {SOURCE_ID, SOURCE_VERSION, id_param})
 
 
 def target_records(client, target: Target, cfg, fields: list[str], prefix: str) -> dict[str, dict]:
@@ -165,14 +166,16 @@ class TargetCheck:
         self.id_param = target.id_param(cfg)
         source = flow.validation.source if target.source == VALID else target.source
         self.sources = _global_ids(staged.path(source))  # valid or not: the source record exists
-        self.expected = expected_records(target, cfg, records)
+        self.records = records
+        self.expected = 0  # records the source says the target holds, counted by drift()
+        self.resend: dict[str, dict] = {}  # {external id: record} of the missing and stale ones
         self.marks = [m for m in flow.deletions if m.enabled(cfg) and m.target_object(cfg) == self.target_object
                       and m.source_object(cfg) == self.source_object]
         self.deleted: dict[str, str] = {}  # {global id: source id} the vault reports deleted lately
         for mark in self.marks:
             self.deleted.update(_global_ids(staged.path(mark.staged)))
         self.entries = ledger.deletion_entries(cfg.name, flow.name, self.source_object)
-        self.fields = compared_fields(self.expected, self.id_param)
+        self.fields = compared_fields(target, cfg, records)
         read = self.fields + [f for m in self.marks for f in m.read_fields(cfg)]
         self.actual = target_records(self.client, target, cfg, read, self.prefix)
 
@@ -182,10 +185,13 @@ class TargetCheck:
 
     def drift(self) -> list[dict]:
         found = []
-        for external_id, record in self.expected.items():
+        for record in expected_records(self.target, self.cfg, self.records):
+            self.expected += 1
+            external_id = str(record[self.id_param])
             row = self.actual.get(external_id)
             diff = differences(record, row, self.fields) if row is not None else None
             if row is None or diff:
+                self.resend[external_id] = record
                 found.append({"kind": "stale" if diff else "missing", "external_id": external_id,
                               "source_id": str(record[SOURCE_ID]), "details": {"fields": diff} if diff else None})
         unmarked = [e for e, row in self.actual.items() if e not in self.sources and not any(
@@ -213,7 +219,7 @@ class TargetCheck:
 
     def repair(self, found: list[dict]) -> list[str]:
         """Re-send what drifted (extra excepted); the external ids repaired."""
-        repaired = self._resend([self.expected[d["external_id"]] for d in found if d["kind"] in RESENT])
+        repaired = self._resend([self.resend[d["external_id"]] for d in found if d["kind"] in RESENT])
         unmarked = [d for d in found if d["kind"] == "missing_deletion_mark"]
         if unmarked:
             repaired += self._mark(self.marks[0], unmarked)
@@ -292,7 +298,7 @@ def _compared(flow: Flow, target: Target, cfg) -> bool:
 def _reconcile_target(check: TargetCheck, ledger: Ledger, run_id: int, repair: bool) -> dict:
     found = check.drift()
     ledger.add_drift(run_id, check.cfg.name, check.flow.name, check.target_object, found)
-    counts = {"expected": len(check.expected), "in_target": len(check.actual), **dict.fromkeys(KINDS, 0)}
+    counts = {"expected": check.expected, "in_target": len(check.actual), **dict.fromkeys(KINDS, 0)}
     for d in found:
         counts[d["kind"]] += 1
     if repair and found:
