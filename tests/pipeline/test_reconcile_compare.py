@@ -26,6 +26,8 @@ def test_a_subject_mark_is_the_value_written_else_the_suffix(demo_cfg):
     assert reconcile.carries_mark(mark, marked, demo_cfg, written)
     assert not reconcile.carries_mark(mark, reverted, demo_cfg, written)
     assert reconcile.carries_mark(mark, marked, demo_cfg, None)  # no ledger value: the suffix
+    # edited after the mark, still ending with the suffix: marked (a repair would append it again)
+    assert reconcile.carries_mark(mark, {"subject__v": "Visit (checked) Deleted"}, demo_cfg, written)
     assert not reconcile.carries_mark(mark, reverted, demo_cfg, {"expected": None})
 
 

@@ -133,12 +133,13 @@ def target_records(client, target: Target, cfg, fields: list[str], prefix: str) 
 
 
 def carries_mark(mark: DeletionMark, row: dict, cfg, entry: dict | None) -> bool:
-    """Does the target row carry the deletion mark? The values the connection wrote as the mark
-    (the ledger's `expected`) when known, else the mark's own test."""
+    """Does the target row carry the deletion mark? It holds the values the connection wrote as
+    the mark (the ledger's `expected`), or passes the mark's own test (`carried`, else: it holds
+    what `change` gives)."""
     change = mark.change(row, cfg)
     current = {k: value(row.get(k)) for k in change}
-    if entry and entry.get("expected"):
-        return current == {k: value(v) for k, v in entry["expected"].items()}
+    if entry and entry.get("expected") and current == {k: value(v) for k, v in entry["expected"].items()}:
+        return True
     if mark.carried is not None:
         return mark.carried(row, cfg)
     return current == {k: value(v) for k, v in change.items()}
