@@ -62,6 +62,18 @@ class Schedule(Strict):
         return as_utc(value)
 
 
+class Reconcile(Strict):
+    """The reconcile__<name> DAG (engine/reconcile.py): when it runs and whether it repairs."""
+
+    cron: str = "@daily"
+    repair: bool = False  # re-send the newest version of what drifted (manual runs: param `repair`)
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        return Schedule._valid_cron(value)
+
+
 class Features(Strict):
     clinical_activities: bool
     studies_and_sites: bool
@@ -312,6 +324,7 @@ class ConnectionConfig(Strict):
     deletion: Deletion
     quality: Quality
     load: Load = Load()
+    reconcile: Reconcile = Reconcile()
     ctms: Ctms
     crm: Crm
     source_file: Path | None = Field(default=None, exclude=True)

@@ -264,6 +264,56 @@ def build_dag(flow: Flow, cfg) -> DAG:
     return dag
 
 
+# ---------------------------------------------------------------- reconciliation
+
+
+@task
+def reconcile(source: str, flow_name: str, **context) -> dict:
+    """Compare the target with what the source says it should hold (engine/reconcile.py); repair
+    when the param `repair` (or else the file's `reconcile.repair`) says so."""
+    from clinical_crm.engine import reconcile as reconciliation
+
+    flow, cfg = flow_named(flow_name), _config(source)
+    if not cfg.active:
+        log.warning("connection %s is inactive: reconciliation reads and writes nothing", cfg.name)
+        return {}
+    repair = (context.get("params") or {}).get("repair")
+    with _clients(flow, cfg, "ctms", "crm") as clients:
+        return reconciliation.reconcile(flow, cfg, clients, context["run_id"],
+                                        cfg.reconcile.repair if repair is None else bool(repair))
+
+
+def build_reconcile_dag(cfg) -> DAG:
+    """`reconcile__<name>`: one task per flow (in the target vault's pool), on the cron of the
+    file's `reconcile` key (daily by default); manual runs may set the param `repair`."""
+    from airflow.sdk import CronTriggerTimetable
+
+    with DAG(
+        dag_id=f"reconcile__{cfg.name}",
+        description=f"{cfg.name}: reconciliation of both directions",
+        doc_md=f"""### Reconciliation of `{cfg.name}`
+
+Reads every source record and every target record of each flow, computes what the target should
+hold by the flows' rules, and records each drift (missing, stale, extra, missing deletion mark)
+in the ledger; with `repair` (param, else `reconcile.repair` in `{cfg.source_file}`:
+{cfg.reconcile.repair}) re-sends the newest version. See docs/pipeline.md, "Reconciliation".
+""",
+        schedule=CronTriggerTimetable(cfg.reconcile.cron, timezone="UTC"),
+        start_date=cfg.schedule.start_date,
+        catchup=False,
+        max_active_runs=1,
+        is_paused_upon_creation=not cfg.active,
+        params={"repair": Param(None, type=["null", "boolean"],
+                                description="Re-send what drifted. Empty: the file's reconcile.repair.")},
+        default_args=task_defaults(),
+        tags=["clinical-crm", cfg.name, "reconcile"],
+    ) as dag:
+        for flow in all_flows():
+            reconcile.override(task_id=f"reconcile_{flow.name}",
+                               pool=pool_name(flow.conn_id(cfg, flow.target_side)))(str(cfg.source_file), flow.name)
+    return dag
+
+
 def build_dags(configs=None) -> dict[str, DAG]:
     """One DAG per flow per connection file, by dag_id (for a DAG file's globals())."""
     from clinical_crm import config
@@ -273,6 +323,7 @@ def build_dags(configs=None) -> dict[str, DAG]:
         for flow in all_flows():
             dag = build_dag(flow, cfg)
             dags[dag.dag_id] = dag
+        dags[f"reconcile__{cfg.name}"] = build_reconcile_dag(cfg)
     return dags
 
 

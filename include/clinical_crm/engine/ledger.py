@@ -183,6 +183,43 @@ quarantine_actions = Table(
     Column("at", DateTime(timezone=True), nullable=False),
 )
 
+# Reconciliation (engine/reconcile.py): one row per flow per reconcile DAG run, with its summary
+# ({target object: {expected, in_target, <drift kind>: n, repaired}}), and one `drift` row per
+# record found different from what the source says the target should hold.
+def _reconcile_key() -> list[Column]:
+    """The columns both reconciliation tables start with: row id, connection, flow."""
+    return [Column("id", Integer, primary_key=True, autoincrement=True),
+            Column("connection", String(100), nullable=False, index=True),
+            Column("flow", String(20), nullable=False)]
+
+
+reconcile_runs = Table(
+    "reconcile_runs",
+    metadata,
+    *_reconcile_key(),
+    Column("dag_run_id", String(250), nullable=False),
+    Column("repair", Integer, nullable=False),
+    Column("state", String(20), nullable=False),  # running | success | failed
+    Column("summary", JSON),
+    Column("message", Text),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("ended_at", DateTime(timezone=True)),
+)
+
+drift = Table(
+    "drift",
+    metadata,
+    *_reconcile_key(),
+    Column("run_id", Integer, nullable=False, index=True),  # reconcile_runs.id
+    Column("object", String(100), nullable=False),  # the target object
+    Column("source_id", String(255)),
+    Column("external_id", String(255), nullable=False),
+    Column("kind", String(30), nullable=False),  # missing | stale | extra | missing_deletion_mark
+    Column("details", JSON),  # stale: {field: {expected, actual}}; marks: the values expected
+    Column("detected_at", DateTime(timezone=True), nullable=False),
+    Column("repaired_at", DateTime(timezone=True)),
+)
+
 log = logging.getLogger(__name__)
 
 _ENGINES: dict[str, Engine] = {}
@@ -772,6 +809,68 @@ class Ledger:
         with self.engine.connect() as db:
             rows = db.execute(select(dq_summaries).where(dq_summaries.c.run_id == run_id)).mappings().all()
         return [{**dict(r), "at": _iso(r["at"]), "success": bool(r["success"])} for r in rows]
+
+    # ------------------------------------------------------------ reconciliation (engine/reconcile.py)
+
+    def deletion_entries(self, connection: str, direction: str, object_name: str) -> dict[str, dict]:
+        """Every queued deletion of a source object, by global id: source_id, state, expected."""
+        with self.engine.connect() as db:
+            return {str(r["global_id"]): dict(r) for r in db.execute(
+                select(deletion_queue.c.global_id, deletion_queue.c.source_id, deletion_queue.c.state,
+                       deletion_queue.c.expected).where(
+                    deletion_queue.c.connection == connection, deletion_queue.c.direction == direction,
+                    deletion_queue.c.object == object_name, deletion_queue.c.global_id.is_not(None))).mappings()}
+
+    def start_reconcile(self, connection: str, flow: str, dag_run_id: str, repair: bool) -> int:
+        with self.engine.begin() as db:
+            return db.execute(insert(reconcile_runs).values(
+                connection=connection, flow=flow, dag_run_id=dag_run_id, repair=int(repair), state="running",
+                summary={}, started_at=_now())).inserted_primary_key[0]
+
+    def finish_reconcile(self, run_id: int, state: str, summary: dict | None = None, message: str | None = None) -> None:
+        values: dict[str, Any] = dict(state=state, ended_at=_now(), message=message)
+        if summary is not None:
+            values["summary"] = summary
+        with self.engine.begin() as db:
+            db.execute(update(reconcile_runs).where(reconcile_runs.c.id == run_id).values(**values))
+
+    def add_drift(self, run_id: int, connection: str, flow: str, object_name: str, rows: Iterable[dict]) -> None:
+        """Drift rows: dicts with external_id, kind, source_id and details."""
+        now = _now()
+        values = [dict(run_id=run_id, connection=connection, flow=flow, object=object_name,
+                       source_id=r.get("source_id"), external_id=r["external_id"], kind=r["kind"],
+                       details=r.get("details"), detected_at=now) for r in rows]
+        if values:
+            with self.engine.begin() as db:
+                db.execute(insert(drift), values)
+
+    def drift_repaired(self, run_id: int, object_name: str, external_ids: Iterable[str]) -> None:
+        """Stamp repaired_at on this run's drift rows of these records."""
+        ids = sorted({str(e) for e in external_ids})
+        with self.engine.begin() as db:
+            for start in range(0, len(ids), 500):
+                db.execute(update(drift).where(drift.c.run_id == run_id, drift.c.object == object_name,
+                                               drift.c.external_id.in_(ids[start:start + 500]))
+                           .values(repaired_at=_now()))
+
+    def drift(self, connection: str, limit: int = 200, run_id: int | None = None) -> list[dict]:
+        """Drift found by reconciliation, newest first (one run's with `run_id`)."""
+        query = select(drift).where(drift.c.connection == connection).order_by(drift.c.id.desc()).limit(limit)
+        if run_id is not None:
+            query = query.where(drift.c.run_id == run_id)
+        with self.engine.connect() as db:
+            return [{**dict(r), "detected_at": _iso(r["detected_at"]), "repaired_at": _iso(r["repaired_at"])}
+                    for r in db.execute(query).mappings()]
+
+    def reconcile_runs(self, connection: str | None = None, limit: int = 20) -> list[dict]:
+        """Reconcile runs with their summaries, newest first."""
+        query = select(reconcile_runs).order_by(reconcile_runs.c.id.desc()).limit(limit)
+        if connection:
+            query = query.where(reconcile_runs.c.connection == connection)
+        with self.engine.connect() as db:
+            return [{**dict(r), "run_id": r["id"], "repair": bool(r["repair"]), "summary": r["summary"] or {},
+                     "started_at": _iso(r["started_at"]), "ended_at": _iso(r["ended_at"])}
+                    for r in db.execute(query).mappings()]
 
 
 def _run_dict(row) -> dict:

@@ -55,7 +55,8 @@ class Target:
     """One target object: records built by `build(chunk, cfg)` from the rows of `source` (a
     staged name; VALID = the rows that passed validation), upserted by `id_param`. The rows of
     the validated object hold their quarantine: a refused record is quarantined, a written one
-    released. `prepare` turns a staged text value into what the target field takes."""
+    released. `prepare` turns a staged text value into what the target field takes. `where`:
+    which records of the target object are this target's (reconciliation reads them all)."""
 
     records: str
     source: str
@@ -66,13 +67,16 @@ class Target:
     enabled: Callable[[Cfg], bool] = lambda cfg: True
     holds_quarantine: bool = False
     prepare: Callable[[dict, Cfg], dict] | None = None
+    where: Callable[[Cfg], str | None] = lambda cfg: None
 
 
 @dataclass(frozen=True)
 class DeletionMark:
     """How a deleted source record (ids staged as `staged`) marks its target record, found by
     external id = the source's global id: `change(target row, cfg)` gives the fields to write.
-    Never creates a record; applied once (see engine.load.mark_deleted)."""
+    Never creates a record; applied once (see engine.load.mark_deleted). `carried(target row,
+    cfg)`: does the row carry the mark (reconciliation, when the ledger holds no written value);
+    None: the row already holds what `change` gives (a status)."""
 
     staged: str
     source_object: Callable[[Cfg], str]
@@ -83,6 +87,7 @@ class DeletionMark:
     already_message: str
     where: Callable[[Cfg], str | None] = lambda cfg: None
     enabled: Callable[[Cfg], bool] = lambda cfg: True
+    carried: Callable[[dict, Cfg], bool] | None = None
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,11 @@ def medical_activities(calls, cfg) -> list[dict]:
     return target_records(calls, a.external_id, fields)
 
 
+def medical_type(cfg) -> str:
+    """Medical Activities only: never Clinical Activities (same object)."""
+    return f"{OBJECT_TYPE_API_NAME} = {vql.quote(cfg.ctms.activity.medical_type)}"
+
+
 def complete_as_boolean(record: dict, cfg) -> dict:
     """Staged as text; Complete is a Yes/No field."""
     field = cfg.ctms.activity.fields.complete
@@ -135,7 +140,7 @@ FLOW = Flow(
     targets=(
         Target("medical_activities", VALID, lambda cfg: cfg.crm.call.object, lambda cfg: cfg.ctms.activity.object,
                lambda cfg: cfg.ctms.activity.fields.external_id, medical_activities, holds_quarantine=True,
-               prepare=complete_as_boolean),
+               prepare=complete_as_boolean, where=medical_type),
     ),
     deletions=(
         DeletionMark(
@@ -143,8 +148,7 @@ FLOW = Flow(
             target_object=lambda cfg: cfg.ctms.activity.object,
             external_id=lambda cfg: cfg.ctms.activity.fields.external_id,
             read_fields=lambda cfg: [STATUS],
-            # never touch Clinical Activities
-            where=lambda cfg: f"{OBJECT_TYPE_API_NAME} = {vql.quote(cfg.ctms.activity.medical_type)}",
+            where=medical_type,
             change=lambda row, cfg: {STATUS: cfg.deletion.ctms_inactive_status},
             already_message="already inactive",
             enabled=lambda cfg: cfg.features.medical_activities),

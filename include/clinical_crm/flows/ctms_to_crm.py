@@ -339,7 +339,9 @@ FLOW = Flow(
             change=lambda row, cfg: {cfg.crm.interaction.fields.subject: rules.deleted_subject(
                 row.get(cfg.crm.interaction.fields.subject), cfg)},
             already_message="subject already marked deleted",
-            enabled=lambda cfg: cfg.features.clinical_activities),
+            enabled=lambda cfg: cfg.features.clinical_activities,
+            carried=lambda row, cfg: (text(row.get(cfg.crm.interaction.fields.subject)) or "").endswith(
+                cfg.deletion.subject_suffix)),
         _deleted_status("clinical_study", DELETED_STUDIES, lambda cfg: cfg.ctms.study.object),
         _deleted_status("clinical_site", DELETED_SITES, lambda cfg: cfg.ctms.site.object),
     ),

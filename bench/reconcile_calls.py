@@ -1,0 +1,177 @@
+"""API calls of reconciliation against the read floor of both sides, over a seeded `scale` state.
+
+    .venv/bin/python bench/reconcile_calls.py              # N = 10,000
+    .venv/bin/python bench/reconcile_calls.py --n 1000 --stale 10 --repair
+
+1. Seed both vaults with the `scale` scenario (bench/floor.py's seed: N Clinical Activities on
+   N/20 Persons, N/1000+1 Studies with 2 Sites each, one CRM Account per Person).
+2. Send everything once: the runner's steps of `ctms_to_crm` in this process (the bench
+   connection of floor.py: clinical activities + studies/sites), so CRM holds the targets.
+3. Optionally plant `--stale` changed interactions (edited in CRM).
+4. Reconcile both flows (engine.reconcile, in this process; with --repair, repairing), counting
+   the calls the sandboxes serve by endpoint and the query pages the client reads per object.
+5. The read floor: for each object read, ceil(rows / 1000) pages (the vault's page size), from
+   the rows each side holds; deletions calls (one per object, the last 30 days) apart.
+
+Prints the figures (and --json FILE writes them). Auth/logout calls are shown apart.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import floor  # noqa: E402  (bench/floor.py: seeding, servers, the bench connection file)
+
+PAGE = 1000
+
+
+def counting_queries(pages: Counter):
+    """Wrap VaultClient.query: query pages read, per object of the FROM clause."""
+    from clinical_crm.vault.client import VaultClient
+
+    original = VaultClient.query
+
+    def query(self, statement):
+        text = statement.statement if hasattr(statement, "statement") else str(statement)
+        obj = re.search(r"\bFROM\s+(\w+)", text, re.I).group(1)
+        for page in original(self, statement):
+            pages[obj] += 1
+            yield page
+
+    VaultClient.query = query
+
+
+class PeakRss:
+    """The process's peak RSS while the block runs (sampled every 50 ms), in MiB."""
+
+    def __enter__(self):
+        import threading
+
+        import psutil
+
+        me, self.peak, self.stop = psutil.Process(), 0, threading.Event()
+        self.before = round(me.memory_info().rss / 2**20)
+
+        def sample():
+            while not self.stop.is_set():
+                self.peak = max(self.peak, me.memory_info().rss)
+                self.stop.wait(0.05)
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.mib = round(self.peak / 2**20)
+
+
+def send_everything(cfg, clients, window) -> None:
+    from clinical_crm.engine import runner
+    from clinical_crm.flows import flow
+
+    f = flow("ctms_to_crm")
+    ctx = runner.begin(f, cfg, "bench-send", window[0], window[1])
+    staged = runner.extract(f, cfg, ctx, clients)
+    records = runner.transform(f, cfg, ctx, staged, runner.validate(f, cfg, ctx, staged))
+    runner.load(f, cfg, ctx, clients["crm"], staged, records)
+    runner.finish(ctx)
+
+
+def totals(client, objects: list[str]) -> dict[str, int]:
+    """Rows each object holds (one PAGESIZE 1 query each, made before the counters are reset)."""
+    out = {}
+    for obj in objects:
+        body = client._call("POST", "query", "query", data={"q": f"SELECT id FROM {obj} PAGESIZE 1"}).body
+        out[obj] = int(body["responseDetails"]["total"])
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--stale", type=int, default=0, help="interactions to edit in CRM before reconciling")
+    parser.add_argument("--repair", action="store_true", help="repair what drifted (write calls: ceil(K / 500))")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="reconcile_bench_"))
+    os.environ["CLINICAL_CRM_DATA_DIR"] = str(work / "data")
+    import yaml
+
+    from clinical_crm.config import parse_connection
+    from clinical_crm.engine import reconcile
+    from clinical_crm.flows import all_flows
+    from clinical_crm.vault.client import VaultClient
+
+    t0 = time.perf_counter()
+    floor.seed(work, args.n, 1, floor.NOW)
+    cfg = parse_connection(yaml.safe_load(floor.bench_config()), "bench.yaml")
+    window = floor.window_of(floor.NOW)
+    ctms_s, crm_s = floor.servers(work)
+    with ctms_s, crm_s, VaultClient(ctms_s.url, floor.USER, floor.PASSWORD) as ctms, \
+            VaultClient(crm_s.url, floor.USER, floor.PASSWORD) as crm:
+        clients = {"ctms": ctms, "crm": crm}
+        send_everything(cfg, clients, window)
+        seeded = time.perf_counter() - t0
+        if args.stale:
+            ids = [r["id"] for page in crm.query(f"SELECT id FROM {cfg.crm.interaction.object} PAGESIZE {args.stale}")
+                   for r in page.records][:args.stale]
+            crm.update(cfg.crm.interaction.object, [{"id": i, cfg.crm.interaction.fields.subject: "Edited"} for i in ids])
+        rows = {"ctms": totals(ctms, [cfg.ctms.activity.object, cfg.ctms.study.object, cfg.ctms.site.object]),
+                "crm": totals(crm, [cfg.crm.account.object, cfg.crm.interaction.object,
+                                    cfg.crm.clinical_study.object, cfg.crm.clinical_site.object])}
+        for server in (ctms_s, crm_s):
+            server.admin.reset_counters()
+        pages: Counter = Counter()
+        counting_queries(pages)
+        started = time.perf_counter()
+        with PeakRss() as rss:
+            summaries = {f.name: reconcile.reconcile(f, cfg, clients, f"bench-{datetime.now().isoformat()}",
+                                                     repair=args.repair) for f in all_flows()}
+        seconds = time.perf_counter() - started
+        endpoints = {side: floor.split_counters(s.admin.counters()) for side, s in (("ctms", ctms_s), ("crm", crm_s))}
+    read_floor = {obj: math.ceil(n / PAGE) or 1 for side in rows.values() for obj, n in side.items()}
+    result = {"n": args.n, "stale_planted": args.stale, "repair": args.repair, "rows": rows, "reconcile_seconds": round(seconds, 1),
+              "rss_mib_before_reconcile": rss.before, "peak_rss_mib_during_reconcile": rss.mib,
+              "seed_and_send_seconds": round(seeded, 1),
+              "calls": {side: {"data": c[0], "auth": c[1], "endpoints": c[2]} for side, c in endpoints.items()},
+              "pages_by_object": dict(pages), "floor_pages_by_object": read_floor,
+              "drift": {f: s["objects"] for f, s in summaries.items()}}
+    data_calls = sum(c[0] for c in endpoints.values())
+    floor_calls = sum(read_floor.values())
+    result.update(data_calls=data_calls, floor_calls=floor_calls, ratio=round(data_calls / floor_calls, 2))
+
+    print(f"reconcile{' with repair' if args.repair else ''}, N = {args.n:,}, {args.stale} stale planted: "
+          f"{seconds:.1f} s, RSS {rss.before} -> peak {rss.mib} MiB (seed + send: {seeded:.1f} s)")
+    print(f"{'object':28} {'rows':>8} {'floor pages':>12} {'pages read':>11}")
+    for obj, n in {k: v for side in rows.values() for k, v in side.items()}.items():
+        print(f"{obj:28} {n:>8,} {read_floor[obj]:>12} {pages.get(obj, 0):>11}")
+    for obj in sorted(set(pages) - set(read_floor)):
+        print(f"{obj:28} {'':>8} {'':>12} {pages[obj]:>11}")
+    for side, (data, auth, by_endpoint) in endpoints.items():
+        print(f"{side}: {data} data calls ({auth} auth/logout): " + ", ".join(f"{k} {v}" for k, v in by_endpoint.items()))
+    print(f"total: {data_calls} data calls against a read floor of {floor_calls} pages: x{result['ratio']}")
+    print("drift:", json.dumps(result["drift"]))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
