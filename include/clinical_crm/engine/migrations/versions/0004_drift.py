@@ -2,7 +2,7 @@
 `drift` (every record found different from what its source says, with repaired_at).
 
 Revision ID: 0004
-Revises: 0002 (the integrator re-chains it after 0003)
+Revises: 0003
 """
 from alembic import op
 
