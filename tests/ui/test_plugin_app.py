@@ -424,3 +424,21 @@ def test_actions_require_an_airflow_login(story):
                        data={"quarantine_id": 1, "action": "retry"}).status_code == 401
     assert client.get("/quarantine", params={"connection": "demo"}).status_code == 401
     assert client.get("/quarantine.csv", params={"connection": "demo"}).status_code == 401
+
+
+def test_the_page_shows_reconciliation_drift_by_record(story, client):
+    from clinical_crm.engine.ledger import Ledger
+
+    assert "Not reconciled yet (DAG reconcile__demo)." in section(client.get("/").text, "demo")
+    ledger = Ledger()
+    run = ledger.start_reconcile("demo", "ctms_to_crm", "scheduled__2026-11-26T00:00:00+00:00", repair=False)
+    ledger.add_drift(run, "demo", "ctms_to_crm", "clinical_interaction__v", [
+        {"external_id": "1001_V1A1", "kind": "stale", "source_id": "V1A1",
+         "details": {"subject__v": {"expected": "Visit", "actual": "Visti"}}},
+        {"external_id": "1001_V1A9", "kind": "missing_deletion_mark", "source_id": "V1A9", "details": {}}])
+    ledger.finish_reconcile(run, "success", summary={"clinical_interaction__v": {"stale": 1, "missing_deletion_mark": 1}})
+    demo = section(client.get("/").text, "demo")
+    assert "(ctms_to_crm, report only, success)" in demo
+    stale = demo.split('<tr class="drift-stale">')[1].split("</tr>")[0]
+    assert "1001_V1A1" in stale and "Visti" in stale and 'href="record?connection=demo&amp;source_id=V1A1"' in stale
+    assert '<tr class="drift-missing_deletion_mark">' in demo

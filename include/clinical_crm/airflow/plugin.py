@@ -409,7 +409,9 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
                              "health": health(ledger, connection, now),
                              "may_backfill": {d for d in {r["direction"] for r in runs}
                                               if may_edit_dag(user, dag_id(d, name), runs=True)},
-                             "quarantine": ledger.quarantine_page(name, limit=OVERVIEW_QUARANTINE)})
+                             "quarantine": ledger.quarantine_page(name, limit=OVERVIEW_QUARANTINE),
+                             "reconcile": ledger.reconcile_runs(name, limit=1),
+                             "drift": ledger.drift(name, limit=OVERVIEW_QUARANTINE)})
         return render("overview.html", sections=sections, connections=[s["name"] for s in sections],
                       notice=notice)
 
