@@ -15,6 +15,7 @@ from datetime import timedelta
 
 from airflow.sdk import DAG, CronDataIntervalTimetable, ExceptionRetryPolicy, Param, RetryAction, RetryRule, task
 
+from clinical_crm.airflow import notifier
 from clinical_crm.flows import all_flows, flow as flow_named
 from clinical_crm.flows.base import Flow
 
@@ -144,7 +145,7 @@ def _dag(flow: Flow, cfg) -> DAG:
         max_active_runs=1,
         is_paused_upon_creation=not cfg.active,
         params=PARAMS,
-        default_args=task_defaults(),
+        default_args=notifier.with_alerts(task_defaults(), cfg),
         tags=["clinical-crm", cfg.name, flow.name],
         owner_links={},
     )
@@ -161,9 +162,11 @@ def begin(source: str, flow_name: str, **context) -> dict:
 
     dag_run = context.get("dag_run")
     manual = dag_run is not None and str(getattr(dag_run, "run_type", "")).lower().endswith("manual")
-    ctx = runner.begin(flow_named(flow_name), _config(source), context["run_id"], context.get("data_interval_start"),
+    cfg = _config(source)
+    ctx = runner.begin(flow_named(flow_name), cfg, context["run_id"], context.get("data_interval_start"),
                        context.get("data_interval_end"), dict(context.get("params") or {}),
                        triggered_at=context.get("logical_date") if manual else None)
+    notifier.check_begin(cfg, ctx, context)
     return ctx.to_xcom()
 
 
@@ -222,11 +225,14 @@ def load(source: str, flow_name: str, run: dict, staged: dict, records: dict) ->
 
 
 @task
-def finish(run: dict, loaded: dict) -> dict:
+def finish(source: str, run: dict, loaded: dict, **context) -> dict:
     from clinical_crm.engine import runner
     from clinical_crm.engine.context import RunContext
 
-    return runner.finish(RunContext.from_xcom(run))
+    ctx = RunContext.from_xcom(run)
+    result = runner.finish(ctx)
+    notifier.check_finish(_config(source), ctx, context)
+    return result
 
 
 # ---------------------------------------------------------------- the DAGs
@@ -244,7 +250,7 @@ def build_dag(flow: Flow, cfg) -> DAG:
             if flow.pre_step else None
         staged = extract.override(pool=read_pool)(source, flow.name, run, pre)
         records = transform(source, flow.name, run, staged, validate(source, flow.name, run, staged))
-        finish(run, load.override(pool=write_pool)(source, flow.name, run, staged, records))
+        finish(source, run, load.override(pool=write_pool)(source, flow.name, run, staged, records))
     return dag
 
 
