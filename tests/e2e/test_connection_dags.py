@@ -180,6 +180,28 @@ def test_ctms_to_crm_sends_every_rule(clients, story):
                for s in sites)
     story["sent"] = len(sent)
     story["first_end"] = now()
+    story["first_run_id"] = dr.run_id
+
+
+def test_the_load_emits_an_asset_event_per_target_object(story):
+    """Airflow's metadata DB holds one asset event per target object for the run, counts in extra."""
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        events = {uri: (extra, task) for uri, extra, task in session.execute(
+            select(AssetModel.uri, AssetEvent.extra, AssetEvent.source_task_id).join(
+                AssetModel, AssetModel.id == AssetEvent.asset_id)
+            .where(AssetEvent.source_run_id == story["first_run_id"]))}
+    assert set(events) == {"vault://demo/clinical_study__v", "vault://demo/clinical_site__v",
+                           "vault://demo/clinical_interaction__v"}
+    assert {task for _, task in events.values()} == {"load"}
+    interaction, _ = events["vault://demo/clinical_interaction__v"]
+    assert interaction["dag_run_id"] == story["first_run_id"] and interaction["source_object"] == "crm_activity__v"
+    assert interaction["counts"]["created"] == story["sent"] and interaction["counts"]["failed"] == 0
+    study, _ = events["vault://demo/clinical_study__v"]
+    assert study["counts"]["created"] > 0 and study["window_end"] == interaction["window_end"]
 
 
 def test_rerunning_the_window_changes_nothing(clients, story):

@@ -15,7 +15,7 @@ from datetime import timedelta
 
 from airflow.sdk import DAG, CronDataIntervalTimetable, ExceptionRetryPolicy, Param, RetryAction, RetryRule, task
 
-from clinical_crm.airflow import notifier
+from clinical_crm.airflow import assets, notifier
 from clinical_crm.flows import all_flows, flow as flow_named
 from clinical_crm.flows.base import Flow
 
@@ -213,15 +213,18 @@ def transform(source: str, flow_name: str, run: dict, staged: dict, validated: d
 
 
 @task
-def load(source: str, flow_name: str, run: dict, staged: dict, records: dict) -> dict:
+def load(source: str, flow_name: str, run: dict, staged: dict, records: dict, **context) -> dict:
     from clinical_crm.engine import runner
     from clinical_crm.engine.context import RunContext, Staged
 
     with _step(run):
         flow, cfg, ctx = flow_named(flow_name), _config(source), RunContext.from_xcom(run)
         with _clients(flow, cfg, flow.target_side) as clients:
-            return runner.load(flow, cfg, ctx, clients[flow.target_side], Staged.from_xcom(staged),
-                               Staged.from_xcom(records))
+            counts = runner.load(flow, cfg, ctx, clients[flow.target_side], Staged.from_xcom(staged),
+                                 Staged.from_xcom(records))
+        for uri, extra in assets.event_extras(flow, cfg, ctx, counts).items():  # this task's outlets
+            context["outlet_events"][assets.Asset(uri)].extra = extra
+        return counts
 
 
 @task
@@ -250,7 +253,9 @@ def build_dag(flow: Flow, cfg) -> DAG:
             if flow.pre_step else None
         staged = extract.override(pool=read_pool)(source, flow.name, run, pre)
         records = transform(source, flow.name, run, staged, validate(source, flow.name, run, staged))
-        finish(source, run, load.override(pool=write_pool)(source, flow.name, run, staged, records))
+        loaded = load.override(pool=write_pool, outlets=assets.target_assets(flow, cfg))(
+            source, flow.name, run, staged, records)
+        finish(source, run, loaded)
     return dag
 
 
