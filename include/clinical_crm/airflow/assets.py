@@ -26,6 +26,11 @@ def _objects(flow: Flow, cfg) -> dict[str, str]:
     return objects
 
 
+def source_uris(flow: Flow, cfg) -> list[str]:
+    """The source vault objects the flow's extraction reads (lineage inputs)."""
+    return [asset_uri(cfg.name, obj) for obj in sorted({obj for obj, _ in flow.extraction.counts(cfg).values()})]
+
+
 def target_assets(flow: Flow, cfg) -> list[Asset]:
     return [Asset(asset_uri(cfg.name, obj)) for obj in _objects(flow, cfg)]
 

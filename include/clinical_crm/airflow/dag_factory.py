@@ -15,7 +15,7 @@ from datetime import timedelta
 
 from airflow.sdk import DAG, CronDataIntervalTimetable, ExceptionRetryPolicy, Param, RetryAction, RetryRule, task
 
-from clinical_crm.airflow import assets, notifier
+from clinical_crm.airflow import assets, lineage, notifier
 from clinical_crm.flows import all_flows, flow as flow_named
 from clinical_crm.flows.base import Flow
 
@@ -178,7 +178,9 @@ def pre_step(source: str, flow_name: str, run: dict) -> dict:
     with _step(run):
         flow, cfg, ctx = flow_named(flow_name), _config(source), RunContext.from_xcom(run)
         with _clients(flow, cfg, flow.source_side) as clients:
-            return runner.pre_step(flow, cfg, ctx, clients).to_xcom()
+            ids = runner.pre_step(flow, cfg, ctx, clients).to_xcom()
+        lineage.report([], lineage.staged_urls(ids))
+        return ids
 
 
 @task
@@ -189,7 +191,9 @@ def extract(source: str, flow_name: str, run: dict, pre: dict | None = None) -> 
     with _step(run):
         flow, cfg, ctx = flow_named(flow_name), _config(source), RunContext.from_xcom(run)
         with _clients(flow, cfg, "ctms", "crm") as clients:
-            return runner.extract(flow, cfg, ctx, clients, Staged.from_xcom(pre)).to_xcom()
+            staged = runner.extract(flow, cfg, ctx, clients, Staged.from_xcom(pre)).to_xcom()
+        lineage.report(assets.source_uris(flow, cfg) + lineage.staged_urls(pre), lineage.staged_urls(staged))
+        return staged
 
 
 @task
@@ -198,8 +202,10 @@ def validate(source: str, flow_name: str, run: dict, staged: dict) -> dict:
     from clinical_crm.engine.context import RunContext, Staged
 
     with _step(run):
-        return runner.validate(flow_named(flow_name), _config(source), RunContext.from_xcom(run),
-                               Staged.from_xcom(staged)).to_xcom()
+        valid = runner.validate(flow_named(flow_name), _config(source), RunContext.from_xcom(run),
+                                Staged.from_xcom(staged)).to_xcom()
+        lineage.report(lineage.staged_urls(staged), lineage.staged_urls(valid) + lineage.quarantine_urls(run))
+        return valid
 
 
 @task
@@ -208,8 +214,10 @@ def transform(source: str, flow_name: str, run: dict, staged: dict, validated: d
     from clinical_crm.engine.context import RunContext, Staged
 
     with _step(run):
-        return runner.transform(flow_named(flow_name), _config(source), RunContext.from_xcom(run),
-                                Staged.from_xcom(staged), Staged.from_xcom(validated)).to_xcom()
+        records = runner.transform(flow_named(flow_name), _config(source), RunContext.from_xcom(run),
+                                   Staged.from_xcom(staged), Staged.from_xcom(validated)).to_xcom()
+        lineage.report(lineage.staged_urls(staged, validated), lineage.staged_urls(records))
+        return records
 
 
 @task
@@ -222,8 +230,10 @@ def load(source: str, flow_name: str, run: dict, staged: dict, records: dict, **
         with _clients(flow, cfg, flow.target_side) as clients:
             counts = runner.load(flow, cfg, ctx, clients[flow.target_side], Staged.from_xcom(staged),
                                  Staged.from_xcom(records))
-        for uri, extra in assets.event_extras(flow, cfg, ctx, counts).items():  # this task's outlets
+        extras = assets.event_extras(flow, cfg, ctx, counts)
+        for uri, extra in extras.items():  # this task's outlets
             context["outlet_events"][assets.Asset(uri)].extra = extra
+        lineage.report(lineage.staged_urls(records), list(extras))
         return counts
 
 
