@@ -103,6 +103,29 @@ class Quality(Strict):
     max_failing_share: float = Field(ge=0, le=1)
 
 
+EMAIL = re.compile(r"^[^@\s]+@[^@\s]+$")
+
+
+def _email(value: str) -> str:
+    if not EMAIL.match(value):
+        raise ValueError(f"{value!r} is not an email address")
+    return value
+
+
+Email = Annotated[str, AfterValidator(_email)]
+
+
+class Alerts(Strict):
+    """Who is told, by which Airflow SMTP connection, and when (clinical_crm.engine.alerts).
+    A failed run always alerts; each threshold alerts only when set."""
+    smtp_conn_id: str = Field(min_length=1)
+    to: list[Email] = Field(min_length=1)
+    from_: Email | None = Field(default=None, alias="from")  # default: the SMTP connection's from_email
+    quarantine_threshold: int | None = Field(default=None, ge=0)
+    quarantine_max_age_days: float | None = Field(default=None, gt=0)
+    max_lag_minutes: int | None = Field(default=None, ge=1)
+
+
 class Load(Strict):
     batch_size: int = Field(default=MAX_BATCH, ge=1, le=MAX_BATCH)
     query_page_size: int = Field(default=1000, ge=1, le=1000)
@@ -325,6 +348,7 @@ class ConnectionConfig(Strict):
     quality: Quality
     load: Load = Load()
     reconcile: Reconcile = Reconcile()
+    alerts: Alerts | None = None  # off unless set
     ctms: Ctms
     crm: Crm
     source_file: Path | None = Field(default=None, exclude=True)

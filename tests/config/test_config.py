@@ -148,3 +148,15 @@ def test_at_most_ten_connections(tmp_path, demo):
         write(tmp_path, copy.deepcopy(demo) | {"name": f"conn_{number}"}, f"c{number:02d}.yaml")
     with pytest.raises(ConfigError, match="11 connection files; at most 10"):
         load_connections(tmp_path)
+
+
+def test_alerts_are_off_unless_set_and_checked(tmp_path, demo):
+    assert load_connection(write(tmp_path, demo)).alerts is None
+    demo["alerts"] = {"smtp_conn_id": "smtp_ops", "to": ["ops@example.org"], "from": "crm@example.org",
+                      "quarantine_threshold": 50, "quarantine_max_age_days": 7, "max_lag_minutes": 180}
+    alerts = load_connection(write(tmp_path, demo)).alerts
+    assert (alerts.to, alerts.from_, alerts.max_lag_minutes) == (["ops@example.org"], "crm@example.org", 180)
+    demo["alerts"] = {"smtp_conn_id": "smtp_ops", "to": ["ops"], "quarantine_treshold": 5}
+    message = error_of(tmp_path, demo)
+    assert "alerts.to.0: 'ops' is not an email address" in message
+    assert "alerts.quarantine_treshold: unknown key" in message

@@ -82,6 +82,29 @@ CLINICAL_ACTIVITIES = (
     "FROM crm_activity__v WHERE object_type__vr.api_name__v = 'clinical_activity__v'")
 
 
+def check_quarantine_files(ctms, run_id: str, quarantined: set[str]) -> None:
+    """The run's quarantine CSV / JSON (paths in its DQ summary) list every record it held back,
+    with rules and reasons, and no person's name or email."""
+    import csv
+    import json
+
+    from clinical_crm.engine.quarantine_report import run_file
+
+    summary = json.loads(run_file("demo", "ctms_to_crm", run_id, ".json").read_text())
+    assert summary["quarantine_csv"].endswith(".quarantine.csv") and summary["new_quarantined"] >= 3
+    table = list(csv.DictReader(open(summary["quarantine_csv"], encoding="utf-8")))
+    records = json.loads(open(summary["quarantine_json"], encoding="utf-8").read())
+    assert {r["source_id"] for r in table} == {r["source_id"] for r in records} == quarantined
+    assert all(r["object"] == "crm_activity__v" and r["rules"] and r["reasons"] for r in table)
+    assert any("person_account_match" in r["rules"] and "no CRM Account has" in r["reasons"] for r in table)
+    text = open(summary["quarantine_csv"]).read() + open(summary["quarantine_json"]).read()
+    people = rows(ctms, "SELECT first_name__sys, last_name__sys, email__sys FROM person__sys")
+    people += rows(ctms, "SELECT first_name__sys, last_name__sys, email__sys FROM user__sys")
+    assert "@" not in text
+    for p in people:
+        assert f"{p['first_name__sys']} {p['last_name__sys']}" not in text
+
+
 def test_ctms_to_crm_sends_every_rule(clients, story):
     ctms, crm = clients
     study_id = rows(ctms, "SELECT id FROM study__v")[0]["id"]
@@ -141,6 +164,7 @@ def test_ctms_to_crm_sends_every_rule(clients, story):
     assert len(quarantined) >= 3
     reasons = " | ".join(r for q in Ledger().open_quarantine("demo") for r in q["reasons"])
     assert "ambiguous" in reasons and "no CRM Account" in reasons and "has no veeva_network_id__c" in reasons
+    check_quarantine_files(ctms, dr.run_id, quarantined)
 
     # Studies and Study Sites -> Clinical Studies / Sites, linked by external id.
     studies = rows(ctms, "SELECT id, global_id__sys, study_title__v FROM study__v")
@@ -156,6 +180,28 @@ def test_ctms_to_crm_sends_every_rule(clients, story):
                for s in sites)
     story["sent"] = len(sent)
     story["first_end"] = now()
+    story["first_run_id"] = dr.run_id
+
+
+def test_the_load_emits_an_asset_event_per_target_object(story):
+    """Airflow's metadata DB holds one asset event per target object for the run, counts in extra."""
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        events = {uri: (extra, task) for uri, extra, task in session.execute(
+            select(AssetModel.uri, AssetEvent.extra, AssetEvent.source_task_id).join(
+                AssetModel, AssetModel.id == AssetEvent.asset_id)
+            .where(AssetEvent.source_run_id == story["first_run_id"]))}
+    assert set(events) == {"vault://demo/clinical_study__v", "vault://demo/clinical_site__v",
+                           "vault://demo/clinical_interaction__v"}
+    assert {task for _, task in events.values()} == {"load"}
+    interaction, _ = events["vault://demo/clinical_interaction__v"]
+    assert interaction["dag_run_id"] == story["first_run_id"] and interaction["source_object"] == "crm_activity__v"
+    assert interaction["counts"]["created"] == story["sent"] and interaction["counts"]["failed"] == 0
+    study, _ = events["vault://demo/clinical_study__v"]
+    assert study["counts"]["created"] > 0 and study["window_end"] == interaction["window_end"]
 
 
 def test_rerunning_the_window_changes_nothing(clients, story):

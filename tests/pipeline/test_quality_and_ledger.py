@@ -17,8 +17,8 @@ TODAY = date(2026, 6, 1)
 
 
 def activities(*rows):
-    base = {"id": None, "person__v": "P1", "person__vr.veeva_network_id__c": "N1", "person__vr.first_name__sys": "Ann",
-            "person__vr.last_name__sys": "Lee", "activity_date__v": "2026-05-01", "channel__v": "phone__v",
+    base = {"id": None, "person__v": "P1", "person__vr.veeva_network_id__c": "N1", "person__vr.id": "P1",
+            "activity_date__v": "2026-05-01", "channel__v": "phone__v",
             "study__vr.global_id__sys": "1001_S1", "site__vr.global_id__sys": None}
     return pd.DataFrame([{**base, **r} for r in rows])
 
@@ -42,6 +42,7 @@ def test_each_rule_gives_a_readable_reason(demo_cfg):
     frame = activities(
         {"id": "no_person", "person__v": None, "person__vr.veeva_network_id__c": None},
         {"id": "no_identifier", "person__vr.veeva_network_id__c": None},
+        {"id": "person_gone", "person__v": "P404", "person__vr.veeva_network_id__c": None, "person__vr.id": None},
         {"id": "no_account", "person__vr.veeva_network_id__c": "N9"},
         {"id": "ambiguous", "person__vr.veeva_network_id__c": "N2"},
         {"id": "bad_channel", "channel__v": "fax__c"},
@@ -51,7 +52,10 @@ def test_each_rule_gives_a_readable_reason(demo_cfg):
     )
     _, reasons, per_rule = reasons_of(demo_cfg, frame)
     assert "no Person on the Clinical Activity" in reasons["no_person"]
-    assert reasons["no_identifier"][0] == "Person Ann Lee has no veeva_network_id__c"
+    assert reasons["no_identifier"][0] == "Person P1 has no veeva_network_id__c: fill it in on the Person in CTMS"
+    # a Person record that no longer exists is named by its id, not reported as "no identifier"
+    assert reasons["person_gone"][0] == ("Person P404 does not exist in CTMS (deleted, or not readable by the "
+                                         "integration user): set an existing Person on the record")
     assert reasons["no_account"] == ["no CRM Account has veeva_network_id__v = 'N9'"]
     assert reasons["ambiguous"] == ["ambiguous: 2 CRM Accounts have veeva_network_id__v = 'N2'"]
     assert reasons["bad_channel"] == ["channel 'fax__c' is not in the channel map"]
@@ -59,7 +63,7 @@ def test_each_rule_gives_a_readable_reason(demo_cfg):
     assert "not a valid date" in reasons["absurd_date"][0]
     assert reasons["no_study"] == ["Study 1001_S404 has no Clinical Study in CRM (not sent yet)"]
     assert len(reasons["no_person"]) >= 2  # a row may have several reasons
-    assert per_rule["person_account_match"] == 4
+    assert per_rule["person_account_match"] == 5
 
 
 def test_gx_validates_the_same_rules(demo_cfg, tmp_path, monkeypatch):

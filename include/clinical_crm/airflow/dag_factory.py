@@ -15,6 +15,7 @@ from datetime import timedelta
 
 from airflow.sdk import DAG, CronDataIntervalTimetable, ExceptionRetryPolicy, Param, RetryAction, RetryRule, task
 
+from clinical_crm.airflow import assets, lineage, notifier
 from clinical_crm.flows import all_flows, flow as flow_named
 from clinical_crm.flows.base import Flow
 
@@ -158,7 +159,7 @@ def _dag(flow: Flow, cfg) -> DAG:
         max_active_runs=1,
         is_paused_upon_creation=not cfg.active,
         params=PARAMS,
-        default_args=task_defaults(),
+        default_args=notifier.with_alerts(task_defaults(), cfg),
         tags=["clinical-crm", cfg.name, flow.name],
         owner_links={},
     )
@@ -175,9 +176,11 @@ def begin(source: str, flow_name: str, **context) -> dict:
 
     dag_run = context.get("dag_run")
     manual = dag_run is not None and str(getattr(dag_run, "run_type", "")).lower().endswith("manual")
-    ctx = runner.begin(flow_named(flow_name), _config(source), context["run_id"], context.get("data_interval_start"),
+    cfg = _config(source)
+    ctx = runner.begin(flow_named(flow_name), cfg, context["run_id"], context.get("data_interval_start"),
                        context.get("data_interval_end"), dict(context.get("params") or {}),
                        triggered_at=context.get("logical_date") if manual else None)
+    notifier.check_begin(cfg, ctx, context)
     return ctx.to_xcom()
 
 
@@ -189,7 +192,9 @@ def pre_step(source: str, flow_name: str, run: dict) -> dict:
     with _step(run):
         flow, cfg, ctx = flow_named(flow_name), _config(source), RunContext.from_xcom(run)
         with _clients(flow, cfg, flow.source_side) as clients:
-            return runner.pre_step(flow, cfg, ctx, clients).to_xcom()
+            ids = runner.pre_step(flow, cfg, ctx, clients).to_xcom()
+        lineage.report([], lineage.staged_urls(ids))
+        return ids
 
 
 @task
@@ -200,7 +205,9 @@ def extract(source: str, flow_name: str, run: dict, pre: dict | None = None) -> 
     with _step(run):
         flow, cfg, ctx = flow_named(flow_name), _config(source), RunContext.from_xcom(run)
         with _clients(flow, cfg, "ctms", "crm") as clients:
-            return runner.extract(flow, cfg, ctx, clients, Staged.from_xcom(pre)).to_xcom()
+            staged = runner.extract(flow, cfg, ctx, clients, Staged.from_xcom(pre)).to_xcom()
+        lineage.report(assets.source_uris(flow, cfg) + lineage.staged_urls(pre), lineage.staged_urls(staged))
+        return staged
 
 
 @task
@@ -209,8 +216,10 @@ def validate(source: str, flow_name: str, run: dict, staged: dict) -> dict:
     from clinical_crm.engine.context import RunContext, Staged
 
     with _step(run):
-        return runner.validate(flow_named(flow_name), _config(source), RunContext.from_xcom(run),
-                               Staged.from_xcom(staged)).to_xcom()
+        valid = runner.validate(flow_named(flow_name), _config(source), RunContext.from_xcom(run),
+                                Staged.from_xcom(staged)).to_xcom()
+        lineage.report(lineage.staged_urls(staged), lineage.staged_urls(valid) + lineage.quarantine_urls(run))
+        return valid
 
 
 @task
@@ -219,8 +228,10 @@ def transform(source: str, flow_name: str, run: dict, staged: dict, validated: d
     from clinical_crm.engine.context import RunContext, Staged
 
     with _step(run):
-        return runner.transform(flow_named(flow_name), _config(source), RunContext.from_xcom(run),
-                                Staged.from_xcom(staged), Staged.from_xcom(validated)).to_xcom()
+        records = runner.transform(flow_named(flow_name), _config(source), RunContext.from_xcom(run),
+                                   Staged.from_xcom(staged), Staged.from_xcom(validated)).to_xcom()
+        lineage.report(lineage.staged_urls(staged, validated), lineage.staged_urls(records))
+        return records
 
 
 @task
@@ -233,16 +244,24 @@ def load(source: str, flow_name: str, run: dict, staged: dict, records: dict, **
     with _step(run):
         flow, cfg, ctx = flow_named(flow_name), _config(source), RunContext.from_xcom(run)
         with _clients(flow, cfg, flow.target_side) as clients:
-            return runner.load(flow, cfg, ctx, clients[flow.target_side], Staged.from_xcom(staged),
-                               Staged.from_xcom(records), final_attempt=final_attempt)
+            counts = runner.load(flow, cfg, ctx, clients[flow.target_side], Staged.from_xcom(staged),
+                                 Staged.from_xcom(records), final_attempt=final_attempt)
+        extras = assets.event_extras(flow, cfg, ctx, counts)
+        for uri, extra in extras.items():  # this task's outlets
+            context["outlet_events"][assets.Asset(uri)].extra = extra
+        lineage.report(lineage.staged_urls(records), list(extras))
+        return counts
 
 
 @task
-def finish(run: dict, loaded: dict) -> dict:
+def finish(source: str, run: dict, loaded: dict, **context) -> dict:
     from clinical_crm.engine import runner
     from clinical_crm.engine.context import RunContext
 
-    return runner.finish(RunContext.from_xcom(run))
+    ctx = RunContext.from_xcom(run)
+    result = runner.finish(ctx)
+    notifier.check_finish(_config(source), ctx, context)
+    return result
 
 
 # ---------------------------------------------------------------- the DAGs
@@ -260,7 +279,9 @@ def build_dag(flow: Flow, cfg) -> DAG:
             if flow.pre_step else None
         staged = extract.override(pool=read_pool)(source, flow.name, run, pre)
         records = transform(source, flow.name, run, staged, validate(source, flow.name, run, staged))
-        finish(run, load.override(pool=write_pool)(source, flow.name, run, staged, records))
+        loaded = load.override(pool=write_pool, outlets=assets.target_assets(flow, cfg))(
+            source, flow.name, run, staged, records)
+        finish(source, run, loaded)
     return dag
 
 

@@ -1,4 +1,5 @@
-"""Airflow provider entry point: registers the `veeva_vault` connection type.
+"""Airflow provider entry point: registers the `veeva_vault` connection type, and the `vault`
+Asset URI scheme with its OpenLineage converter (airflow/lineage.py).
 
 pyproject.toml declares `apache_airflow_provider = clinical_crm.airflow.provider:get_provider_info`.
 Airflow 3.2+ reads the connection form declaratively from `conn-fields` and
@@ -51,6 +52,9 @@ def get_provider_info() -> dict:
         "description": "Veeva Vault REST API hook and connection type for the CTMS <-> Medical CRM DAGs.",
         "versions": ["0.1.0"],
         "hooks": [{"integration-name": "Veeva Vault", "python-modules": ["clinical_crm.airflow.hooks"]}],
+        # Assets vault://<connection>/<object> (airflow/assets.py) and their OpenLineage datasets
+        "asset-uris": [{"schemes": ["vault"], "handler": "clinical_crm.airflow.lineage.sanitize_uri",
+                        "to_openlineage_converter": "clinical_crm.airflow.lineage.to_openlineage"}],
         "connection-types": [
             {
                 "connection-type": CONN_TYPE,

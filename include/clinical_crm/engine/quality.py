@@ -102,6 +102,24 @@ def match_rule(name: str, count_column: str, key_column: str, what: str, field_n
                 lambda r: _match_reason(r[count_column], what, field_name, r[key_column]))
 
 
+def identifier_rule(name: str, key_column: str, record_column: str, found_column: str, what: str, vault: str,
+                    field_name: str) -> Rule:
+    """The record a row refers to (a Person, an Account) carries the identifier field
+    (`key_column`). The reason names the referenced record by id, never by a person's name: a
+    reference whose record no longer exists (`record_column` set, `found_column`, the
+    relationship's id, empty) says so instead of "has no identifier"."""
+    def reason(r: dict) -> str:
+        record = r[record_column]
+        if blank(record):
+            return f"no {what}, so no {field_name} to match"
+        if blank(r[found_column]):
+            return (f"{what} {record} does not exist in {vault} (deleted, or not readable by the integration "
+                    f"user): set an existing {what} on the record")
+        return f"{what} {record} has no {field_name}: fill it in on the {what} in {vault}"
+
+    return Rule(name, MAPPING_COMPLETENESS, key_column, not_null(key_column), blank_mask, reason)
+
+
 def date_rule(today: date | None = None) -> Rule:
     low, high = date_bounds(today)
 
@@ -175,9 +193,10 @@ def add_match(checks: pd.DataFrame, key_column: str, candidates: pd.DataFrame, c
     checks[id_column] = _unique_target(checks[key_column], candidates, candidate_field)
 
 
-def row_reasons(checks: pd.DataFrame, rules: list[Rule]) -> tuple[pd.Series, dict[str, int]]:
-    """Every reason each row fails (an empty list for good rows), and failing rows per rule."""
-    reasons = pd.Series([[] for _ in range(len(checks))], index=checks.index, dtype=object)
+def row_findings(checks: pd.DataFrame, rules: list[Rule]) -> tuple[pd.Series, dict[str, int]]:
+    """Every (rule name, reason) each row fails (an empty list for good rows), and failing rows
+    per rule."""
+    findings = pd.Series([[] for _ in range(len(checks))], index=checks.index, dtype=object)
     per_rule: dict[str, int] = {}
     for rule in rules:
         mask = rule.failing(checks[rule.column]).fillna(True).astype(bool)
@@ -185,8 +204,14 @@ def row_reasons(checks: pd.DataFrame, rules: list[Rule]) -> tuple[pd.Series, dic
             per_rule[rule.name] = int(mask.sum())
         for index in checks.index[mask]:
             row = {k: (None if blank(v) else v) for k, v in checks.loc[index].to_dict().items()}
-            reasons[index] = reasons[index] + [rule.reason(row)]
-    return reasons, per_rule
+            findings[index] = findings[index] + [(rule.name, rule.reason(row))]
+    return findings, per_rule
+
+
+def row_reasons(checks: pd.DataFrame, rules: list[Rule]) -> tuple[pd.Series, dict[str, int]]:
+    """Every reason each row fails (an empty list for good rows), and failing rows per rule."""
+    findings, per_rule = row_findings(checks, rules)
+    return findings.map(lambda found: [reason for _, reason in found]), per_rule
 
 
 # ---------------------------------------------------------------- Great Expectations
@@ -281,9 +306,9 @@ class Validator:
 
 def write_summary(connection: str, direction: str, run_key: str, summary: dict) -> str:
     """The run's JSON summary next to the Data Docs: <reports>/<connection>/runs/<direction>/<run>.json"""
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run_key)
-    path = settings.reports_dir() / connection / "runs" / direction / f"{safe}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from clinical_crm.engine.quarantine_report import run_file
+
+    path = run_file(connection, direction, run_key, ".json")
     path.write_text(json.dumps(summary, indent=2, default=str))
     return str(path)
 

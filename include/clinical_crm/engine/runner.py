@@ -161,6 +161,7 @@ def validate(flow: Flow, cfg, ctx: RunContext, staged: Staged, ledger: Ledger | 
     Raises QualityThresholdExceeded (after recording everything) when too many rows fail.
     """
     from clinical_crm.engine import quality
+    from clinical_crm.engine.quarantine_report import QuarantineReport
 
     ledger = ledger or Ledger()
     v = flow.validation
@@ -179,6 +180,7 @@ def validate(flow: Flow, cfg, ctx: RunContext, staged: Staged, ledger: Ledger | 
     reason_counts: dict[str, int] = {}
     suites: list[dict] = []
     seen = staging.IdSet()
+    quarantine = QuarantineReport(cfg.name, flow.name, ctx.dag_run_id)
     ledger.clear_outcomes(ctx.run_id, object_name, only=["quarantined", "source_deleted"])  # a retry starts over
     for chunk in staging.read_chunks(staged.path(v.source)):
         # a quarantined record may also have changed in the window: keep one copy
@@ -188,7 +190,8 @@ def validate(flow: Flow, cfg, ctx: RunContext, staged: Staged, ledger: Ledger | 
             continue
         checks = v.checks(chunk, reference, cfg)
         suites += validator.validate(object_name, checks, rules)
-        reasons, per_rule = quality.row_reasons(checks, rules)
+        findings, per_rule = quality.row_findings(checks, rules)
+        reasons = findings.map(lambda found: [reason for _, reason in found])
         for name, count in per_rule.items():
             reason_counts[name] = reason_counts.get(name, 0) + count
         bad = reasons.map(bool)
@@ -199,6 +202,8 @@ def validate(flow: Flow, cfg, ctx: RunContext, staged: Staged, ledger: Ledger | 
         new_failing += int((bad & new).sum())
         held = {str(checks.at[i, "source_id"]): reasons[i] for i in checks.index[bad]}
         ledger.quarantine_records(ctx.run_id, cfg.name, flow.name, object_name, held)
+        quarantine.add(object_name, {str(checks.at[i, "source_id"]): findings[i] for i in checks.index[bad]},
+                       new=set(held) - held_before)
         ledger.add_outcomes(ctx.run_id, cfg.name, flow.name, object_name,
                             [{"source_id": s, "outcome": "quarantined", "message": "; ".join(r)}
                              for s, r in held.items()])
@@ -208,6 +213,7 @@ def validate(flow: Flow, cfg, ctx: RunContext, staged: Staged, ledger: Ledger | 
         # ~0.35 s a chunk (every tracked object of the process is walked).
         gc.collect()
     good_file = good.close()
+    quarantined = quarantine.close()
     gone = sorted(seen.missing(held_before)) if v.feature(cfg) else []
     if gone:  # read again by id and not found: deleted in the source, nothing left to send
         ledger.resolve_quarantine(cfg.name, flow.name, object_name, gone)
@@ -220,13 +226,15 @@ def validate(flow: Flow, cfg, ctx: RunContext, staged: Staged, ledger: Ledger | 
     summary = {"connection": cfg.name, "direction": flow.name, "dag_run_id": ctx.dag_run_id,
                "window_start": ctx.window_start, "window_end": ctx.window_end, "object": object_name,
                "rows": rows, "failing_rows": failing, "new_rows": new_rows, "new_failing_rows": new_failing,
-               "reasons": reason_counts, "suites": suites,
+               "reasons": reason_counts, "suites": suites, "new_quarantined": quarantined["new"],
+               "quarantine_csv": quarantined["csv"], "quarantine_json": quarantined["json"],
                "max_failing_share": cfg.quality.max_failing_share, "passed": passed, "data_docs": report}
     summary_path = quality.write_summary(cfg.name, flow.name, ctx.dag_run_id, summary)
     ledger.add_dq_summary(ctx.run_id, cfg.name, flow.name, object_name, rows, failing, reason_counts, passed, report)
     add_counts(ledger, ctx, {object_name: {"quarantined": failing, "valid": rows - failing}}, dq_report=report)
     log.info("data quality of %s: %d rows, %d quarantined %s; Data Docs: %s; summary: %s",
              object_name, rows, failing, reason_counts, report, summary_path)
+    quarantine.log_first()
     quality.check_threshold(new_rows, new_failing, cfg.quality.max_failing_share)
     return Staged({VALID: good_file})
 

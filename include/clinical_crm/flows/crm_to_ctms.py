@@ -24,7 +24,8 @@ def account_identifier_column(cfg) -> str:
 def call_query(cfg) -> Query:
     """Calls flagged "Send to Vault Clinical", with their Account's identifier and the creating user."""
     c = cfg.crm.call.fields
-    fields = [ID, GLOBAL_ID, MODIFIED_DATE, c.account, account_identifier_column(cfg), c.date, c.channel,
+    fields = [ID, GLOBAL_ID, MODIFIED_DATE, c.account, account_identifier_column(cfg),
+              f"{relationship(c.account)}.{ID}", c.date, c.channel,
               c.status, c.subject, *rules.creator_columns(cfg.crm.user.fields)]
     return Query.select(cfg.crm.call.object, fields).filter(f"{c.send_to_clinical} = {vql.quote(True)}")
 
@@ -68,8 +69,8 @@ def quality_rules(cfg, today=None) -> list:
     return [
         q.Rule("account_present", q.MAPPING_COMPLETENESS, "account", q.not_null("account"),
                q.blank_mask, lambda r: "no Account on the call"),
-        q.Rule("account_has_identifier", q.MAPPING_COMPLETENESS, "account_identifier", q.not_null("account_identifier"),
-               q.blank_mask, lambda r: f"Account {r['account'] or ''} has no {ident.crm_account_field}".replace("  ", " ")),
+        q.identifier_rule("account_has_identifier", "account_identifier", "account", "account_found", "Account", "CRM",
+                          ident.crm_account_field),
         q.channel_rule(list(cfg.channel_map.values())),
         # Status: Submitted -> Complete Yes, any other status (Planned, Saved, ...) -> No; only a
         # missing status is a defect.
@@ -96,6 +97,7 @@ def call_checks(calls, ref: dict, cfg):
     checks = q.check_frame(calls, col(c.channel), col(c.date))
     checks["account"] = col(c.account).map(text)
     checks["account_identifier"] = col(account_identifier_column(cfg)).map(text)
+    checks["account_found"] = col(f"{relationship(c.account)}.{ID}").map(text)
     checks["status"] = col(c.status).map(text)
     q.add_match(checks, "account_identifier", ref["persons"], cfg.identifiers.ctms_person_field,
                 "person_matches", "person_id")

@@ -55,13 +55,13 @@ def site_country_column(cfg) -> str:
 
 
 def clinical_activity_query(cfg) -> Query:
-    """Clinical Activities with their Person's identifier and name, the creating user, and
+    """Clinical Activities with their Person's identifier and id (empty when the Person record is
+    gone; never the Person's name: nothing needs it), the creating user, and
     (with studies and sites) the global ids of their study and site."""
     a = cfg.ctms.activity.fields
     person = relationship(a.person)
-    p = cfg.ctms.person.fields
     fields = [ID, GLOBAL_ID, MODIFIED_DATE, a.person, person_identifier_column(cfg),
-              f"{person}.{p.first_name}", f"{person}.{p.last_name}", a.date, a.channel, a.complete, a.subject,
+              f"{person}.{ID}", a.date, a.channel, a.complete, a.subject,
               *rules.creator_columns(cfg.ctms.user.fields), a.study, a.site, a.study_country, a.study_person]
     if cfg.features.studies_and_sites:
         refs = study_reference_columns(cfg)
@@ -173,9 +173,8 @@ def quality_rules(cfg, today=None) -> list:
     checks = [
         q.Rule("person_present", q.MAPPING_COMPLETENESS, "person", q.not_null("person"),
                q.blank_mask, lambda r: "no Person on the Clinical Activity"),
-        q.Rule("person_has_identifier", q.MAPPING_COMPLETENESS, "person_identifier", q.not_null("person_identifier"),
-               q.blank_mask,
-               lambda r: f"Person {r['person_label'] or ''} has no {ident.ctms_person_field}".replace("  ", " ")),
+        q.identifier_rule("person_has_identifier", "person_identifier", "person", "person_found", "Person", "CTMS",
+                          ident.ctms_person_field),
         q.channel_rule(channels),
         q.date_rule(today),
     ]
@@ -208,13 +207,11 @@ def activity_checks(activities, ref: dict, cfg):
 
     a = cfg.ctms.activity.fields
     person = relationship(a.person)
-    p = cfg.ctms.person.fields
     col = q.column_of(activities)
     checks = q.check_frame(activities, col(a.channel), col(a.date))
     checks["person"] = col(a.person).map(text)
     checks["person_identifier"] = col(person_identifier_column(cfg)).map(text)
-    checks["person_label"] = (col(f"{person}.{p.first_name}").map(lambda v: text(v) or "") + " " +
-                              col(f"{person}.{p.last_name}").map(lambda v: text(v) or "")).str.strip()
+    checks["person_found"] = col(f"{person}.{ID}").map(text)
     if cfg.features.studies_and_sites:
         refs = study_reference_columns(cfg)
         checks["study_ref"] = col(refs["study"]).map(text)
