@@ -17,7 +17,16 @@ from clinical_crm.values import blank
 from clinical_crm.vault import vql
 from clinical_crm.vault.client import VaultClient
 
-pytestmark = pytest.mark.usefixtures("airflow_db")
+pytestmark = pytest.mark.usefixtures("airflow_db", "own_ledger")
+
+
+@pytest.fixture(scope="module")
+def own_ledger(tmp_path_factory, monkeypatch_module):
+    """A ledger of this story alone: the session's ledger holds what other modules did with their
+    own (identically seeded) vaults, e.g. deletions of records that exist again here."""
+    data = tmp_path_factory.mktemp("reconcile_data")
+    monkeypatch_module.setenv("CLINICAL_CRM_DATA_DIR", str(data))
+    monkeypatch_module.setenv("CLINICAL_CRM_LEDGER_URL", f"sqlite:///{data / 'ledger.db'}")
 
 USER, PASSWORD = "integration@sandbox.example", "sandbox"
 API = "/api/v25.2/vobjects"
