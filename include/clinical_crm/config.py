@@ -116,14 +116,25 @@ Email = Annotated[str, AfterValidator(_email)]
 
 
 class Alerts(Strict):
-    """Who is told, by which Airflow SMTP connection, and when (clinical_crm.engine.alerts).
-    A failed run always alerts; each threshold alerts only when set."""
-    smtp_conn_id: str = Field(min_length=1)
-    to: list[Email] = Field(min_length=1)
+    """Who is told, through which Airflow connections (email, Slack webhook), and when
+    (clinical_crm.engine.alerts). A failed run always alerts; each threshold alerts only when set."""
+    smtp_conn_id: str | None = Field(default=None, min_length=1)
+    to: list[Email] = []
     from_: Email | None = Field(default=None, alias="from")  # default: the SMTP connection's from_email
+    slack_webhook_conn_id: str | None = Field(default=None, min_length=1)
     quarantine_threshold: int | None = Field(default=None, ge=0)
     quarantine_max_age_days: float | None = Field(default=None, gt=0)
     max_lag_minutes: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _a_channel(self):
+        if self.smtp_conn_id and not self.to:
+            raise ValueError("smtp_conn_id needs recipients in 'to'")
+        if self.to and not self.smtp_conn_id:
+            raise ValueError("'to' needs smtp_conn_id (the Airflow SMTP connection that sends the emails)")
+        if not self.smtp_conn_id and not self.slack_webhook_conn_id:
+            raise ValueError("set smtp_conn_id (with 'to') or slack_webhook_conn_id, or remove 'alerts'")
+        return self
 
 
 class Load(Strict):

@@ -160,3 +160,12 @@ def test_alerts_are_off_unless_set_and_checked(tmp_path, demo):
     message = error_of(tmp_path, demo)
     assert "alerts.to.0: 'ops' is not an email address" in message
     assert "alerts.quarantine_treshold: unknown key" in message
+
+
+def test_alerts_need_a_channel(tmp_path, demo):
+    demo["alerts"] = {"max_lag_minutes": 60}
+    assert "set smtp_conn_id (with 'to') or slack_webhook_conn_id" in error_of(tmp_path, demo)
+    demo["alerts"] = {"smtp_conn_id": "smtp_ops"}
+    assert "smtp_conn_id needs recipients in 'to'" in error_of(tmp_path, demo)
+    demo["alerts"] = {"slack_webhook_conn_id": "slack_ops", "max_lag_minutes": 60}
+    assert load_connection(write(tmp_path, demo)).alerts.slack_webhook_conn_id == "slack_ops"

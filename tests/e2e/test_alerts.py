@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import re
 import socket
 from datetime import datetime, timedelta, timezone
@@ -164,6 +165,47 @@ def test_failed_run_alert(vaults, inbox, connection_file, monkeypatch):
     assert f"Airflow: {BASE_URL}/dags/crm_to_ctms__alerts/runs/" in body and body.count("/tasks/extract") == 1
     assert "wrong-password" not in failed["raw"]
     assert_no_personal_data(failed, personal_emails(vaults))
+
+
+@pytest.fixture
+def slack(monkeypatch):
+    """A local stand-in for Slack's incoming webhook: keeps the JSON bodies posted to it."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    posted: list[dict] = []
+
+    class Webhook(BaseHTTPRequestHandler):
+        def do_POST(self):
+            posted.append({"path": self.path, **json.loads(self.rfile.read(int(self.headers["Content-Length"])))})
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Webhook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("AIRFLOW_CONN_SLACK_ALERTS", json.dumps(
+        {"conn_type": "slackwebhook", "host": f"http://127.0.0.1:{server.server_port}", "password": "T000/B000/XXXX"}))
+    yield posted
+    server.shutdown()
+
+
+def test_failed_run_alert_to_slack_and_email(vaults, inbox, slack, connection_file, monkeypatch):
+    ctms, _ = vaults
+    monkeypatch.setenv("AIRFLOW_CONN_VAULT_CTMS_DEMO", vault_conn(ctms.url, password="wrong-password"))
+    connection_file(slack_webhook_conn_id="slack_alerts")
+    dr = run("crm_to_ctms")
+    assert dr.state == "failed"
+    [message] = slack
+    assert message["path"] == "/T000/B000/XXXX"
+    assert message["text"].startswith("[clinical-crm] crm_to_ctms__alerts: run failed in task extract\n")
+    assert f"Run: {dr.run_id}" in message["text"] and "Reason: VaultAuthenticationError" in message["text"]
+    assert "@" not in message["text"] and "wrong-password" not in message["text"]
+    [email_alert] = inbox.take()  # the same alert by email
+    assert email_alert["subject"] == "[clinical-crm] crm_to_ctms__alerts: run failed in task extract"
 
 
 def test_no_alerts_section_sends_nothing(vaults, inbox, connection_file):

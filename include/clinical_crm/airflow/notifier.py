@@ -4,11 +4,12 @@
   connection file has `alerts:` (`with_alerts` adds it to the DAG's default_args);
 - `check_begin` (the begin task: lag) and `check_finish` (the finish task: newly quarantined
   records of the run, old open quarantine) send what is due;
-- `AlertEmail`: the SMTP provider's `SmtpNotifier`, through the Airflow connection
-  `alerts.smtp_conn_id`, with the texts taken as they are (they are not Jinja templates).
+- `send`: the SMTP provider's `SmtpNotifier` (Airflow connection `alerts.smtp_conn_id`) and/or
+  the Slack provider's `SlackWebhookNotifier` (`alerts.slack_webhook_conn_id`), with the texts
+  taken as they are (they are not Jinja templates).
 
 Links point at the run in the Airflow UI under `[api] base_url`. A failed send is logged, never
-fails the task. The SMTP provider is imported only when an alert is sent (DAG parsing stays fast).
+fails the task. The providers are imported only when an alert is sent (DAG parsing stays fast).
 """
 from __future__ import annotations
 
@@ -33,21 +34,34 @@ def run_link(dag_id: str, run_id: str, task_id: str | None = None) -> str:
     return f"{link}/tasks/{quote(task_id, safe='')}" if task_id else link
 
 
+def _plain(notifier_class):
+    """A provider's notifier whose texts are taken as they are (alert texts are not Jinja templates)."""
+    return type(f"Plain{notifier_class.__name__}", (notifier_class,), {"template_fields": ()})
+
+
+def _notifiers(settings, alert: alerts.Alert):
+    """(Airflow connection id, notifier) of every channel the alerts section sets."""
+    if settings.smtp_conn_id:
+        from airflow.providers.smtp.notifications.smtp import SmtpNotifier
+
+        yield settings.smtp_conn_id, _plain(SmtpNotifier)(
+            to=list(settings.to), from_email=settings.from_, subject=alert.subject,
+            html_content=f"<pre>{html.escape(alert.body)}</pre>", smtp_conn_id=settings.smtp_conn_id)
+    if settings.slack_webhook_conn_id:
+        from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
+
+        yield settings.slack_webhook_conn_id, _plain(SlackWebhookNotifier)(
+            slack_webhook_conn_id=settings.slack_webhook_conn_id, text=f"{alert.subject}\n\n{alert.body}")
+
+
 def send(cfg, alert: alerts.Alert, context: dict | None = None) -> None:
-    """Email one alert to `alerts.to`; a failure to send is logged, not raised."""
-    from airflow.providers.smtp.notifications.smtp import SmtpNotifier
-
-    class AlertEmail(SmtpNotifier):
-        template_fields = ()  # alert texts are plain text, not Jinja templates
-
-    settings = cfg.alerts
-    email = AlertEmail(to=list(settings.to), from_email=settings.from_, subject=alert.subject,
-                       html_content=f"<pre>{html.escape(alert.body)}</pre>", smtp_conn_id=settings.smtp_conn_id)
-    try:
-        email(dict(context or {}))
-        log.warning("alert sent (%s): %s", alert.kind, alert.subject)
-    except Exception:  # an alert must not fail the run it reports on
-        log.exception("alert %s could not be sent through %s", alert.kind, settings.smtp_conn_id)
+    """Send one alert through every channel of `alerts:`; a failure to send is logged, not raised."""
+    for conn_id, notifier in _notifiers(cfg.alerts, alert):
+        try:
+            notifier(dict(context or {}))
+            log.warning("alert sent (%s) through %s: %s", alert.kind, conn_id, alert.subject)
+        except Exception:  # an alert must not fail the run it reports on
+            log.exception("alert %s could not be sent through %s", alert.kind, conn_id)
 
 
 class RunFailedNotifier(BaseNotifier):
