@@ -90,12 +90,19 @@ def main() -> int:
     for line in harness.summary_lines(report):
         print(line)
     print(f"took {report['seconds']} s; report: {base / 'report.json'}")
-    ok = (report["missing"] == 0 and report["extra"] == 0
-          and all(r["state"] == "success" for r in report["faults"]["dag_runs"].values()))
-    print("RESULT:", "exact (nothing lost, nothing duplicated)" if ok else "MISMATCH")
+    agreement = report["faults"]["ledger_against_vault"]
+    exact = (report["missing"] == 0 and report["extra"] == 0 and agreement["mapped_missing_in_vault"] == 0
+             and agreement["applied_without_mark_in_vault"] == 0 and (args.no_heal or agreement["deletions_pending"] == 0))
+    failed = [d for d, r in report["faults"]["dag_runs"].items() if r["state"] != "success"]
+    verdict = "exact end state (nothing lost, nothing duplicated, the ledger agrees with the vaults)" if exact else "MISMATCH"
+    if failed:
+        verdict += f"; DAG runs that failed under faults: {', '.join(failed)}"
+        if not args.no_heal:
+            verdict += " (the fault-free run after them healed what they left)"
+    print("RESULT:", verdict)
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
-    return 0 if ok else 1
+    return 0 if exact else 1
 
 
 if __name__ == "__main__":
