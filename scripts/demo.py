@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import sqlite3
 import subprocess
@@ -53,7 +54,7 @@ def demo_environment(data: Path, ctms_url: str, crm_url: str, api_port: int) -> 
         "AIRFLOW__API__PORT": str(api_port),
         "AIRFLOW__API__WORKERS": "1",
         "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{api_port}",
-        "AIRFLOW__API_AUTH__JWT_SECRET": "clinical-crm-demo",
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),  # per demo run: never a literal
         "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
         "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
