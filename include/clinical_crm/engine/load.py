@@ -79,6 +79,12 @@ class VersionGuard:
             self.ledger.record_versions(self.connection, self.direction, self.source_object, versions, self.run_id)
 
 
+def lock_name(connection: str, target_object: str) -> str:
+    """The ledger lock every writer of one connection's target object holds (engine.runner's load,
+    the reconciliation's repair): two of them never write the same records at once."""
+    return f"load.{connection}.{target_object}"
+
+
 class WriteUncertain(VaultTransientError):
     """A write call failed transiently after every re-send (a timeout, a dropped connection, a
     5xx): the vault may or may not have applied it. `outcomes` holds what this upsert knows,

@@ -230,8 +230,9 @@ class TargetCheck:
         if not records:
             return []
         guard = load.VersionGuard(self.ledger, self.cfg.name, self.flow.name, self.source_object)
-        outcomes = load.upsert(self.client, self.target_object, records, self.id_param, self.cfg.load.batch_size,
-                               guard=guard)
+        with self.ledger.exclusive(load.lock_name(self.cfg.name, self.target_object)):
+            outcomes = load.upsert(self.client, self.target_object, records, self.id_param, self.cfg.load.batch_size,
+                                   guard=guard)
         loaded = [o for o in outcomes if o["outcome"] in load.LOADED]
         self.ledger.map_ids(self.cfg.name, self.target_object, [
             {"source_id": o["source_id"], "target_id": o["target_id"], "external_id": o["external_id"]} for o in loaded])

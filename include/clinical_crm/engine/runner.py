@@ -273,6 +273,8 @@ def load(flow: Flow, cfg, ctx: RunContext, client, staged: Staged, records: Stag
     scheduled run write one after the other, each batch checked against the newest version.
     `final_attempt`: no task retry is left, so what is still refused or uncertain is quarantined
     and re-read by the next run instead of waiting for a retry."""
+    from clinical_crm.engine.load import lock_name as load_lock_name
+
     ledger = ledger or Ledger()
     objects = {t.source_object(cfg) for t in flow.targets} | {d.source_object(cfg) for d in flow.deletions}
     earlier = ledger.written_outcomes(ctx.run_id, objects)
@@ -281,7 +283,7 @@ def load(flow: Flow, cfg, ctx: RunContext, client, staged: Staged, records: Stag
     counts: dict[str, dict] = {}
     for target in flow.targets:
         if target.enabled(cfg):
-            with ledger.exclusive(f"load.{ctx.connection}.{target.target_object(cfg)}"):
+            with ledger.exclusive(load_lock_name(ctx.connection, target.target_object(cfg))):
                 counts[target.source_object(cfg)] = _load_target(
                     ledger, ctx, client, cfg, target, records.path(target.records), earlier, final_attempt)
     for mark in flow.deletions:
