@@ -23,6 +23,11 @@ def staging_url() -> str:
     return os.environ.get("CLINICAL_CRM_STAGING_URL", f"file://{data_dir() / 'staging'}")
 
 
+def file_safe(name: str) -> str:
+    """A name (e.g. a DAG run id) usable as one file or folder name in any store."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
 def reports_dir() -> Path:
     return Path(os.environ.get("CLINICAL_CRM_REPORTS_DIR", data_dir() / "reports"))
 

@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from clinical_crm import settings
-from clinical_crm.times import as_utc
+from clinical_crm.times import as_utc, now as _now
 
 metadata = MetaData()
 
@@ -226,9 +226,6 @@ _ENGINES: dict[str, Engine] = {}
 # Run states whose window counts as done: success, and partial (deletion marks left queued)
 COMPLETED_STATES = ("success", "partial")
 
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 _utc = as_utc  # SQLite hands datetimes back naive; they were stored as UTC

@@ -28,8 +28,7 @@ LOG_FIRST = 20  # records the task log lists with their reasons
 
 def run_file(connection: str, direction: str, run_key: str, suffix: str) -> Path:
     """<reports>/<connection>/runs/<direction>/<run><suffix> (the run id made safe for a file name)."""
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run_key)
-    path = settings.reports_dir() / connection / "runs" / direction / f"{safe}{suffix}"
+    path = settings.reports_dir() / connection / "runs" / direction / f"{settings.file_safe(run_key)}{suffix}"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 

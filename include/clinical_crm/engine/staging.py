@@ -33,8 +33,7 @@ def _path(url: str):
 
 def run_dir(connection: str, direction: str, run_key: str) -> str:
     """The folder of one run's files (a URL); run_key is made safe for paths."""
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run_key)
-    return f"{settings.staging_url().rstrip('/')}/{connection}/{direction}/{safe}"
+    return f"{settings.staging_url().rstrip('/')}/{connection}/{direction}/{settings.file_safe(run_key)}"
 
 
 def remove_run(url: str) -> None:
