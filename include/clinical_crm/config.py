@@ -137,9 +137,16 @@ class Alerts(Strict):
         return self
 
 
+MAX_CONCURRENCY = 16  # calls in flight per run; the vault's pool must hold this many slots
+
+
 class Load(Strict):
     batch_size: int = Field(default=MAX_BATCH, ge=1, le=MAX_BATCH)
     query_page_size: int = Field(default=1000, ge=1, le=1000)
+    # Calls one run keeps in flight at once: write calls per target object, and independent
+    # reads. The extract and load tasks take this many slots of their vault's pool, so the
+    # calls of every run on one vault stay within the pool's slots.
+    concurrency: int = Field(default=4, ge=1, le=MAX_CONCURRENCY)
 
 
 # -- object sections: object API name + field API names by role ---------------------------------
