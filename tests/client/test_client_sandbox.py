@@ -8,6 +8,8 @@ from __future__ import annotations
 import tracemalloc
 import uuid
 
+import time
+
 import pytest
 import requests
 
@@ -320,22 +322,37 @@ def test_race_condition_reported_after_retries(make_client, ctms):
 # -- burst limit -----------------------------------------------------------------------------
 
 def test_paces_when_burst_limit_runs_low(make_client, ctms, sleeps):
-    client = make_client(burst_floor=10, pace_max_seconds=1.0)
-    record_id = any_activity_id(client)
     # a day-long window, so the clock-aligned window cannot roll over during the test
     ctms.admin.limits(burst_limit=30, burst_delay_ms=5, burst_window_seconds=86_400, reset_windows=True)
-    for _ in range(18):  # remaining 29 .. 12: above the floor, no pauses
+    client = make_client(burst_floor=10, burst_window_seconds=86_400)
+    record_id = any_activity_id(client)  # the vault's answer: 29 calls left
+    for _ in range(19):  # 28 .. 10 left: down to the reserve, no waits
         client.get_record(ACTIVITY, record_id)
-    assert client.counters["paced"] == 0
-    for _ in range(8):  # remaining 11 .. 4: pauses that grow as the remaining calls shrink
-        client.get_record(ACTIVITY, record_id)
-    paced = list(sleeps)
-    assert client.counters["paced"] == len(paced) >= 6
-    assert paced == sorted(paced) and paced[-1] > paced[0]
-    for _ in range(10):  # past the limit: Vault delays responses; not a fault
-        client.get_record(ACTIVITY, record_id)
-    assert client.counters["delayed_responses"] >= 5
-    assert client.counters["retry"] == 0
+    assert client.counters["paced"] == 0 and client.burst_remaining == 10
+    client.get_record(ACTIVITY, record_id)  # the reserve is reached: wait for the next window
+    assert client.counters["paced"] == 1
+    [wait] = list(sleeps)
+    assert 0 < wait <= 86_400 + 1
+    assert client.counters["delayed_responses"] == 0 and client.counters["retry"] == 0
+    unpaced = make_client(burst_floor=0)  # no reserve: Vault delays the calls past the limit; not a fault
+    for _ in range(16):  # 9 .. -7 left
+        unpaced.get_record(ACTIVITY, record_id)
+    assert unpaced.counters["delayed_responses"] >= 5 and unpaced.counters["retry"] == 0
+
+
+def test_concurrent_calls_share_one_session_and_stay_under_the_burst_limit(make_client, ctms):
+    """Eight threads on one client: one login, every call answered, none past the burst limit
+    (the calls wait for the next window instead: here two-second windows)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ctms.admin.limits(burst_limit=20, burst_delay_ms=200, burst_window_seconds=2, reset_windows=True)
+    client = make_client(burst_floor=4, burst_window_seconds=2, sleep=time.sleep)
+    record_id = any_activity_id(client)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: client.get_record(ACTIVITY, record_id)["id"], range(48)))
+    assert answers == [record_id] * 48
+    assert client.counters["auth"] == 1 and client.counters["calls.get"] == 48
+    assert client.counters["delayed_responses"] == 0 and client.counters["paced"] >= 1
 
 
 # -- VQL injection ---------------------------------------------------------------------------

@@ -88,11 +88,105 @@ def test_pages_flatten_picklists_and_stage_with_their_columns():
     assert list(empty.columns) == ["id", "name__v"] and len(empty) == 0
 
 
-def test_pacing_grows_as_remaining_calls_shrink():
-    client = VaultClient("http://127.0.0.1:9", "u", "p", burst_floor=100, pace_max_seconds=2.0)
-    assert client.pace_seconds(500) == 0 and client.pace_seconds(100) == 0
-    assert 0 < client.pace_seconds(90) < client.pace_seconds(10) < client.pace_seconds(0) == 2.0
-    assert VaultClient("http://127.0.0.1:9", "u", "p", burst_floor=0).pace_seconds(0) == 0
+class FakeClock:
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_burst_gate_spends_the_window_down_to_the_reserve_then_waits_for_the_next():
+    from clinical_crm.vault.pacing import CLOCK_MARGIN_SECONDS, BurstGate
+
+    clock = FakeClock(1000.0 + 30)  # 30 s into the window that starts at 1000 (windows of 100 s)
+    gate = BurstGate(reserve=3, window_seconds=100, clock=clock)
+    waits = []
+
+    def pause(seconds):
+        waits.append(seconds)
+        clock.sleep(seconds)
+
+    for remaining in (9, 8, 7, 6, 5, 4):  # what the vault answers
+        gate.leave(gate.enter(pause), remaining)
+    assert waits == []
+    window = gate.enter(pause)  # 4 left, reserve 3: one more call
+    assert waits == [] and gate.must_wait()  # 4 - 1 in flight: the reserve
+    gate.leave(window, 3)
+    assert gate.must_wait()
+    gate.enter(pause)  # 3 left = the reserve: wait for the next window (plus the clock margin)
+    assert waits == [pytest.approx(70 + CLOCK_MARGIN_SECONDS)] and clock.now == pytest.approx(1101)
+
+
+def test_burst_gate_counts_calls_in_flight_against_the_reserve():
+    from clinical_crm.vault.pacing import BurstGate
+
+    clock = FakeClock(50.0)
+    gate = BurstGate(reserve=2, window_seconds=100, clock=clock)
+    waits = []
+    gate.leave(gate.enter(waits.append), 6)  # 6 left
+    flying = [gate.enter(waits.append) for _ in range(4)]  # each starts while 6 - in flight > 2
+    assert waits == []
+    assert gate.must_wait()  # 6 - 4 in flight = the reserve: a fifth call waits
+    for w in flying:
+        gate.leave(w, 2)
+    assert gate.must_wait()
+
+
+def test_burst_gate_ignores_answers_to_calls_of_an_earlier_window_and_zero_reserve_is_off():
+    from clinical_crm.vault.pacing import BurstGate
+
+    clock = FakeClock(99.5)
+    gate = BurstGate(reserve=5, window_seconds=100, clock=clock)
+    late = gate.enter(lambda s: None)
+    clock.now = 150.0
+    gate.enter(lambda s: None)
+    gate.leave(late, 0)  # sent in the window before: says nothing of this one
+    assert not gate.must_wait()
+    off = BurstGate(reserve=0, window_seconds=100, clock=clock)
+    off.leave(off.enter(lambda s: None), 0)
+    assert not off.must_wait()
+    with pytest.raises(ValueError):
+        BurstGate(reserve=1, window_seconds=0)
+
+
+def test_burst_gate_never_lets_threads_past_the_limit():
+    """Eight threads against a simulated vault of 40 calls per window: no call past the limit."""
+    import threading
+
+    from clinical_crm.vault.pacing import BurstGate
+
+    limit, window_seconds = 40, 100.0
+    clock = FakeClock(0.0)
+    lock = threading.Lock()
+    used: dict[int, int] = {}
+    over = []
+    gate = BurstGate(reserve=8, window_seconds=window_seconds, clock=clock)
+
+    def pause(seconds):
+        with lock:
+            clock.now = max(clock.now, clock.now + seconds)
+
+    def call():
+        window = gate.enter(pause)
+        with lock:
+            vault_window = int(clock.now // window_seconds)
+            used[vault_window] = used.get(vault_window, 0) + 1
+            remaining = limit - used[vault_window]
+            if remaining < 0:
+                over.append(vault_window)
+        gate.leave(window, max(remaining, 0))
+
+    threads = [threading.Thread(target=lambda: [call() for _ in range(25)]) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(used.values()) == 200 and over == []
+    assert max(used.values()) <= limit and len(used) >= 200 // limit
 
 
 def test_batch_size_over_500_is_refused():

@@ -409,7 +409,7 @@ def fault_run(base: Path, n: int, rate: float = 0.10, fault_seed: int = 11, batc
                               "queue": CALL_FAULTS if every_kind_first else []} if faulty else None,
                       limits={"burst_limit": burst_limit, "burst_window_seconds": burst_window_seconds,
                               "burst_delay_ms": burst_delay_ms} if faulty else None,
-                      conn_extra={"burst_floor": 5} if faulty else None)
+                      conn_extra={"burst_floor": 5, "burst_window_seconds": burst_window_seconds} if faulty else None)
         log(f"{name} run ...")
         with world, client_counters() as clients:
             world.arm()

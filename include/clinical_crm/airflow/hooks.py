@@ -1,8 +1,8 @@
 """VaultHook: turns an Airflow connection of type `veeva_vault` into a VaultClient.
 
 Connection: host = vault base URL (e.g. https://myvault.veevavault.com), login, password; extras
-api_version, client_id, connect_timeout, read_timeout, burst_floor. Connections come from Airflow
-only (UI, AIRFLOW_CONN_* variables, secrets backends).
+api_version, client_id, connect_timeout, read_timeout, burst_floor, burst_window_seconds,
+call_deadline. Connections come from Airflow only (UI, AIRFLOW_CONN_* variables, secrets backends).
 """
 from __future__ import annotations
 

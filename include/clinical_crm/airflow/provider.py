@@ -18,8 +18,11 @@ EXTRA_FIELDS: dict[str, tuple[str, str, object, str]] = {
                   "Sent as X-VaultAPI-ClientID so Vault admins can see who calls"),
     "connect_timeout": ("Connect timeout (s)", "number", 10, "Seconds to wait for a TCP connection"),
     "read_timeout": ("Read timeout (s)", "number", 120, "Seconds to wait for a response"),
-    "burst_floor": ("Burst floor", "integer", 50,
-                    "Start pacing calls when fewer burst calls than this remain"),
+    "burst_floor": ("Burst reserve", "integer", 50,
+                    "Calls left unspent in each burst window: at that point calls wait for the next "
+                    "window instead of being delayed by Vault (0: no pacing)"),
+    "burst_window_seconds": ("Burst window (s)", "number", 300,
+                             "Length of Vault's burst window (5 minutes), aligned to the clock"),
     "call_deadline": ("Call deadline (s)", "number", 600,
                       "One API call and all its retries end within this many seconds"),
 }

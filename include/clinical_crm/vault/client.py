@@ -6,7 +6,10 @@ Plain `requests`, no Airflow. What it takes care of:
 - Vault's envelope (HTTP 200 even for failures) turned into results or clinical_crm.errors;
 - retries with exponential backoff and full jitter (tenacity) for transient faults only;
 - a (connect, read) timeout on every request and the X-VaultAPI-ClientID header;
-- pacing from the burst-limit headers; the daily limit is watched and logged;
+- safe to share between threads (one session, one login at a time, counters under a lock), so a
+  load keeps several write calls in flight over one connection pool;
+- pacing from the burst-limit headers (vault.pacing): no call past the limit, whatever the
+  threads; the daily limit is watched and logged;
 - VQL paging into one QueryPage per page (records, no pandas), deletions, and 500-record write
   batches with one RecordOutcome per input row; every warning is kept and logged.
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -36,6 +40,7 @@ from clinical_crm.vault.errors import (
     error_for,
 )
 from clinical_crm.vault.fields import MAX_BATCH, VQL_MAX_CHARS, vault_datetime
+from clinical_crm.vault.pacing import BurstGate
 from clinical_crm.vault.responses import (
     NO_DATA_CHANGES,
     ApiLimits,
@@ -49,6 +54,8 @@ from clinical_crm.vault.vql import Query
 log = logging.getLogger(__name__)
 
 DAILY_LIMIT_WARNING_SHARE = 0.1  # warn once when less than this share of the daily limit is left
+# HTTP connections kept per vault: at least the calls a run keeps in flight (config MAX_CONCURRENCY)
+HTTP_POOL_SIZE = 16
 
 
 class VaultClient:
@@ -64,10 +71,10 @@ class VaultClient:
         connect_timeout: float = 10,
         read_timeout: float = 120,
         burst_floor: int = 50,
+        burst_window_seconds: float = 300.0,
         max_retries: int = 6,
         backoff_initial: float = 1.0,
         backoff_max: float = 60.0,
-        pace_max_seconds: float = 2.0,
         race_retries: int = 5,
         call_deadline: float = 600.0,
         sleep: Callable[[float], None] = time.sleep,
@@ -79,15 +86,20 @@ class VaultClient:
         self._password = password
         self.api_version = api_version if api_version.startswith("v") else f"v{api_version}"
         self.timeout = (float(connect_timeout), float(read_timeout))
-        self.burst_floor = int(burst_floor)
+        self.burst_floor = int(burst_floor)  # calls kept in reserve in each burst window (0: no pacing)
         self.max_retries = int(max_retries)
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
-        self.pace_max_seconds = pace_max_seconds
         self.race_retries = race_retries
         self.call_deadline = float(call_deadline)  # one call and its retries end by then
         self._sleep = sleep
         self._http = requests.Session()
+        pool = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=HTTP_POOL_SIZE)
+        self._http.mount("https://", pool)
+        self._http.mount("http://", pool)
+        self._login = threading.Lock()     # one login at a time, shared by every thread
+        self._counting = threading.Lock()
+        self.burst = BurstGate(self.burst_floor, burst_window_seconds)
         self._http.headers.update({"Accept": "application/json", "X-VaultAPI-ClientID": client_id})
         self._session_id: str | None = None
         self._vault_id: str | None = None
@@ -100,6 +112,10 @@ class VaultClient:
         # "delayed_responses", "response_delay_ms", "warnings.<type>", "wait_seconds" (time in HTTP
         # requests), "sleep_seconds" (backoff and pacing).
         self.counters: Counter = Counter()
+
+    def _count(self, key: str, amount: float = 1) -> None:
+        with self._counting:
+            self.counters[key] += amount
 
     def __repr__(self) -> str:
         return f"VaultClient({self.base_url!r}, user={self.username!r})"
@@ -114,13 +130,26 @@ class VaultClient:
 
     def authenticate(self) -> None:
         """Open a session now (otherwise the first call does it)."""
-        self.retrying()(self._authenticate_once)
+        self.retrying()(self._session, None)
 
     @property
     def vault_id(self) -> str:
         if self._session_id is None:
             self.authenticate()
         return str(self._vault_id)
+
+    def _session(self, expired: str | None) -> str:
+        """The session id to call with: a new login when there is none yet or when `expired` (the
+        id a call was refused with) is still the current one. Threads that find the same expired
+        session wait for one login instead of each making their own."""
+        with self._login:
+            if self._session_id is not None and self._session_id == expired:
+                self._count("reauth", 1)
+                log.info("Vault session of %s expired; authenticating again", self.username)
+                self._session_id = None
+            if self._session_id is None:
+                self._authenticate_once()
+            return self._session_id  # type: ignore[return-value]
 
     def close(self) -> None:
         """End the Vault session (best effort) and the HTTP connection pool."""
@@ -135,8 +164,8 @@ class VaultClient:
         self._http.close()
 
     def _authenticate_once(self) -> str:
-        self.counters["auth"] += 1
-        self.counters["calls.auth"] += 1
+        self._count("auth", 1)
+        self._count("calls.auth", 1)
         body = self._send(
             "POST", "auth", session_id=None, data={"username": self.username, "password": self._password}
         ).body
@@ -163,11 +192,11 @@ class VaultClient:
 
     def pause(self, seconds: float) -> None:
         """Sleep (backoff, pacing), counted in `sleep_seconds`."""
-        self.counters["sleep_seconds"] += seconds
+        self._count("sleep_seconds", seconds)
         self._sleep(seconds)
 
     def _count_retry(self, state: tenacity.RetryCallState) -> None:
-        self.counters["retry"] += 1
+        self._count("retry", 1)
         error = state.outcome.exception() if state.outcome else None
         log.warning(
             "Transient Vault fault (%s) on attempt %d; retrying in %.2fs",
@@ -182,22 +211,23 @@ class VaultClient:
         return self.retrying()(self._call_once, method, path, kind, request_args)
 
     def _call_once(self, method: str, path: str, kind: str, request_args: dict) -> VaultResponse:
+        session_id = self._session_id or self._session(None)
         for attempt in (1, 2):
-            session_id = self._session_id or self._authenticate_once()
-            self.counters[f"calls.{kind}"] += 1
+            self._count(f"calls.{kind}", 1)
             try:
                 return self._send(method, path, session_id=session_id, **request_args)
             except VaultAuthenticationError as exc:
                 if exc.error_type != "INVALID_SESSION_ID":
                     raise
-                self._session_id = None
                 if attempt == 2:
+                    with self._login:  # the next call logs in again
+                        if self._session_id == session_id:
+                            self._session_id = None
                     # the brand-new session ended too (the login itself worked, so the credentials
                     # are fine): a transient fault, retried with backoff, not a reason to fail fast
                     raise VaultTransientError("INVALID_SESSION_ID", "the session ended again right after "
                                               "re-authentication") from exc
-                self.counters["reauth"] += 1
-                log.info("Vault session of %s expired; authenticating again", self.username)
+                session_id = self._session(session_id)
         raise AssertionError("unreachable")
 
     def _url(self, path: str) -> str:
@@ -209,7 +239,10 @@ class VaultClient:
               **request_args) -> VaultResponse:
         """One HTTP request; returns a successful envelope (or per-record results) or raises."""
         headers = {"Authorization": session_id} if session_id else {}
+        # every call but the login counts against the burst limit (the login has its own)
+        window = self.burst.enter(self._pace) if session_id else None
         started = time.monotonic()
+        response = None
         try:
             response = self._http.request(
                 method, self._url(path), headers=headers, timeout=self.timeout, **request_args
@@ -221,8 +254,10 @@ class VaultClient:
                 "CONNECTION_ERROR", f"{method} {_path_only(path)}: {type(exc).__name__}"
             ) from exc
         finally:
-            self.counters["wait_seconds"] += time.monotonic() - started
-        self._observe_limits(response)
+            self._count("wait_seconds", time.monotonic() - started)
+            limits = self._observe_limits(response) if response is not None else ApiLimits()
+            if window is not None:
+                self.burst.leave(window, limits.burst_remaining)
         if response.status_code >= 500:
             raise VaultTransientError(f"HTTP_{response.status_code}", f"{method} {_path_only(path)}")
         if response.status_code == 429:
@@ -246,40 +281,36 @@ class VaultClient:
             raise VaultTransientError(error_type, message)
         raise error_for(error_type, message)
 
-    def _observe_limits(self, response: requests.Response) -> None:
-        """Pace from the burst headers; watch the daily limit; a Vault response delay is not a
-        fault, just counted."""
+    def _observe_limits(self, response: requests.Response) -> ApiLimits:
+        """Read the limit headers: the daily limit is watched, a Vault response delay (the burst
+        limit passed) is not a fault, just counted."""
         self.limits = limits = ApiLimits.from_headers(response.headers)
         if limits.response_delay_ms is not None:
-            self.counters["delayed_responses"] += 1
-            self.counters["response_delay_ms"] += limits.response_delay_ms
+            self._count("delayed_responses", 1)
+            self._count("response_delay_ms", limits.response_delay_ms)
         if (limits.daily_limit and limits.daily_remaining is not None and not self._daily_warned
                 and limits.daily_remaining < limits.daily_limit * DAILY_LIMIT_WARNING_SHARE):
             self._daily_warned = True
             log.warning("Daily API limit of %s nearly used: %d of %d calls left", self.base_url,
                         limits.daily_remaining, limits.daily_limit)
-        if limits.burst_remaining is None:
-            return
-        self.burst_remaining = limits.burst_remaining
-        pause = self.pace_seconds(self.burst_remaining)
-        if pause > 0:
-            self.counters["paced"] += 1
-            self.counters["pace_seconds"] += pause
-            log.info("Burst limit nearly used (%d calls left); pausing %.2fs", self.burst_remaining, pause)
-            self.pause(pause)
+        if limits.burst_remaining is not None:
+            self.burst_remaining = limits.burst_remaining
+        return limits
+
+    def _pace(self, seconds: float) -> None:
+        """A wait of the burst gate: the calls left in this window are the reserve."""
+        self._count("paced", 1)
+        self._count("pace_seconds", seconds)
+        log.info("Burst limit of %s: %d calls left, the reserve (%d); waiting %.1fs for the next window",
+                 self.base_url, self.burst_remaining or 0, self.burst_floor, seconds)
+        self.pause(seconds)
 
     def _report_warnings(self, warnings: Iterable[VaultWarning], what: str) -> None:
         """Every warning but NO_DATA_CHANGES (an expected outcome) is logged and counted."""
         for warning in warnings:
             if warning.type != NO_DATA_CHANGES:
-                self.counters[f"warnings.{warning.type}"] += 1
+                self._count(f"warnings.{warning.type}", 1)
                 log.warning("Vault warning on %s: %s %s", what, warning.type, warning.message)
-
-    def pace_seconds(self, remaining: int) -> float:
-        """No pause while at least `burst_floor` calls remain; then longer the fewer remain."""
-        if self.burst_floor <= 0 or remaining >= self.burst_floor:
-            return 0.0
-        return self.pace_max_seconds * (self.burst_floor - max(remaining, 0)) / self.burst_floor
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -380,7 +411,7 @@ class VaultClient:
                     raise
                 raise VaultPartialWrite(exc, settled, [i for i, o in enumerate(outcomes) if o is None]) from exc
             done = batch[-1] + 1
-            self.counters["records_written"] += len(batch)
+            self._count("records_written", len(batch))
             elapsed = max(time.monotonic() - started, 1e-9)
             log.info("%s %s: %d/%d records (%.0f records/s)", operation, object_name, done, len(records), done / elapsed)
         return outcomes  # type: ignore[return-value]  (every slot is filled)
@@ -412,7 +443,7 @@ class VaultClient:
                     outcomes[i] = outcome
             if not raced:
                 return
-            self.counters["race_retry"] += len(raced)
+            self._count("race_retry", len(raced))
             log.info("%d records of %s hit RACE_CONDITION; sending them again", len(raced), object_name)
             self.pause(min(self.backoff_max, self.backoff_initial * 2**round_number))
             pending = raced
