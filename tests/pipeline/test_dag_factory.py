@@ -63,6 +63,9 @@ def test_one_pool_per_vault(dags):
     pools = {t.task_id: t.pool for t in dags["ctms_to_crm__demo"].tasks}
     assert pools["extract"] == "vault_ctms_demo" and pools["load"] == "vault_crm_demo"
     assert pools["validate"] == "default_pool"
+    slots = {t.task_id: t.pool_slots for t in dags["ctms_to_crm__demo"].tasks}
+    # extract and load keep load.concurrency calls in flight: they hold that many slots
+    assert slots["extract"] == slots["load"] == 4 and slots["begin"] == slots["validate"] == 1
     assert dag_factory.pool_name("ctms_prod") == "vault_ctms_prod"
 
 

@@ -21,7 +21,7 @@ from clinical_crm.flows.base import Flow
 
 log = logging.getLogger(__name__)
 
-DEFAULT_POOL_SLOTS = 4
+DEFAULT_POOL_SLOTS = 8  # two runs on one vault, each with the default load.concurrency (4)
 
 # Retrying cannot fix a wrong password, a missing permission, a bad configuration file or a
 # window whose data fails the quality threshold: fail those at once, retry everything else.
@@ -73,13 +73,21 @@ def create_pools(configs=None, slots: int = DEFAULT_POOL_SLOTS) -> list[str]:
 
     from clinical_crm import config
 
-    names = sorted({pool_name(c) for cfg in (configs or config.load_connections())
-                    for c in (cfg.ctms_conn_id, cfg.crm_conn_id)})
-    for name in names:
-        if Pool.get_pool(name) is None:
-            Pool.create_or_update_pool(name, slots, "Concurrent calls to one vault (Clinical CRM connection)",
+    # a task takes `load.concurrency` slots: a pool smaller than that would never run it
+    needed: dict[str, int] = {}
+    for cfg in configs or config.load_connections():
+        for conn_id in (cfg.ctms_conn_id, cfg.crm_conn_id):
+            name = pool_name(conn_id)
+            needed[name] = max(needed.get(name, slots), cfg.load.concurrency)
+    for name, size in sorted(needed.items()):
+        pool = Pool.get_pool(name)
+        if pool is None or pool.slots < size:
+            if pool is not None:
+                log.warning("pool %s has %d slots, fewer than a connection's load.concurrency: now %d", name,
+                            pool.slots, size)
+            Pool.create_or_update_pool(name, size, "Concurrent calls to one vault (Clinical CRM connection)",
                                        include_deferred=False)
-    return names
+    return sorted(needed)
 
 
 # ---------------------------------------------------------------- run-time helpers
@@ -269,17 +277,19 @@ def finish(source: str, run: dict, loaded: dict, **context) -> dict:
 
 def build_dag(flow: Flow, cfg) -> DAG:
     """begin -> [pre-step] -> extract -> validate -> transform -> load -> finish. Reads run in the
-    source vault's pool, writes in the target's."""
+    source vault's pool, writes in the target's; extract and load keep `load.concurrency` calls in
+    flight, so they take that many slots."""
     source = str(cfg.source_file)
     read_pool = pool_name(flow.conn_id(cfg, flow.source_side))
     write_pool = pool_name(flow.conn_id(cfg, flow.target_side))
+    calls = cfg.load.concurrency
     with _dag(flow, cfg) as dag:
         run = begin.override(pool=read_pool)(source, flow.name)
         pre = pre_step.override(task_id=flow.pre_step.task_id, pool=read_pool)(source, flow.name, run) \
             if flow.pre_step else None
-        staged = extract.override(pool=read_pool)(source, flow.name, run, pre)
+        staged = extract.override(pool=read_pool, pool_slots=calls)(source, flow.name, run, pre)
         records = transform(source, flow.name, run, staged, validate(source, flow.name, run, staged))
-        loaded = load.override(pool=write_pool, outlets=assets.target_assets(flow, cfg))(
+        loaded = load.override(pool=write_pool, pool_slots=calls, outlets=assets.target_assets(flow, cfg))(
             source, flow.name, run, staged, records)
         finish(source, run, loaded)
     return dag

@@ -9,9 +9,11 @@ configuration moves nothing: every step after `begin` then returns at once (`_ac
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import logging
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
@@ -319,14 +321,20 @@ def _load_target(ledger: Ledger, ctx: RunContext, client, cfg, target, path: str
     Records older than a version another run already wrote are not sent (outcome superseded,
     see load.upsert).
 
-    Three stages overlap, each in order: this thread reads and prepares chunk i+1 while a writer
-    thread upserts chunk i and a ledger thread records chunk i-1, so the vault's time hides the
-    local work (at most three chunks in memory)."""
+    `load.concurrency` write calls are in flight at once (each its own batch: a record is in one
+    call only, and the staged records are unique by source id), so the vault's latency is paid
+    once per round of calls, not per call. This thread reads and prepares the batches, the writer
+    threads send them, and one ledger thread records their outcomes in the order they were sent;
+    at most 2 x concurrency batches wait, so memory follows the concurrency, not the file. When a
+    write fails, the calls still in flight are answered and recorded before the error goes up:
+    the ledger then holds what reached the vault, one outcome per record."""
     from clinical_crm.engine import load
+    from clinical_crm.vault.fields import MAX_BATCH
 
     source_object, target_object = target.source_object(cfg), target.target_object(cfg)
     written_before = (earlier or {}).get(source_object, {})
-    batch_size = cfg.load.batch_size
+    batch_size = min(cfg.load.batch_size, MAX_BATCH)
+    concurrency = cfg.load.concurrency
     # every count always present: a retried load's counts then replace the failed attempt's in
     # the run's ledger row (add_counts merges key by key), never mix with them
     totals: dict[str, int] = dict.fromkeys(("created", "updated", "unchanged", "failed", "superseded", "unknown",
@@ -356,38 +364,55 @@ def _load_target(ledger: Ledger, ctx: RunContext, client, cfg, target, path: str
         for key, value in load.tally(outcomes).items():
             totals[key] = totals.get(key, 0) + value
 
-    def written(future) -> list[dict]:
-        """The outcomes of a write; a write that got no answer records what it knows, then fails."""
+    # the version check runs in the writer threads, per batch right before each send of its call
+    # (the smallest window between the check and the write)
+    guard = load.VersionGuard(ledger, ctx.connection, ctx.direction, source_object, ctx.run_id)
+    sent: deque = deque()  # write calls in flight, oldest first
+    recorded: list = []
+    with ThreadPoolExecutor(concurrency, thread_name_prefix="load-write") as writers, \
+            ThreadPoolExecutor(1, thread_name_prefix="load-ledger") as recorder:
         try:
-            return future.result()
-        except load.WriteUncertain as uncertain:
+            for chunk in staging.read_chunks(path, chunk_rows=batch_size * 20):
+                batch = staging.records(chunk)
+                if target.prepare is not None:
+                    batch = [target.prepare(r, cfg) for r in batch]
+                for start in range(0, len(batch), batch_size):
+                    while len(sent) >= 2 * concurrency:
+                        recorded.append(recorder.submit(record, sent.popleft().result()))
+                    for done in [f for f in recorded if f.done()]:
+                        done.result()  # a ledger failure stops the load here, as it would have in line
+                    sent.append(writers.submit(load.upsert, client, target_object, batch[start:start + batch_size],
+                                               target.id_param(cfg), batch_size, guard=guard))
+            while sent:
+                recorded.append(recorder.submit(record, sent.popleft().result()))
             for f in recorded:
                 f.result()
-            record(uncertain.outcomes)
+        except BaseException as error:
+            _record_the_rest(error, sent, recorded, record)
             raise
-
-    # the version check runs in the writer thread, per batch right before each send of its call
-    # (the smallest window between the check and the write); outcomes follow in the ledger thread
-    guard = load.VersionGuard(ledger, ctx.connection, ctx.direction, source_object, ctx.run_id)
-    recorded = []
-    with ThreadPoolExecutor(1, thread_name_prefix="load-write") as writer, \
-            ThreadPoolExecutor(1, thread_name_prefix="load-ledger") as recorder:
-        pending = None
-        for chunk in staging.read_chunks(path, chunk_rows=batch_size * 20):
-            batch = staging.records(chunk)
-            if target.prepare is not None:
-                batch = [target.prepare(r, cfg) for r in batch]
-            if pending is not None:
-                recorded.append(recorder.submit(record, written(pending)))
-            for done in [f for f in recorded if f.done()]:
-                done.result()  # a ledger failure stops the load here, as it would have in line
-            pending = writer.submit(load.upsert, client, target_object, batch, target.id_param(cfg), batch_size,
-                                    guard=guard)
-        if pending is not None:
-            recorded.append(recorder.submit(record, written(pending)))
-        for f in recorded:
-            f.result()
     return totals
+
+
+def _record_the_rest(error: BaseException, sent, recorded: list, record) -> None:
+    """A write (or a ledger write) failed: wait for the ledger thread, then record, in this
+    thread, what the failed write knows (load.WriteUncertain) and the answers of every write
+    still in flight, so that the ledger holds all that reached the vault before the error goes up."""
+    from clinical_crm.engine import load
+
+    for f in recorded:
+        if not f.cancelled():
+            with contextlib.suppress(Exception):
+                f.result()
+    answers = [error] + [f.exception() or f.result() for f in sent]
+    for answer in answers:
+        outcomes = answer.outcomes if isinstance(answer, load.WriteUncertain) else answer
+        try:
+            if isinstance(outcomes, list):
+                record(outcomes)
+            elif answer is not error:
+                log.error("a write in flight failed too: %s: %s", type(answer).__name__, answer)
+        except Exception as failure:  # the ledger itself fails: the first error is the one to raise
+            log.error("could not record the outcomes of a write: %s: %s", type(failure).__name__, failure)
 
 
 def _tally_failures(totals: dict[str, int], failed: list[dict], object_name: str) -> None:

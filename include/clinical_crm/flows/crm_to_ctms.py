@@ -35,27 +35,33 @@ def person_query(cfg) -> Query:
 
 
 def stage(cfg, clients: dict, window, run_dir: str, reread_ids, ledger) -> dict:
-    """The flagged calls of the window (and those read again by id), their deletions and the
-    CTMS Persons matching the calls' Account identifiers."""
+    """The flagged calls of the window (and those read again by id) beside their deletions, then
+    the CTMS Persons matching the calls' Account identifiers (`load.concurrency` calls at most)."""
     from clinical_crm.engine import extract, staging
 
     ctms, crm = clients["ctms"], clients["crm"]
     page_size = cfg.load.query_page_size
-    staged = {}
     identifiers: set[str] = set()
-    calls = call_query(cfg).paged(page_size)
-    queries = extract.changed_or_by_id(calls, window, reread_ids) if cfg.features.medical_activities else []
-    staged[CALLS] = staging.write_frames(
-        f"{run_dir}/{CALLS}.parquet",
-        extract.collect(extract.frames(crm, queries), identifiers, account_identifier_column(cfg)), calls.columns)
-    staged[DELETED_CALLS] = staging.write_frames(
-        f"{run_dir}/{DELETED_CALLS}.parquet",
-        extract.deleted_global_ids(crm, cfg.crm.call.object, window) if cfg.features.medical_activities else [],
-        extract.DELETED_COLUMNS)
+
+    def stage_calls():
+        calls = call_query(cfg).paged(page_size)
+        queries = extract.changed_or_by_id(calls, window, reread_ids) if cfg.features.medical_activities else []
+        return staging.write_frames(
+            f"{run_dir}/{CALLS}.parquet",
+            extract.collect(extract.frames(crm, queries), identifiers, account_identifier_column(cfg)), calls.columns)
+
+    def stage_deleted():
+        return staging.write_frames(
+            f"{run_dir}/{DELETED_CALLS}.parquet",
+            extract.deleted_global_ids(crm, cfg.crm.call.object, window) if cfg.features.medical_activities else [],
+            extract.DELETED_COLUMNS)
+
+    staged = extract.in_parallel(cfg.load.concurrency, {CALLS: stage_calls, DELETED_CALLS: stage_deleted})
     persons = person_query(cfg).paged(page_size)
     staged[PERSONS] = staging.write_frames(
         f"{run_dir}/{PERSONS}.parquet",
-        extract.frames(ctms, persons.contains(cfg.identifiers.ctms_person_field, identifiers)),
+        extract.frames_side_by_side(ctms, persons.contains(cfg.identifiers.ctms_person_field, identifiers),
+                                    cfg.load.concurrency),
         persons.columns)
     return staged
 

@@ -91,65 +91,85 @@ def account_query(cfg) -> Query:
 def stage(cfg, clients: dict, window, run_dir: str, reread_ids, ledger) -> dict:
     """Clinical Activities changed in the window (and those read again by id); the Studies and
     Sites changed in the window or referenced by them and not yet in CRM; deleted ids; the CRM
-    Accounts matching the activities' Person identifiers."""
+    Accounts matching the activities' Person identifiers.
+
+    Two rounds of reads side by side (`load.concurrency` calls at most): the activities with the
+    deletions, then what the activities refer to: the sites and, after them, the studies (sites
+    refer to studies too) beside the accounts."""
     import pandas as pd
 
     from clinical_crm.engine import extract, staging
 
     ctms, crm = clients["ctms"], clients["crm"]
     page_size = cfg.load.query_page_size
-    staged = {}
+    concurrency = cfg.load.concurrency
     identifiers: set[str] = set()
     study_refs: set[str] = set()
     site_refs: set[str] = set()
     refs = study_reference_columns(cfg)
 
-    activities = clinical_activity_query(cfg).paged(page_size)
-    queries = extract.changed_or_by_id(activities, window, reread_ids) if cfg.features.clinical_activities else []
-    pages = extract.collect(extract.frames(ctms, queries), identifiers, person_identifier_column(cfg))
-    if cfg.features.studies_and_sites:
-        pages = extract.collect(extract.collect(pages, study_refs, refs["study"]), site_refs, refs["site"])
-    staged[CLINICAL_ACTIVITIES] = staging.write_frames(f"{run_dir}/{CLINICAL_ACTIVITIES}.parquet", pages, activities.columns)
+    def stage_activities():
+        activities = clinical_activity_query(cfg).paged(page_size)
+        queries = extract.changed_or_by_id(activities, window, reread_ids) if cfg.features.clinical_activities else []
+        pages = extract.collect(extract.frames(ctms, queries), identifiers, person_identifier_column(cfg))
+        if cfg.features.studies_and_sites:
+            pages = extract.collect(extract.collect(pages, study_refs, refs["study"]), site_refs, refs["site"])
+        return staging.write_frames(f"{run_dir}/{CLINICAL_ACTIVITIES}.parquet", pages, activities.columns)
 
-    if cfg.features.studies_and_sites:
-        # Studies / Sites changed in the window, plus those the activities (and sites) refer to
-        # that CRM does not have yet (never sent: e.g. unchanged since before the first run), so
-        # the study information of every activity resolves. `known_*`: every global id that
-        # resolves in CRM after this run's load (this run's records and the ledger's).
-        def changed_or_referenced(query, crm_object, references, known, *more):
-            missing = {r for r in references if r}
-            if missing:
-                loaded = ledger.known_external_ids(cfg.name, crm_object, missing)
-                known.update(loaded)
-                missing -= loaded
-            queries = extract.changed_or_referenced(query.paged(page_size), window, missing)
-            return extract.collect(extract.frames(ctms, queries), known, GLOBAL_ID, *more)
+    def stage_deleted(name, obj):
+        return lambda: staging.write_frames(f"{run_dir}/{name}.parquet", extract.deleted_global_ids(ctms, obj, window),
+                                            extract.DELETED_COLUMNS)
 
+    first = {CLINICAL_ACTIVITIES: stage_activities}
+    if cfg.features.clinical_activities:
+        first[DELETED_ACTIVITIES] = stage_deleted(DELETED_ACTIVITIES, cfg.ctms.activity.object)
+    if cfg.features.studies_and_sites:
+        first[DELETED_STUDIES] = stage_deleted(DELETED_STUDIES, cfg.ctms.study.object)
+        first[DELETED_SITES] = stage_deleted(DELETED_SITES, cfg.ctms.site.object)
+    staged = extract.in_parallel(concurrency, first)
+
+    def changed_or_referenced(query, crm_object, references, known, *more):
+        """Studies / Sites changed in the window, plus those referenced that CRM does not have
+        yet (never sent: e.g. unchanged since before the first run), so the study information
+        of every activity resolves. `known`: every global id that resolves in CRM after this
+        run's load (this run's records and the ledger's)."""
+        missing = {r for r in references if r}
+        if missing:
+            loaded = ledger.known_external_ids(cfg.name, crm_object, missing)
+            known.update(loaded)
+            missing -= loaded
+        queries = extract.changed_or_referenced(query.paged(page_size), window, missing)
+        return extract.collect(extract.frames(ctms, queries), known, GLOBAL_ID, *more)
+
+    def stage_sites_then_studies():
+        out = {}
         site_study_refs: set[str] = set()
         known_sites: set[str] = set()
         site_pages = changed_or_referenced(site_query(cfg), cfg.crm.clinical_site.object, site_refs, known_sites)
-        staged[STUDY_SITES] = staging.write_frames(
+        out[STUDY_SITES] = staging.write_frames(
             f"{run_dir}/{STUDY_SITES}.parquet", extract.collect(site_pages, site_study_refs, site_study_column(cfg)))
         known_studies: set[str] = set()
-        staged[STUDIES] = staging.write_frames(f"{run_dir}/{STUDIES}.parquet", changed_or_referenced(
+        out[STUDIES] = staging.write_frames(f"{run_dir}/{STUDIES}.parquet", changed_or_referenced(
             study_query(cfg), cfg.crm.clinical_study.object, study_refs | site_study_refs, known_studies))
         for name, known in ((KNOWN_STUDIES, known_studies), (KNOWN_SITES, known_sites)):
-            staged[name] = staging.write_frames(f"{run_dir}/{name}.parquet",
-                                                [pd.DataFrame({"external_id": sorted(known)})], ["external_id"])
-        for name, obj in ((DELETED_STUDIES, cfg.ctms.study.object), (DELETED_SITES, cfg.ctms.site.object)):
-            staged[name] = staging.write_frames(f"{run_dir}/{name}.parquet",
-                                                extract.deleted_global_ids(ctms, obj, window), extract.DELETED_COLUMNS)
+            out[name] = staging.write_frames(f"{run_dir}/{name}.parquet",
+                                             [pd.DataFrame({"external_id": sorted(known)})], ["external_id"])
+        return out
 
-    if cfg.features.clinical_activities:
-        staged[DELETED_ACTIVITIES] = staging.write_frames(
-            f"{run_dir}/{DELETED_ACTIVITIES}.parquet",
-            extract.deleted_global_ids(ctms, cfg.ctms.activity.object, window), extract.DELETED_COLUMNS)
+    def stage_accounts():
+        accounts = account_query(cfg).paged(page_size)
+        chunks = accounts.contains(cfg.identifiers.crm_account_field, identifiers, page_aligned=True)
+        lookups = concurrency - 1 if cfg.features.studies_and_sites else concurrency  # beside the sites' reads
+        return staging.write_frames(f"{run_dir}/{ACCOUNTS}.parquet",
+                                    extract.frames_side_by_side(crm, chunks, max(1, lookups)), accounts.columns)
 
-    accounts = account_query(cfg).paged(page_size)
-    staged[ACCOUNTS] = staging.write_frames(
-        f"{run_dir}/{ACCOUNTS}.parquet",
-        extract.frames(crm, accounts.contains(cfg.identifiers.crm_account_field, identifiers, page_aligned=True)),
-        accounts.columns)
+    second = {ACCOUNTS: stage_accounts}
+    if cfg.features.studies_and_sites:
+        second["sites_then_studies"] = stage_sites_then_studies  # stages several files
+    done = extract.in_parallel(concurrency, second)
+    staged[ACCOUNTS] = done.pop(ACCOUNTS)
+    for files in done.values():
+        staged.update(files)
     return staged
 
 
