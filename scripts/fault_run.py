@@ -46,6 +46,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=0.10, help="fault rate of both vaults (default 0.10)")
     parser.add_argument("--fault-seed", type=int, default=11)
     parser.add_argument("--batch-size", type=int, default=100, help="records per write call (more calls, more faults)")
+    parser.add_argument("--concurrency", type=int, default=4, help="load.concurrency: calls in flight at once")
     parser.add_argument("--page-size", type=int, default=200, help="sandbox VQL page size")
     parser.add_argument("--burst-limit", type=int, default=40)
     parser.add_argument("--burst-window", type=float, default=10.0, help="seconds")
@@ -79,7 +80,8 @@ def main() -> int:
 
     started = time.monotonic()
     report = harness.fault_run(base, n=args.n, rate=args.rate, fault_seed=args.fault_seed,
-                               batch_size=args.batch_size, page_size=args.page_size,
+                               batch_size=args.batch_size, concurrency=args.concurrency,
+                               page_size=args.page_size,
                                burst_limit=args.burst_limit, burst_window_seconds=args.burst_window,
                                slow_seconds=args.slow_seconds, change_share=args.change_share,
                                heal=not args.no_heal,

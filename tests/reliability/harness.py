@@ -376,6 +376,7 @@ def ledger_against_vault(folder: Path, ledger) -> dict[str, int]:
 
 
 def fault_run(base: Path, n: int, rate: float = 0.10, fault_seed: int = 11, batch_size: int = 100,
+              concurrency: int = 4,
               page_size: int = 200, burst_limit: int = 40, burst_window_seconds: float = 5,
               burst_delay_ms: int = 100, slow_seconds: float = 0.5, every_kind_first: bool = True,
               change_share: float = 0.1, heal: bool = True, log=print) -> dict:
@@ -396,12 +397,12 @@ def fault_run(base: Path, n: int, rate: float = 0.10, fault_seed: int = 11, batc
     window = wide_window(now)
     server_options = {"page_size": page_size}
     snapshots, report = {}, {"n": n, "fault_rate": rate, "fault_seed": fault_seed, "batch_size": batch_size,
-                             "page_size": page_size, "burst_limit": burst_limit,
+                             "concurrency": concurrency, "page_size": page_size, "burst_limit": burst_limit,
                              "burst_window_seconds": burst_window_seconds}
     for name in ("reference", "faults"):
         folder = copy_world(base / "seed", base / name)
         faulty = name == "faults"
-        world = World(folder, server_options=server_options, batch_size=batch_size,
+        world = World(folder, server_options=server_options, batch_size=batch_size, concurrency=concurrency,
                       faults={"rate": rate, "kinds": ALL_FAULTS, "seed": fault_seed,
                               "slow_seconds": slow_seconds,
                               # race conditions are per record (hundreds at 10%); a queued one would
