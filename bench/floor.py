@@ -803,10 +803,12 @@ def report(r: dict) -> str:
              "floor model (data calls):"]
     lines += [f"  {k:<40} {v:>6}" for k, v in f["model"].items()]
     lines.append(f"  {'total':<40} {f['model_calls']:>6}   (+{f['auth']} auth)")
-    when = ", before/after the pipeline" if "pipeline" in r else ""
-
     def runs(x):
-        return " (runs: " + ", ".join(f"{v:.2f}" for v in x["seconds_runs"]) + f" s{when})" if "seconds_runs" in x else ""
+        if "seconds_runs" not in x:
+            return ""
+        when = "" if "pipeline" not in r else ", before/after the pipeline" if len(x["seconds_runs"]) > 1 \
+            else ", before the pipeline"
+        return " (runs: " + ", ".join(f"{v:.2f}" for v in x["seconds_runs"]) + f" s{when})"
 
     lines.append(f"floor run: {f['server_calls']} calls counted by the sandboxes, {f['seconds']:.2f} s{runs(f)} "
                  f"(first run: {f['seconds_by_kind']}); "
