@@ -3,6 +3,8 @@
     .venv/bin/python bench/floor.py                       # N = 10,000 and 100,000
     .venv/bin/python bench/floor.py --n 1000 --n 10000    # any sizes
     .venv/bin/python bench/floor.py --n 1000000           # see bench/million.py (not CI)
+    .venv/bin/python bench/floor.py --n 10000 --latency vault --concurrency 4
+    .venv/bin/python bench/floor.py --n 10000 --burst-limit 150 --burst-window-seconds 60
 
 For each N, in one run of this script:
 
@@ -23,12 +25,34 @@ For each N, in one run of this script:
 5. Ratios pipeline/floor (calls, wall time) and a check that CRM holds N interactions after
    both runs.
 
+Parallel floor (`run_parallel_floor`): the same precomputed calls, at most C (--concurrency) in
+flight, overlapped as far as their data allows, as the pipeline's concurrency does: auth of both
+vaults side by side; reads A = the Clinical Activity query's pages (in order) beside the three
+deletions calls; reads B = [study sites, then studies] beside each CRM account statement; then
+the writes, target by target (Clinical Studies, Clinical Sites, interactions), by a pool of C
+workers pulling the batches. Counted by the sandboxes like the sequential floor (same calls, same
+endpoints): the physical limit of the vault at concurrency C. Each floor kind runs
+--floor-repeats times per N (default 2; 1 with --latency), the first before the pipeline.
+
+Options for a vault with real network latency: --latency none|vault|FILE and --latency-seed N
+(default 1) go to both sandboxes of every measured phase (both floors, the pipeline; the plan's
+reads run without latency); --concurrency C (default 4) is the bench connection file's
+load.concurrency and the parallel floor's C; --burst-limit L [--burst-window-seconds S, default
+300] apply to the pipeline's sandboxes only (the floors keep the huge limit) and go to its Airflow
+connections as extras burst_window_seconds = S and burst_floor = max(2, C + 2) (see
+Setup.burst_floor), and print a BURST line (calls, wall, bound = calls / L x S, the calls the
+sandboxes delayed past the limit). The output ends with one line per N, in order:
+`RATIOS N=<n> latency=<profile> concurrency=<C>: calls <x> x floor; wall <y> x parallel floor;
+wall <z> x sequential floor; burst-delayed calls <k>` (wall = the pipeline's dag.test() time).
+--json FILE also records every printed line.
+
 Features: the bench connection file enables clinical_activities and studies_and_sites (what the
 floor models); automated_activities and medical_activities are off (the scale state has no
 Monitoring Events / Communication Logs / calls, so they would only add their empty queries).
 
 Auth (and logout) calls are reported separately from the data calls the ratio compares.
-Sandboxes get a burst limit of 10,000,000 so nothing is paced or delayed. Traffic: 127.0.0.1.
+Sandboxes get a burst limit of 10,000,000 so nothing is paced or delayed (unless --burst-limit,
+for the pipeline). Traffic: 127.0.0.1.
 """
 from __future__ import annotations
 
@@ -41,8 +65,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -59,6 +86,58 @@ CONNECTION = "bench"
 DAG_ID = f"ctms_to_crm__{CONNECTION}"
 
 AUTH_KEYS = ("POST /api/{version}/auth", "DELETE /api/{version}/session")
+
+
+@dataclass
+class Setup:
+    """How the vaults behave and how the pipeline is configured for one bench run.
+
+    `latency` (none, vault or the absolute path of a profile file) and `latency_seed` go to both
+    sandboxes of every measured phase (both floors and the pipeline; the plan reads without it).
+    `concurrency` is the bench connection file's load.concurrency and the parallel floor's C.
+    `burst_limit` / `burst_window_seconds` apply to the pipeline's sandboxes only (the floors
+    keep the huge BURST) and go to its Airflow connections as extras with `burst_floor`.
+    """
+    latency: str = "none"
+    latency_seed: int = 1
+    concurrency: int = 4
+    burst_limit: int | None = None
+    burst_window_seconds: float | None = None
+    latency_label: str | None = None       # as given on the command line (a file's path as typed)
+
+    @property
+    def label(self) -> str:
+        return self.latency_label or self.latency
+
+    @property
+    def window_seconds(self) -> float:
+        return 300.0 if self.burst_window_seconds is None else self.burst_window_seconds
+
+    @property
+    def burst_floor(self) -> int:
+        """Burst calls the pipeline's client keeps in reserve: max(2, C + 2). The client learns
+        the remaining calls from a response's X-VaultAPI-BurstLimitRemaining; by then up to C - 1
+        other calls of the run may be in flight on that vault and counted after it, and its own
+        next call is one more, so a reserve of C keeps every call of the run within the limit.
+        The + 2 (at least 2) covers calls that do not go through the run's C slots: the session's
+        own calls (e.g. a keep-alive or users/me after a re-auth) and a second client on the same
+        vault (another task of the run, the reconciliation)."""
+        return max(2, self.concurrency + 2)
+
+    def server_options(self, pipeline: bool = False) -> dict:
+        """SandboxServer options: latency always, the burst limit for the pipeline only."""
+        options: dict = {"burst_limit": BURST}
+        if self.latency != "none":
+            options.update(latency=self.latency, latency_seed=self.latency_seed)
+        if pipeline and self.burst_limit is not None:
+            options.update(burst_limit=self.burst_limit, burst_window_seconds=self.window_seconds)
+        return options
+
+    def connection_extras(self) -> dict:
+        """Extras of the pipeline's Airflow connections (none unless a burst limit is set)."""
+        if self.burst_limit is None:
+            return {}
+        return {"burst_floor": self.burst_floor, "burst_window_seconds": self.window_seconds}
 
 
 # ---------------------------------------------------------------- state
@@ -92,15 +171,41 @@ def fresh_copy(pristine: Path, target: Path) -> Path:
     return target
 
 
-def servers(folder: Path):
+def servers(folder: Path, **options):
+    """The two sandboxes over `folder`'s files; options as SandboxServer's (default: BURST)."""
     from vault_sandbox.testing import SandboxServer
 
-    return (SandboxServer("ctms", folder / "ctms.db", seed="none", burst_limit=BURST),
-            SandboxServer("crm", folder / "crm.db", seed="none", burst_limit=BURST))
+    options = {"burst_limit": BURST, **options}
+    return (SandboxServer("ctms", folder / "ctms.db", seed="none", **options),
+            SandboxServer("crm", folder / "crm.db", seed="none", **options))
 
 
-def bench_config(ctms_conn: str = "vault_ctms_bench", crm_conn: str = "vault_crm_bench", name: str = CONNECTION) -> str:
-    """The demo connection file as the bench connection (clinical activities + studies/sites only)."""
+@contextmanager
+def latency_off(setup: Setup, sandboxes):
+    """No latency inside (the plan's reads); then the setup's profile, its jitter seed restarted
+    (the sandboxes then delay the next calls exactly as freshly started ones would)."""
+    if setup.latency == "none":
+        yield
+        return
+    for s in sandboxes:
+        _admin_ok(s.admin.latency(profile="none"))
+    try:
+        yield
+    finally:
+        for s in sandboxes:
+            _admin_ok(s.admin.latency(profile=setup.latency, seed=setup.latency_seed))
+
+
+def _admin_ok(body: dict) -> dict:
+    if body.get("responseStatus") != "SUCCESS":
+        raise RuntimeError(f"sandbox admin call failed: {body}")
+    return body
+
+
+def bench_config(ctms_conn: str = "vault_ctms_bench", crm_conn: str = "vault_crm_bench", name: str = CONNECTION,
+                 concurrency: int | None = None) -> str:
+    """The demo connection file as the bench connection (clinical activities + studies/sites only),
+    with load.concurrency = `concurrency` when given."""
     import yaml
 
     cfg = yaml.safe_load((REPO / "include" / "connections" / "demo.yaml").read_text())
@@ -108,6 +213,8 @@ def bench_config(ctms_conn: str = "vault_ctms_bench", crm_conn: str = "vault_crm
                description="Benchmark connection (bench/floor.py)")
     cfg["features"] = {"clinical_activities": True, "studies_and_sites": True,
                        "medical_activities": False, "automated_activities": False}
+    if concurrency is not None:
+        cfg.setdefault("load", {})["concurrency"] = concurrency
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
@@ -271,6 +378,30 @@ def plan(cfg, ctms_url: str, crm_url: str, window: tuple[datetime, datetime]) ->
             "auth": 2}
 
 
+def run_op(op: dict, call) -> int:
+    """One planned statement or write: its first call, then its next pages one after the other.
+    `call(vault, method, path, **requests_kwargs)` makes one HTTP call and returns the JSON body.
+    Returns the number of calls made."""
+    vault = op["vault"]
+    if op["kind"] == "query":
+        body = call(vault, "POST", f"/api/{API}/query", data={"q": op["q"]})
+    elif op["kind"] == "deletions":
+        body = call(vault, "GET", f"/api/{API}/objects/deletions/vobjects/{op['object']}", params=op["params"])
+    else:
+        body = call(vault, "POST", f"/api/{API}/vobjects/{op['object']}", params={"idParam": op["id_param"]},
+                    data=op["body"], headers={"Content-Type": "application/json"})
+    calls = 1
+    assert body["responseStatus"] == "SUCCESS", body
+    if op["kind"] == "write":
+        bad = [r for r in body["data"] if r["responseStatus"] != "SUCCESS"]
+        assert not bad, bad[:3]
+    while (body.get("responseDetails") or {}).get("next_page"):
+        body = call(vault, "GET", body["responseDetails"]["next_page"])
+        assert body["responseStatus"] == "SUCCESS", body
+        calls += 1
+    return calls
+
+
 def run_floor(ops: list[dict], urls: dict[str, str]) -> dict:
     """Make exactly the planned calls (sequentially, one session per vault); returns timings."""
     import requests
@@ -282,26 +413,15 @@ def run_floor(ops: list[dict], urls: dict[str, str]) -> dict:
         body = s.post(f"{url}/api/{API}/auth", data={"username": USER, "password": PASSWORD}).json()
         s.headers["Authorization"] = body["sessionId"]
         http[vault] = s
+
+    def call(vault, method, path, **kw):
+        return http[vault].request(method, urls[vault] + path, **kw).json()
+
     calls = 0
     by_kind: Counter = Counter()
     for op in ops:
         op_started = time.perf_counter()
-        s, url = http[op["vault"]], urls[op["vault"]]
-        if op["kind"] == "query":
-            body = s.post(f"{url}/api/{API}/query", data={"q": op["q"]}).json()
-        elif op["kind"] == "deletions":
-            body = s.get(f"{url}/api/{API}/objects/deletions/vobjects/{op['object']}", params=op["params"]).json()
-        else:
-            body = s.post(f"{url}/api/{API}/vobjects/{op['object']}", params={"idParam": op["id_param"]},
-                          data=op["body"], headers={"Content-Type": "application/json"}).json()
-        calls += 1
-        assert body["responseStatus"] == "SUCCESS", body
-        if op["kind"] == "write":
-            bad = [r for r in body["data"] if r["responseStatus"] != "SUCCESS"]
-            assert not bad, bad[:3]
-        while (body.get("responseDetails") or {}).get("next_page"):
-            body = s.get(url + body["responseDetails"]["next_page"]).json()
-            calls += 1
+        calls += run_op(op, call)
         by_kind["reads" if op["kind"] != "write" else "writes"] += time.perf_counter() - op_started
     seconds = time.perf_counter() - started
     for s in http.values():
@@ -309,11 +429,110 @@ def run_floor(ops: list[dict], urls: dict[str, str]) -> dict:
     return {"seconds": seconds, "client_calls": calls, "seconds_by_kind": {k: round(v, 2) for k, v in by_kind.items()}}
 
 
+def parallel_phases(ops: list[dict]) -> dict:
+    """The planned calls in the order their data lets them run (what the pipeline's concurrency may
+    overlap): chains run one call after the other, the chains of a phase side by side.
+
+    - reads A: [Clinical Activity pages], [deletions of activities], [of studies], [of sites]
+    - reads B: [study sites, then studies] (the sites' studies are in the studies statement), and
+      each CRM account statement on its own (they need the activities' identifiers: after A)
+    - writes: one list of batches per target, in order (Clinical Studies, Clinical Sites, interactions)
+    """
+    a = [[o for o in ops if o["kind"] == "query" and o["vault"] == "ctms" and o["what"] == "clinical activities"]]
+    a += [[o] for o in ops if o["kind"] == "deletions"]
+    b = [[o for o in ops if o["kind"] == "query" and o["vault"] == "ctms" and o["what"] != "clinical activities"]]
+    b += [[o] for o in ops if o["kind"] == "query" and o["vault"] == "crm"]
+    targets: dict[str, list[dict]] = {}
+    for o in ops:
+        if o["kind"] == "write":
+            targets.setdefault(o["what"], []).append(o)
+    phases = {"reads_a": [c for c in a if c], "reads_b": [c for c in b if c], "writes": list(targets.values())}
+    placed = sum(len(c) for chains in phases.values() for c in chains)
+    if placed != len(ops):
+        raise ValueError(f"parallel floor: {placed} of {len(ops)} planned operations placed in a phase")
+    return phases
+
+
+def run_parallel_floor(ops: list[dict], urls: dict[str, str], concurrency: int) -> dict:
+    """The same calls as `run_floor`, at most `concurrency` in flight, overlapped as their data
+    allows (`parallel_phases`): auth of both vaults side by side; reads A; reads B; then the writes,
+    target by target, by a pool of `concurrency` workers pulling the batches. Each phase starts
+    when the one before has ended. Sessions (one per call in flight) are reused between phases."""
+    import queue
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+    slots = threading.BoundedSemaphore(concurrency)
+    idle = {vault: queue.SimpleQueue() for vault in urls}      # keep-alive sessions not in use
+    tokens: dict[str, str] = {}
+    lock = threading.Lock()
+    flight = {"now": 0, "peak": 0}
+
+    def call(vault, method, path, headers=None, **kw):
+        with slots:
+            with lock:
+                flight["now"] += 1
+                flight["peak"] = max(flight["peak"], flight["now"])
+            try:
+                try:
+                    s = idle[vault].get_nowait()
+                except queue.Empty:
+                    s = requests.Session()
+                try:
+                    if vault in tokens:
+                        headers = {"Authorization": tokens[vault], **(headers or {})}
+                    return s.request(method, urls[vault] + path, headers=headers, **kw).json()
+                finally:
+                    idle[vault].put(s)
+            finally:
+                with lock:
+                    flight["now"] -= 1
+
+    def auth(vault):
+        body = call(vault, "POST", f"/api/{API}/auth", data={"username": USER, "password": PASSWORD})
+        assert body["responseStatus"] == "SUCCESS", body
+        tokens[vault] = body["sessionId"]
+
+    def chain(ops_):
+        return sum(run_op(op, call) for op in ops_)
+
+    phases = parallel_phases(ops)
+    seconds: dict[str, float] = {}
+    calls = 0
+    started = time.perf_counter()
+    chains = max(len(urls), *(len(phases[p]) for p in ("reads_a", "reads_b")))
+    with ThreadPoolExecutor(max_workers=chains) as readers, ThreadPoolExecutor(max_workers=concurrency) as writers:
+        t = time.perf_counter()
+        for f in [readers.submit(auth, v) for v in urls]:
+            f.result()
+        seconds["auth"] = time.perf_counter() - t
+        for name in ("reads_a", "reads_b"):
+            t = time.perf_counter()     # a thread per chain; the slots keep at most C calls in flight
+            calls += sum(f.result() for f in [readers.submit(chain, c) for c in phases[name]])
+            seconds[name] = time.perf_counter() - t
+        t = time.perf_counter()
+        for batches in phases["writes"]:    # C workers pulling this target's batches, in order
+            calls += sum(f.result() for f in [writers.submit(run_op, op, call) for op in batches])
+        seconds["writes"] = time.perf_counter() - t
+    total = time.perf_counter() - started
+    for q in idle.values():
+        while not q.empty():
+            q.get_nowait().close()
+    return {"seconds": total, "client_calls": calls, "concurrency": concurrency, "peak_in_flight": flight["peak"],
+            "seconds_by_phase": {k: round(v, 2) for k, v in seconds.items()}}
+
+
 # ---------------------------------------------------------------- the pipeline (child process)
 
 
-def _conn(url: str) -> str:
-    return json.dumps({"conn_type": "veeva_vault", "host": url, "login": USER, "password": PASSWORD})
+def _conn(url: str, extra: dict | None = None) -> str:
+    conn = {"conn_type": "veeva_vault", "host": url, "login": USER, "password": PASSWORD}
+    if extra:
+        conn["extra"] = extra
+    return json.dumps(conn)
 
 
 def airflow_env(airflow_home: Path, data_dir: Path, connections: Path) -> dict:
@@ -463,24 +682,26 @@ def split_counters(counters: dict) -> tuple[int, int, dict]:
 
 def measure(n: int, workdir: Path, seed_number: int, now: str, airflow_home: Path,
             skip_pipeline: bool = False, profile: str | None = None, floor_repeats: int = 2,
-            pipeline_only: bool = False) -> dict:
+            pipeline_only: bool = False, setup: Setup | None = None) -> dict:
     from clinical_crm.config import parse_connection
     import yaml
 
+    setup = setup or Setup()
     t = time.perf_counter()
     seeded = seed(workdir / "pristine", n, seed_number, now)
     seed_seconds = time.perf_counter() - t
     window = window_of(now)
-    cfg = parse_connection(yaml.safe_load(bench_config()), "bench.yaml")
+    cfg = parse_connection(yaml.safe_load(bench_config(concurrency=setup.concurrency)), "bench.yaml")
     result = {"n": n, "seed_seconds": seed_seconds, "seeded": {k: v["counts"] for k, v in seeded.items()},
-              "window": [window[0].isoformat(), window[1].isoformat()]}
+              "window": [window[0].isoformat(), window[1].isoformat()], "setup": asdict(setup)}
 
-    # floor: plan (untimed), reset counters, run (timed)
-    ctms_s, crm_s = servers(fresh_copy(workdir / "pristine", workdir / "floor"))
     if pipeline_only:
-        return _pipeline_only(result, workdir, airflow_home, window, cfg, profile)
+        return _pipeline_only(result, workdir, airflow_home, window, cfg, profile, setup)
+    # floor: plan (untimed, without latency), reset counters, run (timed)
+    ctms_s, crm_s = servers(fresh_copy(workdir / "pristine", workdir / "floor"), **setup.server_options())
     with ctms_s, crm_s:
-        p = plan(cfg, ctms_s.url, crm_s.url, window)
+        with latency_off(setup, (ctms_s, crm_s)):
+            p = plan(cfg, ctms_s.url, crm_s.url, window)
         for s in (ctms_s, crm_s):
             s.admin.reset_counters()
         floor = run_floor(p["ops"], {"ctms": ctms_s.url, "crm": crm_s.url})
@@ -494,41 +715,65 @@ def measure(n: int, workdir: Path, seed_number: int, now: str, airflow_home: Pat
         raise SystemExit(f"floor script made {floor_calls} calls, the model says {p['calls']}")
     result["floor"] = floor
 
-    def floor_again() -> float:
-        """The same precomputed calls on a fresh copy again (after the pipeline: load drifts)."""
-        a, b = servers(fresh_copy(workdir / "pristine", workdir / "floor"))
+    def floor_again(parallel: bool) -> dict:
+        """The same precomputed calls on a fresh copy, sequential or parallel (C = concurrency)."""
+        a, b = servers(fresh_copy(workdir / "pristine", workdir / "floor"), **setup.server_options())
         with a, b:
             for srv in (a, b):
                 srv.admin.reset_counters()
-            again = run_floor(p["ops"], {"ctms": a.url, "crm": b.url})
-            calls = sum(split_counters(srv.admin.counters())[0] for srv in (a, b))
+            urls = {"ctms": a.url, "crm": b.url}
+            again = run_parallel_floor(p["ops"], urls, setup.concurrency) if parallel else run_floor(p["ops"], urls)
+            counted = {"ctms": a.admin.counters(), "crm": b.admin.counters()}
+            if parallel:
+                again["interactions_after"] = count_interactions(b.url, cfg)
+        calls = sum(split_counters(c)[0] for c in counted.values())
+        kind = "parallel floor" if parallel else "floor script"
         if calls != p["calls"]:
-            raise SystemExit(f"floor script made {calls} calls, the model says {p['calls']}")
-        return again["seconds"]
+            raise SystemExit(f"{kind} made {calls} calls, the model says {p['calls']}")
+        again.update(server_calls=calls, auth=sum(split_counters(c)[1] for c in counted.values()),
+                     endpoints={k: split_counters(c)[2] for k, c in counted.items()})
+        if again["endpoints"] != floor["endpoints"]:
+            raise SystemExit(f"{kind} made other calls than the first floor run: {again['endpoints']} "
+                             f"against {floor['endpoints']}")
+        return again
 
+    # floors timed before and after the pipeline (the first of each kind before); ratios use means
+    par = result["parallel_floor"] = floor_again(parallel=True)
+    repeats = max(1, floor_repeats) - 1
     if not skip_pipeline:
-        pipe = result["pipeline"] = pipeline_phase(workdir, airflow_home, window, cfg, profile)
-        # floor timed before and after the pipeline; the ratio uses their mean
-        floor["seconds_runs"] = [floor["seconds"]] + [floor_again() for _ in range(floor_repeats - 1)]
-        floor["seconds"] = sum(floor["seconds_runs"]) / len(floor["seconds_runs"])
+        pipe = result["pipeline"] = pipeline_phase(workdir, airflow_home, window, cfg, profile, setup)
+    floor["seconds_runs"] = [floor["seconds"]] + [floor_again(False)["seconds"] for _ in range(repeats)]
+    par["seconds_runs"] = [par["seconds"]] + [floor_again(True)["seconds"] for _ in range(repeats)]
+    for f in (floor, par):
+        f["seconds"] = sum(f["seconds_runs"]) / len(f["seconds_runs"])
+    if not skip_pipeline:
         result["ratio_calls"] = pipe["server_calls"] / floor_calls
         result["ratio_time_dag_test"] = pipe["dag_test_seconds"] / floor["seconds"]
         result["ratio_time_process"] = pipe["process_seconds"] / floor["seconds"]
+        result["ratio_time_parallel"] = pipe["dag_test_seconds"] / par["seconds"]
+        if setup.burst_limit is not None:
+            bound = pipe["server_calls"] / setup.burst_limit * setup.window_seconds
+            result["burst"] = {"limit": setup.burst_limit, "window_seconds": setup.window_seconds,
+                               "burst_floor": setup.burst_floor, "calls": pipe["server_calls"],
+                               "wall_seconds": pipe["dag_test_seconds"], "bound_seconds": bound,
+                               "wall_over_bound": pipe["dag_test_seconds"] / bound if bound else None,
+                               "delayed": pipe["delayed"]}
     shutil.rmtree(workdir / "floor", ignore_errors=True)
     return result
 
 
-def pipeline_phase(workdir, airflow_home, window, cfg, profile) -> dict:
+def pipeline_phase(workdir, airflow_home, window, cfg, profile, setup: Setup | None = None) -> dict:
     """The DAG over a fresh copy of the seeded state, with the sandboxes' call counters."""
+    setup = setup or Setup()
     phase = fresh_copy(workdir / "pristine", workdir / "pipeline")
     connections = phase / "connections"
     connections.mkdir()
-    (connections / "bench.yaml").write_text(bench_config())
+    (connections / "bench.yaml").write_text(bench_config(concurrency=setup.concurrency))
     env = airflow_env(airflow_home, phase / "data", connections)
-    ctms_s, crm_s = servers(phase)
+    ctms_s, crm_s = servers(phase, **setup.server_options(pipeline=True))
     with ctms_s, crm_s:
-        env["AIRFLOW_CONN_VAULT_CTMS_BENCH"] = _conn(ctms_s.url)
-        env["AIRFLOW_CONN_VAULT_CRM_BENCH"] = _conn(crm_s.url)
+        env["AIRFLOW_CONN_VAULT_CTMS_BENCH"] = _conn(ctms_s.url, setup.connection_extras())
+        env["AIRFLOW_CONN_VAULT_CRM_BENCH"] = _conn(crm_s.url, setup.connection_extras())
         for s in (ctms_s, crm_s):
             s.admin.reset_counters()
         pipe = run_pipeline(env, window, phase / "pipeline.json", profile)
@@ -537,12 +782,15 @@ def pipeline_phase(workdir, airflow_home, window, cfg, profile) -> dict:
     pipe["server_calls"] = sum(split_counters(c)[0] for c in counters.values())
     pipe["auth"] = sum(split_counters(c)[1] for c in counters.values())
     pipe["endpoints"] = {k: split_counters(c)[2] for k, c in counters.items()}
+    # calls the sandboxes delayed past the burst limit (sum over both vaults)
+    pipe["delayed_by_vault"] = {k: c.get("delayed", 0) for k, c in counters.items()}
+    pipe["delayed"] = sum(pipe["delayed_by_vault"].values())
     return pipe
 
 
-def _pipeline_only(result, workdir, airflow_home, window, cfg, profile) -> dict:
+def _pipeline_only(result, workdir, airflow_home, window, cfg, profile, setup: Setup | None = None) -> dict:
     """--pipeline-only: the DAG run alone (no floor; for memory diagnosis at large N)."""
-    result["pipeline"] = pipeline_phase(workdir, airflow_home, window, cfg, profile)
+    result["pipeline"] = pipeline_phase(workdir, airflow_home, window, cfg, profile, setup)
     print(json.dumps(result, indent=1, default=str), flush=True)
     return result
 
@@ -551,13 +799,25 @@ def report(r: dict) -> str:
     f = r["floor"]
     lines = [f"== N = {r['n']:,} (seed {r['seed_seconds']:.1f} s; window {r['window'][0]} .. {r['window'][1]})",
              f"rows: {f['rows']}; page size {f['page_size']}",
+             setup_line(r["setup"]),
              "floor model (data calls):"]
     lines += [f"  {k:<40} {v:>6}" for k, v in f["model"].items()]
     lines.append(f"  {'total':<40} {f['model_calls']:>6}   (+{f['auth']} auth)")
-    runs = " (runs: " + ", ".join(f"{x:.2f}" for x in f["seconds_runs"]) + " s, before/after the pipeline)" if "seconds_runs" in f else ""
-    lines.append(f"floor run: {f['server_calls']} calls counted by the sandboxes, {f['seconds']:.2f} s{runs} "
+    def runs(x):
+        if "seconds_runs" not in x:
+            return ""
+        when = "" if "pipeline" not in r else ", before/after the pipeline" if len(x["seconds_runs"]) > 1 \
+            else ", before the pipeline"
+        return " (runs: " + ", ".join(f"{v:.2f}" for v in x["seconds_runs"]) + f" s{when})"
+
+    lines.append(f"floor run: {f['server_calls']} calls counted by the sandboxes, {f['seconds']:.2f} s{runs(f)} "
                  f"(first run: {f['seconds_by_kind']}); "
                  f"CRM interactions after: {f['interactions_after']:,}")
+    if "parallel_floor" in r:
+        pf = r["parallel_floor"]
+        lines.append(f"parallel floor (C={pf['concurrency']}; peak {pf['peak_in_flight']} calls in flight): "
+                     f"{pf['server_calls']} calls counted by the sandboxes, {pf['seconds']:.2f} s{runs(pf)} "
+                     f"(first run: {pf['seconds_by_phase']}); CRM interactions after: {pf['interactions_after']:,}")
     if "pipeline" in r:
         p = r["pipeline"]
         lines.append(f"pipeline ({DAG_ID}, dag.test() in a fresh process): state {p['state']}")
@@ -575,10 +835,43 @@ def report(r: dict) -> str:
         lines.append(f"  CPU (run) {p['cpu_user'] + p['cpu_system']:.1f} s (user {p['cpu_user']:.1f}, "
                      f"sys {p['cpu_system']:.1f}); peak RSS (VmHWM) {p['max_rss_mib']:.0f} MiB "
                      f"(children {p['children_max_rss_mib']:.0f} MiB)")
-        lines.append(f"RATIOS N={r['n']:,}: calls {r['ratio_calls']:.3f} x floor; wall time "
+        lines.append(f"  calls delayed past the burst limit: {p.get('delayed', 0)} {p.get('delayed_by_vault', {})}")
+        lines.append(f"ratios N={r['n']:,}: calls {r['ratio_calls']:.3f} x floor; wall time "
                      f"{r['ratio_time_dag_test']:.2f} x floor (dag.test), {r['ratio_time_process']:.2f} x "
-                     f"(whole process)")
+                     f"(whole process); {r['ratio_time_parallel']:.2f} x parallel floor (dag.test)")
     return "\n".join(lines)
+
+
+def setup_line(setup: dict) -> str:
+    latency = setup.get("latency_label") or setup["latency"]
+    seed = f" (jitter seed {setup['latency_seed']})" if latency != "none" else ""
+    if setup.get("burst_limit") is None:
+        burst = "none (floors and pipeline: 10,000,000)"
+    else:
+        window = setup["burst_window_seconds"] if setup["burst_window_seconds"] is not None else 300.0
+        burst = (f"{setup['burst_limit']} calls / {window:g} s for the pipeline (floors: 10,000,000); its "
+                 f"connections' burst_floor {max(2, setup['concurrency'] + 2)}, burst_window_seconds {window:g}")
+    return f"setup: latency {latency}{seed}; concurrency {setup['concurrency']}; burst limit {burst}"
+
+
+def summary(results: list[dict]) -> list[str]:
+    """The closing lines: a BURST line per N (with a burst limit), then a RATIOS line per N."""
+    burst, ratios = [], []
+    for r in results:
+        if "pipeline" not in r:
+            continue
+        s, p = r["setup"], r["pipeline"]
+        if "burst" in r:
+            b = r["burst"]
+            ratio = f"{b['wall_over_bound']:.2f}" if b["wall_over_bound"] is not None else "n/a"
+            burst.append(f"BURST N={r['n']} limit={b['limit']}/{b['window_seconds']:g}s: calls {b['calls']}; "
+                         f"wall {b['wall_seconds']:.2f} s; bound calls/limit*window {b['bound_seconds']:.2f} s; "
+                         f"wall/bound {ratio}; burst-delayed calls {b['delayed']}")
+        ratios.append(f"RATIOS N={r['n']} latency={s.get('latency_label') or s['latency']} "
+                      f"concurrency={s['concurrency']}: calls {r['ratio_calls']:.3f} x floor; "
+                      f"wall {r['ratio_time_parallel']:.2f} x parallel floor; "
+                      f"wall {r['ratio_time_dag_test']:.2f} x sequential floor; burst-delayed calls {p['delayed']}")
+    return burst + ratios
 
 
 def scaling(results: list[dict]) -> str:
@@ -587,6 +880,8 @@ def scaling(results: list[dict]) -> str:
     for a, b in zip(results, results[1:]):
         f = b["floor"]["seconds"] / a["floor"]["seconds"]
         line = f"SCALING N={a['n']:,} -> {b['n']:,} ({b['n'] / a['n']:.0f} x rows): floor time x {f:.2f}"
+        if "parallel_floor" in a and "parallel_floor" in b:
+            line += f", parallel floor x {b['parallel_floor']['seconds'] / a['parallel_floor']['seconds']:.2f}"
         if "pipeline" in a and "pipeline" in b:
             pa_, pb = a["pipeline"], b["pipeline"]
             line += (f"; pipeline dag.test() x {pb['dag_test_seconds'] / pa_['dag_test_seconds']:.2f}, "
@@ -619,35 +914,91 @@ def main(argv=None) -> int:
     parser.add_argument("--pipeline-only", action="store_true", help="skip the floor (memory diagnosis)")
     parser.add_argument("--profile", help="write a cProfile profile of the DAG run to this file (+ .N)")
     parser.add_argument("--json", help="also write the figures as JSON here")
-    parser.add_argument("--floor-repeats", type=int, default=2,
-                        help="floor runs per N (first before, the others after the pipeline; mean used)")
+    parser.add_argument("--floor-repeats", type=int, default=None,
+                        help="runs of each floor kind per N (first before, the others after the pipeline; mean "
+                             "used); default 2, or 1 with --latency (a sequential floor then takes minutes)")
+    parser.add_argument("--latency", default="none", metavar="PROFILE",
+                        help="latency of both sandboxes in every measured phase: none (default), vault or a "
+                             "YAML/JSON profile file (docs/sandbox.md); the plan reads without it")
+    parser.add_argument("--latency-seed", type=int, default=1, help="seed of the latency jitter (default 1)")
+    parser.add_argument("--concurrency", type=int, default=4,
+                        help="the bench connection's load.concurrency and the parallel floor's calls in flight "
+                             "(1..16, default 4)")
+    parser.add_argument("--burst-limit", type=int,
+                        help="burst limit of both sandboxes for the pipeline run only (floors: 10,000,000); "
+                             "also prints a BURST line")
+    parser.add_argument("--burst-window-seconds", type=float,
+                        help="with --burst-limit: the burst window (default 300, Vault's 5 minutes)")
     args = parser.parse_args(argv)
     if args.command == "_dag":
         return dag_main(args)
+    setup = setup_from_args(parser, args)
+    floor_repeats = args.floor_repeats if args.floor_repeats is not None else (1 if setup.latency != "none" else 2)
 
     sizes = args.n or [10_000, 100_000]
     tmp = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_floor_"))
-    results = []
+    results, printed = [], []
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        printed.extend(text.splitlines())
+
     try:
-        print(machine(), flush=True)
+        say(machine())
         airflow_home = tmp / "airflow_home"
         if not args.floor_only:
             migrate(airflow_home, airflow_env(airflow_home, tmp / "data", tmp / "connections"))
         for n in sizes:
             r = measure(n, tmp / f"n{n}", args.seed_number, args.now, airflow_home, args.floor_only,
-                        f"{args.profile}.{n}" if args.profile else None, args.floor_repeats, args.pipeline_only)
+                        f"{args.profile}.{n}" if args.profile else None, floor_repeats, args.pipeline_only,
+                        setup)
             results.append(r)
             if args.pipeline_only:
                 continue
-            print(report(r), flush=True)
+            say(report(r))
+        closing = []
         if not args.pipeline_only:
-            print(scaling(results), flush=True)
+            if len(results) > 1:
+                say(scaling(results))
+            closing = summary(results)
+            for line in closing:      # the RATIOS lines last, one per N, in order
+                say(line)
         if args.json:
-            Path(args.json).write_text(json.dumps({"machine": machine(), "results": results}, indent=2, default=str))
+            Path(args.json).write_text(json.dumps({
+                "machine": machine(), "setup": asdict(setup), "floor_repeats": floor_repeats,
+                "results": results, "summary": closing, "output": printed}, indent=2, default=str))
     finally:
         if not args.workdir:
             shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def setup_from_args(parser: argparse.ArgumentParser, args) -> Setup:
+    """The Setup of the command line, checked (a bad profile file or value stops before seeding)."""
+    from clinical_crm.config import MAX_CONCURRENCY
+    from vault_sandbox.control import latency_profile
+
+    latency = args.latency
+    if latency not in ("none", "vault"):
+        latency = str(Path(latency).resolve())     # the sandboxes may run elsewhere than this cwd
+    try:
+        latency_profile(latency)
+    except ValueError as exc:
+        parser.error(f"--latency: {exc}")
+    if not 1 <= args.concurrency <= MAX_CONCURRENCY:
+        parser.error(f"--concurrency must be between 1 and {MAX_CONCURRENCY}")
+    if args.burst_limit is not None and args.burst_limit < 1:
+        parser.error("--burst-limit must be at least 1")
+    if args.burst_window_seconds is not None:
+        if args.burst_limit is None:
+            parser.error("--burst-window-seconds needs --burst-limit")
+        if args.burst_window_seconds <= 0:
+            parser.error("--burst-window-seconds must be above 0")
+    if args.floor_repeats is not None and args.floor_repeats < 1:
+        parser.error("--floor-repeats must be at least 1")
+    return Setup(latency=latency, latency_seed=args.latency_seed, concurrency=args.concurrency,
+                 burst_limit=args.burst_limit, burst_window_seconds=args.burst_window_seconds,
+                 latency_label=args.latency)
 
 
 if __name__ == "__main__":

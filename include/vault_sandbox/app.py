@@ -421,6 +421,7 @@ def create_app(app_name: str, db_path: str, options: Options | None = None) -> F
                 # Past the burst limit Vault slows calls down instead of refusing them.
                 delay = sandbox.options.burst_delay_ms
                 headers["X-VaultAPI-ResponseDelay"] = str(delay)
+                sandbox.counters.count_delayed()
                 await asyncio.sleep(delay / 1000)
         elif not is_admin:
             headers["X-VaultAPI-BurstLimit"] = str(sandbox.burst.limit)

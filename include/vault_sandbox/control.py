@@ -202,6 +202,7 @@ class RequestCounters:
             self.endpoints: Counter = Counter()
             self.auth = 0
             self.total = 0
+            self.delayed = 0      # calls delayed past the burst limit (X-VaultAPI-ResponseDelay)
 
     def count(self, key: str, is_auth: bool) -> None:
         with self._lock:
@@ -211,9 +212,15 @@ class RequestCounters:
                 self.endpoints[key] += 1
                 self.total += 1
 
+    def count_delayed(self) -> None:
+        """One call delayed because it came past the burst limit."""
+        with self._lock:
+            self.delayed += 1
+
     def snapshot(self) -> dict:
         with self._lock:
-            return {"total": self.total, "auth": self.auth, "endpoints": dict(sorted(self.endpoints.items()))}
+            return {"total": self.total, "auth": self.auth, "delayed": self.delayed,
+                    "endpoints": dict(sorted(self.endpoints.items()))}
 
 
 # ---------------------------------------------------------------------------------------------
