@@ -116,17 +116,27 @@ def _step(ctx_xcom: dict | None):
 
 @contextlib.contextmanager
 def _clients(flow: Flow, cfg, *sides: str):
-    """Vault clients of the given sides ("ctms", "crm"), closed after the step (a client opens
-    its session on its first call: an inactive run makes none)."""
+    """Vault clients of the given sides ("ctms", "crm"), closed after the step. With two sides
+    both sessions are opened, and ended, side by side (a login takes a round trip to each vault);
+    an inactive configuration opens none (a client opens its session on its first call)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from clinical_crm.airflow.hooks import VaultHook
 
-    with contextlib.ExitStack() as stack:
-        clients = {}
-        for side in sides:
-            clients[side] = VaultHook(flow.conn_id(cfg, side)).get_client()
-            stack.callback(_log_vault_time, side, clients[side])
-            stack.callback(clients[side].close)
+    clients = {side: VaultHook(flow.conn_id(cfg, side)).get_client() for side in sides}
+
+    def side_by_side(action) -> None:
+        with ThreadPoolExecutor(len(clients)) as pool:
+            list(pool.map(action, clients.values()))
+
+    try:
+        if cfg.active and len(clients) > 1:
+            side_by_side(lambda client: client.authenticate())
         yield clients
+    finally:
+        for side, client in clients.items():
+            _log_vault_time(side, client)
+        side_by_side(lambda client: client.close())
 
 
 def _log_vault_time(side: str, client) -> None:
