@@ -29,6 +29,13 @@ def test_two_dags_per_connection(dags):
         "begin", "extract", "validate", "transform", "load", "finish"]
 
 
+def test_the_pre_step_task_is_there_only_where_the_file_enables_it(demo_cfg):
+    features = demo_cfg.features.model_copy(update={"automated_activities": False})
+    dags = dag_factory.build_dags([demo_cfg.model_copy(update={"features": features})])
+    assert [t.task_id for t in dags["ctms_to_crm__demo"].topological_sort()] == [
+        "begin", "extract", "validate", "transform", "load", "finish"]
+
+
 def test_schedule_windows_and_run_settings(dags):
     from airflow.sdk import CronDataIntervalTimetable
 

@@ -295,8 +295,9 @@ def build_dag(flow: Flow, cfg) -> DAG:
     calls = cfg.load.concurrency
     with _dag(flow, cfg) as dag:
         run = begin.override(pool=read_pool)(source, flow.name)
+        # the pre-step's task only where this connection file enables it (one task less to run)
         pre = pre_step.override(task_id=flow.pre_step.task_id, pool=read_pool)(source, flow.name, run) \
-            if flow.pre_step else None
+            if flow.pre_step and flow.pre_step.enabled(cfg) else None
         staged = extract.override(pool=read_pool, pool_slots=calls)(source, flow.name, run, pre)
         records = transform(source, flow.name, run, staged, validate(source, flow.name, run, staged))
         loaded = load.override(pool=write_pool, pool_slots=calls, outlets=assets.target_assets(flow, cfg))(
