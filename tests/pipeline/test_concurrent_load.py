@@ -110,3 +110,24 @@ def test_a_write_without_an_answer_leaves_every_answer_in_flight_in_the_ledger(s
     assert {s for s, o in outcomes.items() if o == "unknown"} == lost
     assert {o for s, o in outcomes.items() if s not in lost} == {"created"}
     assert len(sent) > 120  # calls after the lost one were in flight and answered
+
+
+def test_deletion_marks_update_concurrency_calls_at_once_and_keep_the_order():
+    vault = SlowVault()
+    updates: list[list[str]] = []
+
+    def update(object_name, records, batch_size=500):
+        with vault.lock:
+            vault.in_flight += 1
+            vault.most_in_flight = max(vault.most_in_flight, vault.in_flight)
+            updates.append([r["id"] for r in records])
+        time.sleep(vault.seconds)
+        with vault.lock:
+            vault.in_flight -= 1
+        return [RecordOutcome(i, r["id"], "updated") for i, r in enumerate(records)]
+
+    vault.update = update
+    records = [{"id": f"T{i:03d}", "subject__v": "x Deleted"} for i in range(95)]
+    outcomes = load.update(vault, "clinical_interaction__v", records, batch_size=10, concurrency=3)
+    assert [o["source_id"] for o in outcomes] == [r["id"] for r in records]
+    assert {o["outcome"] for o in outcomes} == {"updated"} and len(updates) == 10 and vault.most_in_flight == 3

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 from clinical_crm.flows.base import SOURCE_ID, SOURCE_VERSION
@@ -190,13 +191,19 @@ def upsert(client, object_name: str, records: Iterable[dict], id_param: str, bat
     return outcomes
 
 
-def update(client, object_name: str, records: list[dict], batch_size: int) -> list[dict]:
-    """Update records by id in batches; one outcome dict per record (source_id = target id)."""
-    outcomes = []
-    for batch in _batches(records, min(batch_size, MAX_BATCH)):
-        results = client.update(object_name, batch, batch_size=min(batch_size, MAX_BATCH))
-        outcomes += [_outcome(r, str(rec[ID])) for rec, r in zip(batch, results)]
-    return outcomes
+def update(client, object_name: str, records: list[dict], batch_size: int, concurrency: int = 1) -> list[dict]:
+    """Update records by id in batches, `concurrency` calls in flight; one outcome dict per
+    record (source_id = target id), in the order of `records`."""
+    size = min(batch_size, MAX_BATCH)
+
+    def send(batch: list[dict]) -> list[dict]:
+        return [_outcome(r, str(rec[ID])) for rec, r in zip(batch, client.update(object_name, batch, batch_size=size))]
+
+    batches = list(_batches(records, size))
+    if concurrency <= 1 or len(batches) <= 1:
+        return [o for batch in batches for o in send(batch)]
+    with ThreadPoolExecutor(min(concurrency, len(batches)), thread_name_prefix="load-update") as pool:
+        return [o for answers in pool.map(send, batches) for o in answers]
 
 
 def tally(outcomes: Iterable[dict]) -> dict[str, int]:
@@ -220,7 +227,8 @@ def find_by_external_id(client, object_name: str, external_field: str, external_
 # ---------------------------------------------------------------- deletion marks
 
 
-def mark_deleted(client, mark, cfg, pending: list[dict], batch_size: int, expect=None) -> tuple[list[dict], set[str]]:
+def mark_deleted(client, mark, cfg, pending: list[dict], batch_size: int, expect=None,
+                 concurrency: int = 1) -> tuple[list[dict], set[str]]:
     """Apply a flow's DeletionMark to the target records of deleted source records.
 
     `pending`: the ledger's queued deletions ({source_id, global_id, expected}). A target record
@@ -228,8 +236,10 @@ def mark_deleted(client, mark, cfg, pending: list[dict], batch_size: int, expect
     for it before (`expected`: e.g. a subject with "Deleted" appended once, by a run that ended
     before it could record that), is `unchanged`; the others are updated (outcome
     `marked_deleted`). `expect(source_id -> change)` is called right before the write, so that a
-    crash between the write and its record cannot lead to a second mark. Returns the outcomes
-    and the source ids whose target record does not exist (nothing to mark)."""
+    crash between the write and its record cannot lead to a second mark (so the update calls may
+    go `concurrency` at a time: one that fails leaves its records expected, recognised by the
+    next run). Returns the outcomes and the source ids whose target record does not exist
+    (nothing to mark)."""
     target_object, external_field = mark.target_object(cfg), mark.external_id(cfg)
     by_global_id = {str(p["global_id"]): p for p in pending if p.get("global_id")}
     found = find_by_external_id(client, target_object, external_field, list(by_global_id),
@@ -250,7 +260,8 @@ def mark_deleted(client, mark, cfg, pending: list[dict], batch_size: int, expect
             changes.append((entry["source_id"], {ID: row[ID], **change}))
     if changes and expect is not None:
         expect({source: {k: v for k, v in record.items() if k != ID} for source, record in changes})
-    for (source, record), result in zip(changes, update(client, target_object, [r for _, r in changes], batch_size)):
+    written = update(client, target_object, [r for _, r in changes], batch_size, concurrency)
+    for (source, record), result in zip(changes, written):
         outcome = "marked_deleted" if result["outcome"] in ("updated", "created") else result["outcome"]
         outcomes.append(result | {"source_id": source, "outcome": outcome})
     missing = {p["source_id"] for g, p in by_global_id.items() if g not in seen}

@@ -440,7 +440,8 @@ def _apply_deletions(ledger: Ledger, ctx: RunContext, client, cfg, mark, staged:
     if pending:
         outcomes, no_target = load.mark_deleted(
             client, mark, cfg, pending, cfg.load.batch_size,
-            expect=lambda changes: ledger.expect_deletions(ctx.connection, ctx.direction, source_object, changes))
+            expect=lambda changes: ledger.expect_deletions(ctx.connection, ctx.direction, source_object, changes),
+            concurrency=cfg.load.concurrency)
     outcomes = _as_counted(outcomes, (earlier or {}).get(source_object, {}))
     ledger.add_outcomes(ctx.run_id, ctx.connection, ctx.direction, source_object, outcomes)
     ledger.settle_deletions(ctx.connection, ctx.direction, source_object, outcomes, no_target, ctx.run_id)
