@@ -10,6 +10,8 @@ from typing import Any
 
 def blank(value: Any) -> bool:
     """Missing in any of the ways a frame can say it (None, NaN, NA, empty text)."""
+    if type(value) is str:  # nearly every staged value (called millions of times a run)
+        return not value.strip()
     if value is None or type(value).__name__ == "NAType":
         return True
     if isinstance(value, float) and math.isnan(value):
@@ -19,6 +21,8 @@ def blank(value: Any) -> bool:
 
 def text(value: Any) -> str | None:
     """A value as trimmed text, or None when missing."""
+    if type(value) is str:
+        return value.strip() or None
     return None if blank(value) else str(value).strip()
 
 
