@@ -209,12 +209,25 @@ class IdSet:
             found |= part[at] == values
         return found
 
+    @staticmethod
+    def _unique(values: np.ndarray) -> np.ndarray:
+        """Sorted and without repeats, like np.unique, which for byte strings (numpy 2) builds a
+        hash table first: 14 MiB at its peak for 180,000 ids against 3 MiB sorting in place."""
+        values.sort()
+        if values.size > 1:
+            keep = np.empty(values.size, dtype=bool)
+            keep[0] = True
+            np.not_equal(values[1:], values[:-1], out=keep[1:])
+            if not keep.all():
+                values = values[keep]
+        return values
+
     def add(self, ids: Iterable) -> None:
-        values = np.unique(self._encode(ids))
+        values = self._unique(self._encode(ids))
         if values.size:
             self._parts.append(values)
         if len(self._parts) > self.MAX_PARTS:
-            merged = np.unique(np.concatenate(self._parts))
+            merged = self._unique(np.concatenate(self._parts))
             if merged.size >= self.BLOCK:
                 self._sealed.append(merged)
                 self._parts = []
