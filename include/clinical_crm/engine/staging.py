@@ -76,7 +76,14 @@ def _text_array(values: pd.Series) -> pa.Array:
 
 
 class FrameWriter:
-    """Appends frames to one parquet file; columns are fixed by `columns` or the first frame."""
+    """Appends frames to one parquet file; columns are fixed by `columns` or the first frame.
+
+    Frames are written in row groups of at least `ROW_GROUP_ROWS` rows (the last one may be
+    smaller): a parquet writer keeps the metadata of every row group until it closes, and a
+    row group per Vault page (1,000 rows) made that grow with N (1,000 row groups of 20
+    columns at 1,000,000 activities: ~16 MiB while writing, ~18 MiB more to close)."""
+
+    ROW_GROUP_ROWS = CHUNK_ROWS
 
     def __init__(self, url: str, columns: Iterable[str] | None = None):
         self.url = url
@@ -84,6 +91,8 @@ class FrameWriter:
         self.rows = 0
         self._file = None
         self._writer = None
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
 
     def write(self, frame: pd.DataFrame) -> None:
         if self.columns is None:
@@ -93,8 +102,17 @@ class FrameWriter:
         self._open()
         arrays = [_text_array(frame[c]) if c in frame.columns else pa.nulls(len(frame), pa.string())
                   for c in self.columns]
-        self._writer.write_table(pa.Table.from_arrays(arrays, schema=self._schema()))
+        self._pending.append(pa.Table.from_arrays(arrays, schema=self._schema()))
+        self._pending_rows += len(frame)
         self.rows += len(frame)
+        if self._pending_rows >= self.ROW_GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            table = self._pending[0] if len(self._pending) == 1 else pa.concat_tables(self._pending)
+            self._pending, self._pending_rows = [], 0
+            self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
 
     def _schema(self) -> pa.Schema:
         return pa.schema([(c, pa.string()) for c in self.columns or []])
@@ -109,6 +127,7 @@ class FrameWriter:
     def close(self) -> StagedFile:
         """Finish the file (an empty one when nothing was written)."""
         self._open()
+        self._flush()
         self._writer.close()
         self._file.close()
         return StagedFile(self.url, self.rows)
