@@ -430,12 +430,20 @@ class Ledger:
         if not reasons_by_id:
             return
         now = _now()
+        ids = list(reasons_by_id)
         with self.engine.begin() as db:
-            open_rows = dict(db.execute(
-                select(quarantine.c.source_id, quarantine.c.id).where(
-                    quarantine.c.connection == connection, quarantine.c.direction == direction,
-                    quarantine.c.object == object_name, quarantine.c.resolved_at.is_(None))
-            ).all())
+            # the open rows of these records only (500 ids a query), not every open row of the
+            # object: memory and time per call follow the batch, not the whole quarantine. The
+            # other key columns are compared here, not in SQL: with `connection = ?` in the query
+            # SQLite chose the connection index and read every row of the connection per batch
+            open_rows: dict[str, int] = {}
+            for start in range(0, len(ids), 500):
+                for row in db.execute(
+                        select(quarantine.c.source_id, quarantine.c.id, quarantine.c.connection,
+                               quarantine.c.direction, quarantine.c.object).where(
+                            quarantine.c.source_id.in_(ids[start:start + 500]), quarantine.c.resolved_at.is_(None))):
+                    if (row.connection, row.direction, row.object) == (connection, direction, object_name):
+                        open_rows[row.source_id] = row.id
             for source_id, reasons in reasons_by_id.items():
                 if source_id in open_rows:
                     db.execute(update(quarantine).where(quarantine.c.id == open_rows[source_id]).values(
