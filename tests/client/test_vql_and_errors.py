@@ -119,6 +119,7 @@ def test_burst_gate_spends_the_window_down_to_the_reserve_then_waits_for_the_nex
     assert gate.must_wait()
     gate.enter(pause)  # 3 left = the reserve: wait for the next window (plus the clock margin)
     assert waits == [pytest.approx(70 + CLOCK_MARGIN_SECONDS)] and clock.now == pytest.approx(1101)
+    assert BurstGate(reserve=3, window_seconds=2).margin == pytest.approx(0.04)  # a small part of short windows
 
 
 def test_burst_gate_counts_calls_in_flight_against_the_reserve():

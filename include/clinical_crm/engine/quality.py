@@ -57,6 +57,11 @@ def _gx():
     return gx
 
 
+def import_gx() -> None:
+    """Import Great Expectations now (seconds, and most of the objects the process holds)."""
+    _gx()
+
+
 def not_null(column: str) -> Callable[[], list]:
     return lambda: [_gx().expectations.ExpectColumnValuesToNotBeNull(column=column)]
 

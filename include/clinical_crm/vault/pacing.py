@@ -16,8 +16,10 @@ import time
 from collections.abc import Callable
 
 # A call sent this close after the computed start of a window may still be counted in the one
-# before (clocks differ): its answer does not tell what the new window has left.
+# before (clocks differ): its answer does not tell what the new window has left. A small part
+# of the window (so that the client's windows stay the vault's, whatever their length).
 CLOCK_MARGIN_SECONDS = 1.0
+CLOCK_MARGIN_SHARE = 0.02
 
 
 class BurstGate:
@@ -29,6 +31,7 @@ class BurstGate:
             raise ValueError(f"burst window_seconds must be above 0, not {window_seconds}")
         self.reserve = max(0, int(reserve))
         self.window_seconds = float(window_seconds)
+        self.margin = min(CLOCK_MARGIN_SECONDS, self.window_seconds * CLOCK_MARGIN_SHARE)
         self._clock = clock
         self._lock = threading.Lock()
         self._window: int | None = None   # the window the figures below are about
@@ -36,7 +39,7 @@ class BurstGate:
         self._in_flight = 0
 
     def _current(self) -> int:
-        return int((self._clock() - CLOCK_MARGIN_SECONDS) // self.window_seconds)
+        return int((self._clock() - self.margin) // self.window_seconds)
 
     def _wait_seconds(self) -> tuple[float, int]:
         """(0, window) when a call may start now (it is then counted in flight), else (the time
@@ -48,7 +51,7 @@ class BurstGate:
             if self.reserve <= 0 or self._remaining is None or self._remaining - self._in_flight > self.reserve:
                 self._in_flight += 1
                 return 0.0, window
-            return (window + 1) * self.window_seconds + CLOCK_MARGIN_SECONDS - self._clock(), window
+            return (window + 1) * self.window_seconds + self.margin - self._clock(), window
 
     def enter(self, pause: Callable[[float], None]) -> int:
         """Wait (through `pause`, which counts the time) until a call may start; returns the
