@@ -16,7 +16,7 @@
 #   CTMS_VAULT_URL / CRM_VAULT_URL   base URLs of the vaults        [http://vault-ctms:8000, http://vault-crm:8000]
 #   CTMS_CONN_ID / CRM_CONN_ID       Airflow connection ids         [vault_ctms_demo, vault_crm_demo]
 #   VAULT_USERNAME / VAULT_PASSWORD  integration user               [integration@sandbox.example / sandbox]
-#   CLINICAL_CRM_POOL_SLOTS     slots of each vault's pool                           [4]
+#   CLINICAL_CRM_POOL_SLOTS     slots of each vault's pool (at least every load.concurrency)  [8]
 #   CLINICAL_CRM_CONNECTIONS_DIR     the connection files (pools are made for their vaults)   [include/connections]
 set -euo pipefail
 
@@ -64,7 +64,7 @@ EOF
 "$AIRFLOW_BIN" connections import --overwrite "$connections_file"
 
 echo "==> pools (one per vault of every connection file)"
-"$PYTHON_BIN" -m clinical_crm.airflow.dag_factory pools --slots "${CLINICAL_CRM_POOL_SLOTS:-4}"
+"$PYTHON_BIN" -m clinical_crm.airflow.dag_factory pools --slots "${CLINICAL_CRM_POOL_SLOTS:-8}"
 
 echo "==> sync ledger tables"
 "$PYTHON_BIN" -c 'from clinical_crm import settings; from clinical_crm.engine.ledger import Ledger; Ledger(settings.ledger_url())' \
