@@ -131,3 +131,14 @@ def test_deletion_marks_update_concurrency_calls_at_once_and_keep_the_order():
     outcomes = load.update(vault, "clinical_interaction__v", records, batch_size=10, concurrency=3)
     assert [o["source_id"] for o in outcomes] == [r["id"] for r in records]
     assert {o["outcome"] for o in outcomes} == {"updated"} and len(updates) == 10 and vault.most_in_flight == 3
+
+
+def test_after_a_failed_write_the_batches_not_yet_sent_are_not_sent(setup, tmp_path, demo_cfg):
+    """Concurrency 1: the second batch waits in the queue while the first call fails; it is
+    cancelled, not sent after the error is known (nothing is sent that nobody will record)."""
+    ledger, run, interactions = setup
+    vault = SlowVault(seconds=0.05, lose="1001_S0003")
+    with pytest.raises(load.WriteUncertain):
+        runner._load_target(ledger, run, vault, config(demo_cfg, 1), interactions, staged_records(tmp_path, 40))
+    assert len(vault.calls) == 1
+    assert {o for _, o in outcomes_of(ledger, run.run_id)} == {"unknown"}

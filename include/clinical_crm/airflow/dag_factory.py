@@ -123,19 +123,22 @@ def _clients(flow: Flow, cfg, *sides: str):
 
     from clinical_crm.airflow.hooks import VaultHook
 
-    clients = {side: VaultHook(flow.conn_id(cfg, side)).get_client() for side in sides}
+    clients = {}
 
     def side_by_side(action) -> None:
-        with ThreadPoolExecutor(len(clients)) as pool:
+        with ThreadPoolExecutor(max(1, len(clients))) as pool:
             list(pool.map(action, clients.values()))
 
     try:
+        for side in sides:
+            clients[side] = VaultHook(flow.conn_id(cfg, side)).get_client()
         if cfg.active and len(clients) > 1:
             side_by_side(lambda client: client.authenticate())
         yield clients
     finally:
         for side, client in clients.items():
-            _log_vault_time(side, client)
+            with contextlib.suppress(Exception):  # a log line never keeps a session open
+                _log_vault_time(side, client)
         side_by_side(lambda client: client.close())
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
@@ -38,21 +39,38 @@ DELETED_COLUMNS = [ID, GLOBAL_ID]
 def frames(client, queries: Iterable[Query | str]) -> Iterator[pd.DataFrame]:
     """Every page of every query, as frames (the next page requested while this one is staged)."""
     for query in queries:
-        for page in prefetched(client.query(query)):
-            yield staging.page_frame(page)
+        pages = prefetched(client.query(query))
+        try:
+            for page in pages:
+                yield staging.page_frame(page)
+        finally:
+            pages.close()  # stops the reading thread now, not when the generator is collected
 
 
 def frames_side_by_side(client, queries: Iterable[Query | str], concurrency: int) -> Iterator[pd.DataFrame]:
     """Every page of independent queries (e.g. the CONTAINS chunks of one lookup), `concurrency`
-    queries at a time, each query's pages in order; the frames in the order of the queries. Each
-    query's pages are held until its turn: for lookups, whose queries are small."""
+    queries at a time, each query's pages in order; the frames in the order of the queries. A
+    query's pages are held until its turn, and at most `concurrency` queries are read ahead of
+    the one whose pages go out (lookups: small queries), so memory follows the concurrency."""
     queries = list(queries)
     if concurrency <= 1 or len(queries) <= 1:
         yield from frames(client, queries)
         return
-    with ThreadPoolExecutor(min(concurrency, len(queries)), thread_name_prefix="extract-lookup") as pool:
-        for pages in pool.map(lambda q: [staging.page_frame(p) for p in client.query(q)], queries):
-            yield from pages
+
+    def read(query) -> list[pd.DataFrame]:
+        return [staging.page_frame(p) for p in client.query(query)]
+
+    pool = ThreadPoolExecutor(min(concurrency, len(queries)), thread_name_prefix="extract-lookup")
+    ahead: deque = deque()
+    try:
+        for query in queries:
+            ahead.append(pool.submit(read, query))
+            if len(ahead) > concurrency:
+                yield from ahead.popleft().result()
+        while ahead:
+            yield from ahead.popleft().result()
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def in_parallel(concurrency: int, jobs: dict[str, Callable[[], object]]) -> dict[str, object]:

@@ -202,8 +202,14 @@ def update(client, object_name: str, records: list[dict], batch_size: int, concu
     batches = list(_batches(records, size))
     if concurrency <= 1 or len(batches) <= 1:
         return [o for batch in batches for o in send(batch)]
-    with ThreadPoolExecutor(min(concurrency, len(batches)), thread_name_prefix="load-update") as pool:
+    pool = ThreadPoolExecutor(min(concurrency, len(batches)), thread_name_prefix="load-update")
+    try:
         return [o for answers in pool.map(send, batches) for o in answers]
+    except BaseException:
+        pool.shutdown(cancel_futures=True)  # a call failed: the calls not started yet are not made
+        raise
+    finally:
+        pool.shutdown()
 
 
 def tally(outcomes: Iterable[dict]) -> dict[str, int]:

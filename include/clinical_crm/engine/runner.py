@@ -13,6 +13,7 @@ import contextlib
 import functools
 import gc
 import logging
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -355,7 +356,9 @@ def _load_target(ledger: Ledger, ctx: RunContext, client, cfg, target, path: str
     totals: dict[str, int] = dict.fromkeys(("created", "updated", "unchanged", "failed", "superseded", "unknown",
                                             "loaded", "transient_failed", "permission_denied"), 0)
 
-    def record(outcomes: list[dict]) -> None:
+    def record(outcomes: list[dict] | None) -> None:
+        if outcomes is None:  # a batch not sent (a write before it failed)
+            return
         outcomes = _as_counted(outcomes, written_before)
         ledger.add_outcomes(ctx.run_id, ctx.connection, ctx.direction, source_object, outcomes)
         loaded = [o for o in outcomes if o["outcome"] in load.LOADED]
@@ -384,6 +387,17 @@ def _load_target(ledger: Ledger, ctx: RunContext, client, cfg, target, path: str
     guard = load.VersionGuard(ledger, ctx.connection, ctx.direction, source_object, ctx.run_id)
     sent: deque = deque()  # write calls in flight, oldest first
     recorded: list = []
+    failed = threading.Event()  # once a write fails, the batches not sent yet stay unsent
+
+    def write(batch: list[dict]) -> list[dict] | None:
+        if failed.is_set():
+            return None
+        try:
+            return load.upsert(client, target_object, batch, target.id_param(cfg), batch_size, guard=guard)
+        except BaseException:
+            failed.set()
+            raise
+
     with ThreadPoolExecutor(concurrency, thread_name_prefix="load-write") as writers, \
             ThreadPoolExecutor(1, thread_name_prefix="load-ledger") as recorder:
         try:
@@ -392,33 +406,38 @@ def _load_target(ledger: Ledger, ctx: RunContext, client, cfg, target, path: str
                 if target.prepare is not None:
                     batch = [target.prepare(r, cfg) for r in batch]
                 for start in range(0, len(batch), batch_size):
+                    # the answer first, then out of `sent`: a call is never outside it unrecorded
                     while len(sent) >= 2 * concurrency:
-                        recorded.append(recorder.submit(record, sent.popleft().result()))
+                        recorded.append(recorder.submit(record, sent[0].result()))
+                        sent.popleft()
                     for done in [f for f in recorded if f.done()]:
                         done.result()  # a ledger failure stops the load here, as it would have in line
-                    sent.append(writers.submit(load.upsert, client, target_object, batch[start:start + batch_size],
-                                               target.id_param(cfg), batch_size, guard=guard))
+                    sent.append(writers.submit(write, batch[start:start + batch_size]))
             while sent:
-                recorded.append(recorder.submit(record, sent.popleft().result()))
+                recorded.append(recorder.submit(record, sent[0].result()))
+                sent.popleft()
             for f in recorded:
                 f.result()
         except BaseException as error:
+            failed.set()
             _record_the_rest(error, sent, recorded, record)
             raise
     return totals
 
 
 def _record_the_rest(error: BaseException, sent, recorded: list, record) -> None:
-    """A write (or a ledger write) failed: wait for the ledger thread, then record, in this
-    thread, what the failed write knows (load.WriteUncertain) and the answers of every write
-    still in flight, so that the ledger holds all that reached the vault before the error goes up."""
+    """A write (or a ledger write) failed, or the task was stopped: batches not sent yet are not
+    sent (cancelled, or skipped by their writer); wait for the ledger thread, then record, in this
+    thread, what the failed write knows (load.WriteUncertain) and the answers of every write that
+    was in flight, so that the ledger holds all that reached the vault before the error goes up."""
     from clinical_crm.engine import load
 
+    sent = [f for f in sent if not f.cancel()]  # those already running cannot be cancelled
     for f in recorded:
         if not f.cancelled():
             with contextlib.suppress(Exception):
                 f.result()
-    answers = [error] + [f.exception() or f.result() for f in sent]
+    answers = [error] + [f.exception() or f.result() for f in sent if f.exception() is not error]  # None: not sent
     for answer in answers:
         outcomes = answer.outcomes if isinstance(answer, load.WriteUncertain) else answer
         try:

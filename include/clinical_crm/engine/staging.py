@@ -140,10 +140,15 @@ class FrameWriter:
 
 
 def write_frames(url: str, frames: Iterable[pd.DataFrame], columns: Iterable[str] | None = None) -> StagedFile:
-    """Stream frames into one parquet file."""
+    """Stream frames into one parquet file. A generator of frames is closed when this ends, even
+    by an error here (so a query's reading thread stops then: see extract.prefetched)."""
     writer = FrameWriter(url, columns)
-    for frame in frames:
-        writer.write(frame)
+    try:
+        for frame in frames:
+            writer.write(frame)
+    finally:
+        if hasattr(frames, "close"):
+            frames.close()
     return writer.close()
 
 

@@ -41,24 +41,25 @@ class BurstGate:
     def _current(self) -> int:
         return int((self._clock() - self.margin) // self.window_seconds)
 
-    def _wait_seconds(self) -> tuple[float, int]:
-        """(0, window) when a call may start now (it is then counted in flight), else (the time
-        to the next window, window)."""
+    def _try_start(self) -> tuple[bool, float, int]:
+        """(True, 0, window) when a call may start now (it is then counted in flight), else
+        (False, the time to the next window, window)."""
         with self._lock:
             window = self._current()
-            if window != self._window:
+            if self._window is None or window > self._window:  # never back (a clock set back)
                 self._window, self._remaining = window, None
+            window = self._window
             if self.reserve <= 0 or self._remaining is None or self._remaining - self._in_flight > self.reserve:
                 self._in_flight += 1
-                return 0.0, window
-            return (window + 1) * self.window_seconds + self.margin - self._clock(), window
+                return True, 0.0, window
+            return False, (window + 1) * self.window_seconds + self.margin - self._clock(), window
 
     def enter(self, pause: Callable[[float], None]) -> int:
         """Wait (through `pause`, which counts the time) until a call may start; returns the
         window it starts in, for `leave`. A reserve of 0 turns pacing off."""
         while True:
-            wait, window = self._wait_seconds()
-            if wait <= 0:
+            started, wait, window = self._try_start()
+            if started:
                 return window
             pause(max(wait, 0.01))
             with self._lock:  # the next window has begun: nothing is known of it yet
