@@ -26,7 +26,7 @@ def test_runs_wait_for_the_next_burst_window_instead_of_being_delayed(tmp_path):
     calls = {app: c["total"] for app, c in counters.items()}
     assert min(calls.values()) > LIMIT  # each vault got more calls than one window allows ...
     assert {app: c["delayed"] for app, c in counters.items()} == {"ctms": 0, "crm": 0}  # ... none delayed
-    assert clients["paced"] >= 2 and clients["delayed_responses"] == 0
+    assert clients["paced"] >= 1 and clients["delayed_responses"] == 0  # (how many waits: the clock decides)
     snap = {app: harness.snapshot(folder / f"{app}.db") for app in ("ctms", "crm")}
     assert sum(snap["crm"]["clinical_interaction__v"].values()) == N
     assert sum(n for row, n in snap["ctms"]["crm_activity__v"].items() if '"external_id__v": "2002_' in row) == N
