@@ -205,11 +205,8 @@ def update(client, object_name: str, records: list[dict], batch_size: int, concu
     pool = ThreadPoolExecutor(min(concurrency, len(batches)), thread_name_prefix="load-update")
     try:
         return [o for answers in pool.map(send, batches) for o in answers]
-    except BaseException:
-        pool.shutdown(cancel_futures=True)  # a call failed: the calls not started yet are not made
-        raise
     finally:
-        pool.shutdown()
+        pool.shutdown(cancel_futures=True)  # after a failed call, the calls not started are not made
 
 
 def tally(outcomes: Iterable[dict]) -> dict[str, int]:

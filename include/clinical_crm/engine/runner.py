@@ -386,7 +386,7 @@ def _load_target(ledger: Ledger, ctx: RunContext, client, cfg, target, path: str
     # (the smallest window between the check and the write)
     guard = load.VersionGuard(ledger, ctx.connection, ctx.direction, source_object, ctx.run_id)
     sent: deque = deque()  # write calls in flight, oldest first
-    recorded: list = []
+    recorded: deque = deque()  # ledger writes not yet checked (the ledger thread ends them in order)
     failed = threading.Event()  # once a write fails, the batches not sent yet stay unsent
 
     def write(batch: list[dict]) -> list[dict] | None:
@@ -410,8 +410,8 @@ def _load_target(ledger: Ledger, ctx: RunContext, client, cfg, target, path: str
                     while len(sent) >= 2 * concurrency:
                         recorded.append(recorder.submit(record, sent[0].result()))
                         sent.popleft()
-                    for done in [f for f in recorded if f.done()]:
-                        done.result()  # a ledger failure stops the load here, as it would have in line
+                    while recorded and recorded[0].done():
+                        recorded.popleft().result()  # a ledger failure stops the load here, as in line
                     sent.append(writers.submit(write, batch[start:start + batch_size]))
             while sent:
                 recorded.append(recorder.submit(record, sent[0].result()))
@@ -425,7 +425,7 @@ def _load_target(ledger: Ledger, ctx: RunContext, client, cfg, target, path: str
     return totals
 
 
-def _record_the_rest(error: BaseException, sent, recorded: list, record) -> None:
+def _record_the_rest(error: BaseException, sent, recorded, record) -> None:
     """A write (or a ledger write) failed, or the task was stopped: batches not sent yet are not
     sent (cancelled, or skipped by their writer); wait for the ledger thread, then record, in this
     thread, what the failed write knows (load.WriteUncertain) and the answers of every write that
