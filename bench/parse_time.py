@@ -91,9 +91,9 @@ def main(argv=None) -> int:
         print(f"DAG file parse (DagBag per-file duration): median {statistics.median(file_durations):.3f} s, "
               f"max {max(file_durations):.3f} s; DagBag() wall: median {statistics.median(walls):.3f} s, "
               f"max {max(walls):.3f} s; DAGs: {runs[0]['dags']}")
-        from clinical_crm.flows import all_flows
+        from clinical_crm.flows import flow_modules
 
-        expected = (len(all_flows()) + 1) * args.files  # a DAG per flow, and the reconciliation's
+        expected = (len(flow_modules()) + 1) * args.files  # a DAG per flow, and the reconciliation's
         ok = all(r["dags"] == expected and not r["import_errors"] for r in runs)
         print(f"target < 1 s ({expected} DAGs): {'MET' if max(file_durations) < 1 else 'MISSED'} "
               f"(per-file duration), {'MET' if max(walls) < 1 else 'MISSED'} (DagBag wall); all DAGs parsed: {ok}")

@@ -81,9 +81,9 @@ class PeakRss:
 
 def send_everything(cfg, clients, window) -> None:
     from clinical_crm.engine import runner
-    from clinical_crm.flows import flow
+    from clinical_crm.flows import build
 
-    f = flow("ctms_to_crm")
+    f = build("ctms_to_crm", cfg)
     ctx = runner.begin(f, cfg, "bench-send", window[0], window[1])
     staged = runner.extract(f, cfg, ctx, clients)
     records = runner.transform(f, cfg, ctx, staged, runner.validate(f, cfg, ctx, staged))
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
 
     from clinical_crm.config import parse_connection
     from clinical_crm.engine import reconcile
-    from clinical_crm.flows import all_flows
+    from clinical_crm.flows import build_all
     from clinical_crm.vault.client import VaultClient
 
     t0 = time.perf_counter()
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         with PeakRss() as rss:
             summaries = {f.name: reconcile.reconcile(f, cfg, clients, f"bench-{datetime.now().isoformat()}",
-                                                     repair=args.repair) for f in all_flows()}
+                                                     repair=args.repair) for f in build_all(cfg)}
         seconds = time.perf_counter() - started
         endpoints = {side: floor.split_counters(s.admin.counters()) for side, s in (("ctms", ctms_s), ("crm", crm_s))}
     read_floor = {obj: math.ceil(n / PAGE) or 1 for side in rows.values() for obj, n in side.items()}

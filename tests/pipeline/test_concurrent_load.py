@@ -63,11 +63,11 @@ def staged_records(tmp_path, n: int) -> str:
 
 
 @pytest.fixture
-def setup(tmp_path):
+def setup(tmp_path, demo_cfg):
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
     run = RunContext("demo", "ctms_to_crm", "manual", T0.isoformat(), T0.isoformat(), True, str(tmp_path),
                      ledger.start_run("demo", "ctms_to_crm", "manual", T0, T0))
-    interactions = next(t for t in ctms_to_crm.FLOW.targets if t.records == "clinical_interactions")
+    interactions = next(t for t in ctms_to_crm.build(demo_cfg).targets if t.records == "clinical_interactions")
     return ledger, run, interactions
 
 

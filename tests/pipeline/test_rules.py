@@ -64,11 +64,11 @@ def test_deleted_subject_appends_the_suffix(demo_cfg):
 
 
 def test_deletion_status_and_inactivation_updates(demo_cfg):
-    marks = {m.staged: m for m in ctms_to_crm.FLOW.deletions + crm_to_ctms.FLOW.deletions}
-    assert marks[ctms_to_crm.DELETED_STUDIES].change({"id": "X1"}, demo_cfg) == {
+    marks = {m.staged: m for m in ctms_to_crm.build(demo_cfg).deletions + crm_to_ctms.build(demo_cfg).deletions}
+    assert marks[ctms_to_crm.DELETED_STUDIES].change({"id": "X1"}) == {
         "vault_clinical_status__v": "deleted_in_vault_clinical__v"}
-    assert marks[crm_to_ctms.DELETED_CALLS].change({"id": "A1"}, demo_cfg) == {"status__v": "inactive__v"}
-    assert marks[ctms_to_crm.DELETED_ACTIVITIES].change({"id": "I1", "subject__v": "Visit"}, demo_cfg) == {
+    assert marks[crm_to_ctms.DELETED_CALLS].change({"id": "A1"}) == {"status__v": "inactive__v"}
+    assert marks[ctms_to_crm.DELETED_ACTIVITIES].change({"id": "I1", "subject__v": "Visit"}) == {
         "subject__v": "Visit Deleted"}
 
 

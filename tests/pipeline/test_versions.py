@@ -263,7 +263,7 @@ def test_without_a_guard_nothing_is_checked(ledger):
 def test_pipeline_load_records_superseded_outcomes_and_counts(ledger, tmp_path, demo_cfg):
     run = RunContext("demo", "ctms_to_crm", "backfill", T0.isoformat(), T0.isoformat(), True, str(tmp_path),
                      ledger.start_run("demo", "ctms_to_crm", "backfill", T0, T0))
-    interactions = next(t for t in ctms_to_crm.FLOW.targets if t.records == "clinical_interactions")
+    interactions = next(t for t in ctms_to_crm.build(demo_cfg).targets if t.records == "clinical_interactions")
     ledger.record_versions("demo", "ctms_to_crm", OBJ, {"V1": T0 + timedelta(minutes=1)})
     staged = staging.write_frames(f"file://{tmp_path}/clinical_interactions.records.parquet",
                                   [pd.DataFrame([rec("V1", vault_text(T0)), rec("V2", vault_text(T0))])])

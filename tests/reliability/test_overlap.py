@@ -118,7 +118,7 @@ def test_an_older_extraction_loaded_last_does_not_overwrite_newer_values(tmp_pat
         crm = VaultClient(world.crm.url, harness.USER, harness.PASSWORD)
         try:
             start, end = harness.wide_window()
-            flow = ctms_to_crm.FLOW
+            flow = ctms_to_crm.build(cfg)
             run = runner.begin(flow, cfg, "backfill__a", None, None,
                                {"window_start": start.isoformat(), "window_end": end.isoformat()})
             staged = runner.extract(flow, cfg, run, {"ctms": ctms, "crm": crm})
@@ -157,7 +157,7 @@ def test_a_resend_after_a_lost_answer_never_writes_an_older_version_over_a_newer
         cfg = load_connection(folder / "connections" / "demo.yaml")
         ctms = VaultClient(world.ctms.url, harness.USER, harness.PASSWORD)
         crm = VaultClient(world.crm.url, harness.USER, harness.PASSWORD)
-        flow, (start, end) = ctms_to_crm.FLOW, harness.wide_window()
+        flow, (start, end) = ctms_to_crm.build(cfg), harness.wide_window()
         run = runner.begin(flow, cfg, "backfill__a", None, None,
                            {"window_start": start.isoformat(), "window_end": end.isoformat()})
         staged = runner.extract(flow, cfg, run, {"ctms": ctms, "crm": crm})

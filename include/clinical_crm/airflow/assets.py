@@ -19,16 +19,15 @@ def asset_uri(connection: str, object_name: str) -> str:
 
 def _objects(flow: Flow, cfg) -> dict[str, str]:
     """{target object: source object} of every enabled target and deletion mark, in write order."""
-    objects = {t.target_object(cfg): t.source_object(cfg) for t in flow.targets if t.enabled(cfg)}
+    objects = {t.target_object: t.source_object for t in flow.targets}
     for mark in flow.deletions:
-        if mark.enabled(cfg):
-            objects.setdefault(mark.target_object(cfg), mark.source_object(cfg))
+        objects.setdefault(mark.target_object, mark.source_object)
     return objects
 
 
 def source_uris(flow: Flow, cfg) -> list[str]:
     """The source vault objects the flow's extraction reads (lineage inputs)."""
-    return [asset_uri(cfg.name, obj) for obj in sorted({obj for obj, _ in flow.extraction.counts(cfg).values()})]
+    return [asset_uri(cfg.name, obj) for obj in sorted({r.object for r in flow.reads if r.counted and r.object})]
 
 
 def target_assets(flow: Flow, cfg) -> list[Asset]:

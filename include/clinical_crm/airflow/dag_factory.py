@@ -16,7 +16,7 @@ from datetime import timedelta
 from airflow.sdk import DAG, CronDataIntervalTimetable, ExceptionRetryPolicy, Param, RetryAction, RetryRule, task
 
 from clinical_crm.airflow import assets, lineage, notifier
-from clinical_crm.flows import all_flows, flow as flow_named
+from clinical_crm.flows import build as build_flow, build_all
 from clinical_crm.flows.base import Flow
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def _clients(flow: Flow, cfg, *sides: str):
 
     try:
         for side in sides:
-            clients[side] = VaultHook(flow.conn_id(cfg, side)).get_client()
+            clients[side] = VaultHook(flow.conn_id(side)).get_client()
         if cfg.active and len(clients) > 1:
             side_by_side(lambda client: client.authenticate())
         yield clients
@@ -155,7 +155,7 @@ def _log_vault_time(side: str, client) -> None:
 def _doc(flow: Flow, cfg) -> str:
     return f"""### Clinical Operations to Medical CRM: `{cfg.name}` ({flow.name})
 
-{flow.describe(cfg)}
+{flow.description}
 
 {cfg.description}
 
@@ -198,7 +198,7 @@ def begin(source: str, flow_name: str, **context) -> dict:
     dag_run = context.get("dag_run")
     manual = dag_run is not None and str(getattr(dag_run, "run_type", "")).lower().endswith("manual")
     cfg = _config(source)
-    ctx = runner.begin(flow_named(flow_name), cfg, context["run_id"], context.get("data_interval_start"),
+    ctx = runner.begin(build_flow(flow_name, cfg), cfg, context["run_id"], context.get("data_interval_start"),
                        context.get("data_interval_end"), dict(context.get("params") or {}),
                        triggered_at=context.get("logical_date") if manual else None)
     notifier.check_begin(cfg, ctx, context)
@@ -211,7 +211,8 @@ def pre_step(source: str, flow_name: str, run: dict) -> dict:
     from clinical_crm.engine.context import RunContext
 
     with _step(run):
-        flow, cfg, ctx = flow_named(flow_name), _config(source), RunContext.from_xcom(run)
+        cfg, ctx = _config(source), RunContext.from_xcom(run)
+        flow = build_flow(flow_name, cfg)
         with _clients(flow, cfg, flow.source_side) as clients:
             ids = runner.pre_step(flow, cfg, ctx, clients).to_xcom()
         lineage.report([], lineage.staged_urls(ids))
@@ -224,7 +225,8 @@ def extract(source: str, flow_name: str, run: dict, pre: dict | None = None) -> 
     from clinical_crm.engine.context import RunContext, Staged
 
     with _step(run):
-        flow, cfg, ctx = flow_named(flow_name), _config(source), RunContext.from_xcom(run)
+        cfg, ctx = _config(source), RunContext.from_xcom(run)
+        flow = build_flow(flow_name, cfg)
         with _clients(flow, cfg, "ctms", "crm") as clients:
             staged = runner.extract(flow, cfg, ctx, clients, Staged.from_xcom(pre)).to_xcom()
         lineage.report(assets.source_uris(flow, cfg) + lineage.staged_urls(pre), lineage.staged_urls(staged))
@@ -237,7 +239,8 @@ def validate(source: str, flow_name: str, run: dict, staged: dict) -> dict:
     from clinical_crm.engine.context import RunContext, Staged
 
     with _step(run):
-        valid = runner.validate(flow_named(flow_name), _config(source), RunContext.from_xcom(run),
+        cfg = _config(source)
+        valid = runner.validate(build_flow(flow_name, cfg), cfg, RunContext.from_xcom(run),
                                 Staged.from_xcom(staged)).to_xcom()
         lineage.report(lineage.staged_urls(staged), lineage.staged_urls(valid) + lineage.quarantine_urls(run))
         return valid
@@ -249,7 +252,8 @@ def transform(source: str, flow_name: str, run: dict, staged: dict, validated: d
     from clinical_crm.engine.context import RunContext, Staged
 
     with _step(run):
-        records = runner.transform(flow_named(flow_name), _config(source), RunContext.from_xcom(run),
+        cfg = _config(source)
+        records = runner.transform(build_flow(flow_name, cfg), cfg, RunContext.from_xcom(run),
                                    Staged.from_xcom(staged), Staged.from_xcom(validated)).to_xcom()
         lineage.report(lineage.staged_urls(staged, validated), lineage.staged_urls(records))
         return records
@@ -263,7 +267,8 @@ def load(source: str, flow_name: str, run: dict, staged: dict, records: dict, **
     ti = context.get("ti")
     final_attempt = ti is None or ti.try_number > ti.max_tries  # no Airflow retry is left after this one
     with _step(run):
-        flow, cfg, ctx = flow_named(flow_name), _config(source), RunContext.from_xcom(run)
+        cfg, ctx = _config(source), RunContext.from_xcom(run)
+        flow = build_flow(flow_name, cfg)
         with _clients(flow, cfg, flow.target_side) as clients:
             counts = runner.load(flow, cfg, ctx, clients[flow.target_side], Staged.from_xcom(staged),
                                  Staged.from_xcom(records), final_attempt=final_attempt)
@@ -293,14 +298,14 @@ def build_dag(flow: Flow, cfg) -> DAG:
     source vault's pool, writes in the target's; extract and load keep `load.concurrency` calls in
     flight, so they take that many slots."""
     source = str(cfg.source_file)
-    read_pool = pool_name(flow.conn_id(cfg, flow.source_side))
-    write_pool = pool_name(flow.conn_id(cfg, flow.target_side))
+    read_pool = pool_name(flow.conn_id(flow.source_side))
+    write_pool = pool_name(flow.conn_id(flow.target_side))
     calls = cfg.load.concurrency
     with _dag(flow, cfg) as dag:
         run = begin.override(pool=read_pool)(source, flow.name)
         # the pre-step's task only where this connection file enables it (one task less to run)
         pre = pre_step.override(task_id=flow.pre_step.task_id, pool=read_pool)(source, flow.name, run) \
-            if flow.pre_step and flow.pre_step.enabled(cfg) else None
+            if flow.pre_step else None
         staged = extract.override(pool=read_pool, pool_slots=calls)(source, flow.name, run, pre)
         records = transform(source, flow.name, run, staged, validate(source, flow.name, run, staged))
         loaded = load.override(pool=write_pool, pool_slots=calls, outlets=assets.target_assets(flow, cfg))(
@@ -318,7 +323,8 @@ def reconcile(source: str, flow_name: str, **context) -> dict:
     when the param `repair` (or else the file's `reconcile.repair`) says so."""
     from clinical_crm.engine import reconcile as reconciliation
 
-    flow, cfg = flow_named(flow_name), _config(source)
+    cfg = _config(source)
+    flow = build_flow(flow_name, cfg)
     if not cfg.active:
         log.warning("connection %s is inactive: reconciliation reads and writes nothing", cfg.name)
         return {}
@@ -353,9 +359,9 @@ in the ledger; with `repair` (param, else `reconcile.repair` in `{cfg.source_fil
         default_args=task_defaults(),
         tags=["clinical-crm", cfg.name, "reconcile"],
     ) as dag:
-        for flow in all_flows():
+        for flow in build_all(cfg):
             reconcile.override(task_id=f"reconcile_{flow.name}",
-                               pool=pool_name(flow.conn_id(cfg, flow.target_side)))(str(cfg.source_file), flow.name)
+                               pool=pool_name(flow.conn_id(flow.target_side)))(str(cfg.source_file), flow.name)
     return dag
 
 
@@ -365,7 +371,7 @@ def build_dags(configs=None) -> dict[str, DAG]:
 
     dags = {}
     for cfg in configs if configs is not None else config.load_connections():
-        for flow in all_flows():
+        for flow in build_all(cfg):
             dag = build_dag(flow, cfg)
             dags[dag.dag_id] = dag
         dags[f"reconcile__{cfg.name}"] = build_reconcile_dag(cfg)

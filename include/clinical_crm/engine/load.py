@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
-from clinical_crm.flows.base import SOURCE_ID, SOURCE_VERSION
+from clinical_crm.flows.base import SOURCE_ID, SOURCE_VERSION, DeletionMark
 from clinical_crm.times import as_utc
 from clinical_crm.values import text
 from clinical_crm.vault import Query
@@ -230,7 +230,7 @@ def find_by_external_id(client, object_name: str, external_field: str, external_
 # ---------------------------------------------------------------- deletion marks
 
 
-def mark_deleted(client, mark, cfg, pending: list[dict], batch_size: int, expect=None,
+def mark_deleted(client, mark: DeletionMark, pending: list[dict], batch_size: int, expect=None,
                  concurrency: int = 1) -> tuple[list[dict], set[str]]:
     """Apply a flow's DeletionMark to the target records of deleted source records.
 
@@ -243,10 +243,10 @@ def mark_deleted(client, mark, cfg, pending: list[dict], batch_size: int, expect
     go `concurrency` at a time: one that fails leaves its records expected, recognised by the
     next run). Returns the outcomes and the source ids whose target record does not exist
     (nothing to mark)."""
-    target_object, external_field = mark.target_object(cfg), mark.external_id(cfg)
+    target_object, external_field = mark.target_object, mark.external_id
     by_global_id = {str(p["global_id"]): p for p in pending if p.get("global_id")}
     found = find_by_external_id(client, target_object, external_field, list(by_global_id),
-                                mark.read_fields(cfg), mark.where(cfg) or "")
+                                mark.read_fields, mark.where or "")
     outcomes, changes = [], []
     seen: set[str] = set()
     for row in found:
@@ -254,7 +254,7 @@ def mark_deleted(client, mark, cfg, pending: list[dict], batch_size: int, expect
         if entry is None:
             continue
         seen.add(str(row[external_field]))
-        change = mark.change(row, cfg)
+        change = mark.change(row)
         current = {k: text(row.get(k)) for k in change}
         if current == change or (entry.get("expected") and current == entry["expected"]):
             outcomes.append({"source_id": entry["source_id"], "target_id": row[ID], "outcome": "unchanged",

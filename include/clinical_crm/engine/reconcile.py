@@ -5,8 +5,7 @@ to the ledger (`drift`, `reconcile_runs`) and, with repair, the newest version i
 This module owns the comparison, the drift kinds and the repair. It works from the Flow
 declarations only (no direction is named here):
 
-* source: the flow's own extraction (`Extraction.stage`) over the whole history instead of a
-  window, then the flow's quality checks: a record failing them is expected absent
+* source: the flow's own reads (engine.plan) over the whole history instead of a window, then the flow's quality checks: a record failing them is expected absent
   (quarantined), never drift; the valid rows become target records by `runner.transform`, i.e.
   by each `Target.build` (and `prepare`, as the load sends them);
 * target: every record of the target object (`Target.where`) carrying an external id of this
@@ -40,6 +39,7 @@ from datetime import datetime, timezone
 from clinical_crm.engine import load, quality, runner, staging
 from clinical_crm.engine.context import RunContext, Staged
 from clinical_crm.engine.ledger import Ledger
+from clinical_crm.engine.plan import Reading
 from clinical_crm.flows.base import SOURCE_ID, SOURCE_VERSION, VALID, DeletionMark, Flow, Target
 from clinical_crm.values import text
 from clinical_crm.vault import Query
@@ -79,18 +79,20 @@ def _whole_history_deletions() -> Iterator[None]:
 # ---------------------------------------------------------------- the source side
 
 
-def _valid_rows(flow: Flow, cfg, staged: Staged, run_dir: str) -> Staged:
+def _valid_rows(flow: Flow, staged: Staged, run_dir: str) -> Staged:
     """The validated object's rows that pass the flow's quality rules (with the matched target
     id column), as the runner's validate step stages them, without touching the quarantine."""
     v = flow.validation
-    rules, reference = v.rules(cfg), v.reference(staged, cfg)
-    good = staging.FrameWriter(f"{run_dir}/{v.source}.valid.parquet")
+    if v is None:
+        return Staged()
+    rules, reference = v.rules, runner.references(v, staged)
+    good = staging.FrameWriter(f"{run_dir}/{v.read}.valid.parquet")
     seen = staging.IdSet()
-    for chunk in staging.read_chunks(staged.path(v.source)):
+    for chunk in staging.read_chunks(staged.path(v.read)):
         chunk = chunk[~seen.isin(chunk[ID])].drop_duplicates(ID, keep="last")
         seen.add(chunk[ID])
         if not chunk.empty:
-            checks = v.checks(chunk, reference, cfg)
+            checks = v.checks(chunk, reference)
             bad = quality.row_reasons(checks, rules)[0].map(bool)
             good.write(chunk[~bad].assign(**{v.matched_column: checks.loc[~bad, v.matched_column]}))
     return Staged({VALID: good.close()})
@@ -104,19 +106,19 @@ def _global_ids(path: str | None) -> dict[str, str]:
     return found
 
 
-def expected_records(target: Target, cfg, records: Staged) -> Iterator[dict]:
+def expected_records(target: Target, records: Staged) -> Iterator[dict]:
     """The records the load would send, from the target's staged records (streamed: memory
     follows the chunk)."""
     for chunk in staging.read_chunks(records.path(target.records)):
         for record in staging.records(chunk):
-            yield target.prepare(record, cfg) if target.prepare is not None else record
+            yield target.prepare(record) if target.prepare is not None else record
 
 
-def compared_fields(target: Target, cfg, records: Staged) -> list[str]:
+def compared_fields(target: Target, records: Staged) -> list[str]:
     """The fields the target's records carry (the columns of its staged records)."""
     first = next(staging.read_chunks(records.path(target.records), chunk_rows=1), None)
     columns = set(first.columns) if first is not None else set()
-    return sorted(columns - {SOURCE_ID, SOURCE_VERSION, target.id_param(cfg)})
+    return sorted(columns - {SOURCE_ID, SOURCE_VERSION, target.id_param})
 
 
 # ---------------------------------------------------------------- the target side
@@ -124,24 +126,24 @@ def compared_fields(target: Target, cfg, records: Staged) -> list[str]:
 
 def target_records(client, target: Target, cfg, fields: list[str], prefix: str) -> dict[str, dict]:
     """{external id: record} of every target record carrying an external id of the source vault."""
-    id_param = target.id_param(cfg)
-    query = Query.select(target.target_object(cfg), list(dict.fromkeys([ID, id_param, *fields])))
-    where = target.where(cfg)
+    id_param = target.id_param
+    query = Query.select(target.target_object, list(dict.fromkeys([ID, id_param, *fields])))
+    where = target.where
     query = (query.filter(where) if where else query).paged(cfg.load.query_page_size)
     return {str(r[id_param]): r for page in client.query(query) for r in page.records
             if (text(r.get(id_param)) or "").startswith(prefix)}
 
 
-def carries_mark(mark: DeletionMark, row: dict, cfg, entry: dict | None) -> bool:
+def carries_mark(mark: DeletionMark, row: dict, entry: dict | None) -> bool:
     """Does the target row carry the deletion mark? It holds the values the connection wrote as
     the mark (the ledger's `expected`), or passes the mark's own test (`carried`, else: it holds
     what `change` gives)."""
-    change = mark.change(row, cfg)
+    change = mark.change(row)
     current = {k: value(row.get(k)) for k in change}
     if entry and entry.get("expected") and current == {k: value(v) for k, v in entry["expected"].items()}:
         return True
     if mark.carried is not None:
-        return mark.carried(row, cfg)
+        return mark.carried(row)
     return current == {k: value(v) for k, v in change.items()}
 
 
@@ -163,21 +165,21 @@ class TargetCheck:
         self.flow, self.target, self.cfg, self.ledger = flow, target, cfg, ledger
         self.client, self.source_client = clients[flow.target_side], clients[flow.source_side]
         self.prefix = f"{clients[flow.source_side].vault_id}_"
-        self.source_object, self.target_object = target.source_object(cfg), target.target_object(cfg)
-        self.id_param = target.id_param(cfg)
-        source = flow.validation.source if target.source == VALID else target.source
+        self.source_object, self.target_object = target.source_object, target.target_object
+        self.id_param = target.id_param
+        source = flow.validation.read if target.source == VALID and flow.validation else target.source
         self.sources = _global_ids(staged.path(source))  # valid or not: the source record exists
         self.records = records
         self.expected = 0  # records the source says the target holds, counted by drift()
         self.resend: dict[str, dict] = {}  # {external id: record} of the missing and stale ones
-        self.marks = [m for m in flow.deletions if m.enabled(cfg) and m.target_object(cfg) == self.target_object
-                      and m.source_object(cfg) == self.source_object]
+        self.marks = [m for m in flow.deletions if m.target_object == self.target_object
+                      and m.source_object == self.source_object]
         self.deleted: dict[str, str] = {}  # {global id: source id} the vault reports deleted lately
         for mark in self.marks:
             self.deleted.update(_global_ids(staged.path(mark.staged)))
         self.entries = ledger.deletion_entries(cfg.name, flow.name, self.source_object)
-        self.fields = compared_fields(target, cfg, records)
-        read = self.fields + [f for m in self.marks for f in m.read_fields(cfg)]
+        self.fields = compared_fields(target, records)
+        read = self.fields + [f for m in self.marks for f in m.read_fields]
         self.actual = target_records(self.client, target, cfg, read, self.prefix)
 
     def source_id(self, external_id: str) -> str:
@@ -186,7 +188,7 @@ class TargetCheck:
 
     def drift(self) -> list[dict]:
         found = []
-        for record in expected_records(self.target, self.cfg, self.records):
+        for record in expected_records(self.target, self.records):
             self.expected += 1
             external_id = str(record[self.id_param])
             row = self.actual.get(external_id)
@@ -196,7 +198,7 @@ class TargetCheck:
                 found.append({"kind": "stale" if diff else "missing", "external_id": external_id,
                               "source_id": str(record[SOURCE_ID]), "details": {"fields": diff} if diff else None})
         unmarked = [e for e, row in self.actual.items() if e not in self.sources and not any(
-            carries_mark(m, row, self.cfg, self.entries.get(e)) for m in self.marks)]
+            carries_mark(m, row, self.entries.get(e)) for m in self.marks)]
         existing = self.still_there(unmarked) if unmarked else set()
         gone = [e for e in unmarked if e not in existing]
         written = self.ledger.known_external_ids(self.cfg.name, self.target_object, gone) if gone else set()
@@ -207,7 +209,7 @@ class TargetCheck:
             found.append({"kind": "missing_deletion_mark" if mark else "extra", "external_id": external_id,
                           "source_id": self.source_id(external_id), "details": mark and {"fields": {
                               k: {"expected": value(v), "actual": value(row.get(k))}
-                              for k, v in mark.change(row, self.cfg).items()}}})
+                              for k, v in mark.change(row).items()}}})
         return found
 
     def still_there(self, global_ids: list[str]) -> set[str]:
@@ -246,7 +248,7 @@ class TargetCheck:
         pending = [{"source_id": d["source_id"], "global_id": d["external_id"],
                     "expected": (self.entries.get(d["external_id"]) or {}).get("expected")} for d in unmarked]
         outcomes, no_target = load.mark_deleted(
-            self.client, mark, self.cfg, pending, self.cfg.load.batch_size,
+            self.client, mark, pending, self.cfg.load.batch_size,
             expect=lambda changes: self.ledger.expect_deletions(name, direction, obj, changes))
         self.ledger.settle_deletions(name, direction, obj, outcomes, no_target)
         _log_failures(self.target_object, [o for o in outcomes if o["outcome"] == "failed"])
@@ -274,13 +276,14 @@ def reconcile(flow: Flow, cfg, clients: dict, dag_run_id: str, repair: bool = Fa
     objects: dict[str, dict] = {}
     try:
         with _whole_history_deletions():
-            staged = Staged(flow.extraction.stage(cfg, clients, ctx.window, ctx.run_dir, [], ledger))
-        valid = _valid_rows(flow, cfg, staged, ctx.run_dir) if flow.validation.feature(cfg) else Staged()
+            staged = Staged(Reading(flow.reads, clients, ctx.window, ctx.run_dir, cfg.load.concurrency, {},
+                                    known=lambda obj, ids: ledger.known_external_ids(cfg.name, obj, ids),
+                                    page_size=cfg.load.query_page_size).run())
+        valid = _valid_rows(flow, staged, ctx.run_dir)
         records = runner.transform(flow, cfg, ctx, staged, valid)
         for target in flow.targets:
-            if _compared(flow, target, cfg):
-                check = TargetCheck(flow, target, cfg, clients, ledger, staged, records)
-                objects[check.target_object] = _reconcile_target(check, ledger, run_id, repair)
+            check = TargetCheck(flow, target, cfg, clients, ledger, staged, records)
+            objects[check.target_object] = _reconcile_target(check, ledger, run_id, repair)
     except BaseException as error:
         ledger.finish_reconcile(run_id, "failed", {"objects": objects}, f"{type(error).__name__}: {error}")
         raise
@@ -289,12 +292,6 @@ def reconcile(flow: Flow, cfg, clients: dict, dag_run_id: str, repair: bool = Fa
     summary = {"run_id": run_id, "repair": repair, "objects": objects}
     ledger.finish_reconcile(run_id, "success", summary)
     return summary
-
-
-def _compared(flow: Flow, target: Target, cfg) -> bool:
-    """An enabled target, and for the validated object's target its feature on (off, the
-    target object's records are none of this connection's business)."""
-    return target.enabled(cfg) and (target.source != VALID or flow.validation.feature(cfg))
 
 
 def _reconcile_target(check: TargetCheck, ledger: Ledger, run_id: int, repair: bool) -> dict:

@@ -21,7 +21,7 @@ from datetime import datetime
 from clinical_crm.engine import staging, windows
 from clinical_crm.engine.context import RunContext, Staged
 from clinical_crm.engine.ledger import Ledger
-from clinical_crm.flows.base import VALID, Flow
+from clinical_crm.flows.base import SOURCE_ID, SOURCE_OBJECT, VALID, Flow, Target, Writes
 
 log = logging.getLogger(__name__)
 
@@ -115,41 +115,77 @@ def finish(ctx: RunContext, ledger: Ledger | None = None) -> dict:
 # ---------------------------------------------------------------- pre-step / extract
 
 
-def pre_step_enabled(flow: Flow, cfg) -> bool:
-    return flow.pre_step is not None and flow.pre_step.enabled(cfg)
-
-
 @_active(Staged)
 def pre_step(flow: Flow, cfg, ctx: RunContext, clients: dict, ledger: Ledger | None = None) -> Staged:
-    """The flow's pre-step (e.g. automated activities); stages the ids extraction must read."""
+    """The flow's pre-step (e.g. automated activities): what it plans is written through the load
+    path (version guard, load lock, one outcome per record), then its follow-up updates (e.g.
+    flags cleared); stages the ids written, which the extraction reads whatever their time."""
     import pandas as pd
 
     ledger = ledger or Ledger()
     ids: list[str] = []
-    if pre_step_enabled(flow, cfg):
-        ids, counts = flow.pre_step.run(cfg, clients[flow.source_side], ledger, ctx)
+    obj = ""
+    if flow.pre_step is not None:
+        client = clients[flow.source_side]
+        writes = flow.pre_step.plan(client)
+        ids, counts = _write_pre_step(ledger, ctx, client, cfg, writes)
+        obj = writes.object
         add_counts(ledger, ctx, counts)
     return Staged({PRE_STEP_IDS: staging.write_frames(f"{ctx.run_dir}/{PRE_STEP_IDS}.parquet",
-                                                      [pd.DataFrame({"id": ids})], ["id"])})
+                                                      [pd.DataFrame({"id": ids, "object": [obj] * len(ids)})],
+                                                      ["id", "object"])})
+
+
+def _write_pre_step(ledger: Ledger, ctx: RunContext, client, cfg, writes: Writes) -> tuple[list[str], dict]:
+    """Upsert the pre-step's records (one write for all its source objects), then make the
+    updates `writes.then` asks for; outcomes and counts by source object."""
+    from clinical_crm.engine import load
+
+    object_of = {str(r[SOURCE_ID]): r[SOURCE_OBJECT] for r in writes.records}
+    records = [{k: v for k, v in r.items() if k != SOURCE_OBJECT} for r in writes.records]
+    spec = Target("pre_step", "pre_step", writes.object, writes.object, writes.id_param, build=lambda rows: [])
+    outcomes: list[dict] = []
+    with ledger.exclusive(load.lock_name(ctx.connection, writes.object)):
+        _write(ledger, ctx, client, cfg, spec, [records] if records else [], object_of=object_of, collect=outcomes)
+    written: dict[str, list[str]] = {}
+    for o in outcomes:
+        if o["outcome"] in load.LOADED:
+            written.setdefault(object_of[o["source_id"]], []).append(o["source_id"])
+    counts: dict[str, dict] = {}
+    for obj, flagged in writes.counted.items():
+        mine = [o for o in outcomes if object_of[o["source_id"]] == obj]
+        notes = [n for n in writes.notes if n.source_object == obj]
+        report = [{"source_id": n.source_id, "outcome": n.outcome, "message": n.message} for n in notes]
+        updates = writes.then({obj: written.get(obj, [])}).get(obj, [])
+        report += [o | {"message": f"flag not cleared: {o.get('message')}"}
+                   for o in load.update(client, obj, updates, cfg.load.batch_size) if o["outcome"] == "failed"]
+        ledger.add_outcomes(ctx.run_id, ctx.connection, ctx.direction, obj, report)
+        counts[obj] = load.tally(mine) | {"flagged": flagged, "needs_person": len(notes)}
+        log.info("pre-step writes from %s: %s", obj, counts[obj])
+    ids = [o["target_id"] for o in outcomes if o["outcome"] in load.LOADED and o["target_id"]]
+    return ids, counts
 
 
 @_active(Staged)
 def extract(flow: Flow, cfg, ctx: RunContext, clients: dict, pre: Staged | None = None,
             ledger: Ledger | None = None) -> Staged:
-    """Stage what the flow reads; records quarantined before and those the pre-step wrote are
-    read again by id whatever their modification time."""
-    from clinical_crm.engine.extract import staged_values
+    """Stage what the flow reads (engine.plan); records quarantined before and those the
+    pre-step wrote are read again by id whatever their modification time."""
+    from clinical_crm.engine.plan import Reading, counts
 
     ledger = ledger or Ledger()
-    reread = ledger.quarantined_ids(cfg.name, flow.name, flow.validation.source_object(cfg))
+    reread: dict[str, list[str]] = {}
+    if flow.validation is not None:
+        reread[flow.validation.object] = ledger.quarantined_ids(cfg.name, flow.name, flow.validation.object)
     if pre is not None and PRE_STEP_IDS in pre:
-        reread += staged_values(pre[PRE_STEP_IDS], "id")
-    staged = Staged(flow.extraction.stage(cfg, clients, ctx.window, ctx.run_dir, reread, ledger))
-    counts: dict[str, dict] = {}
-    for name, (obj, key) in flow.extraction.counts(cfg).items():
-        if name in staged:
-            counts.setdefault(obj, {})[key] = staged.rows(name)
-    add_counts(ledger, ctx, counts)
+        for chunk in staging.read_chunks(pre.path(PRE_STEP_IDS)):
+            for record_id, obj in zip(chunk["id"], chunk["object"]):
+                reread.setdefault(str(obj), []).append(str(record_id))
+    files = Reading(flow.reads, clients, ctx.window, ctx.run_dir, cfg.load.concurrency, reread,
+                    known=lambda obj, ids: ledger.known_external_ids(cfg.name, obj, ids),
+                    page_size=cfg.load.query_page_size).run()
+    staged = Staged(files)
+    add_counts(ledger, ctx, counts(flow.reads, files))
     log.info("extracted %s", {name: f.rows for name, f in staged.files.items()})
     return staged
 
@@ -168,11 +204,13 @@ def validate(flow: Flow, cfg, ctx: RunContext, staged: Staged, ledger: Ledger | 
 
     ledger = ledger or Ledger()
     v = flow.validation
-    object_name = v.source_object(cfg)
-    rules = v.rules(cfg)
-    reference = v.reference(staged, cfg)
+    if v is None:  # the connection file sends nothing this flow would check
+        return Staged()
+    object_name = v.object
+    rules = v.rules
+    reference = references(v, staged)
     validator = quality.Validator(cfg.name, ctx.dag_run_id, matched_columns=(v.matched_column,))
-    good = staging.FrameWriter(f"{ctx.run_dir}/{v.source}.valid.parquet")
+    good = staging.FrameWriter(f"{ctx.run_dir}/{v.read}.valid.parquet")
     rows = failing = 0
     # Records quarantined by earlier runs are re-checked every run (held_before). While they still
     # fail, those a successful run already accepted are known open items, not new defects of this
@@ -187,13 +225,13 @@ def validate(flow: Flow, cfg, ctx: RunContext, staged: Staged, ledger: Ledger | 
     ledger.clear_outcomes(ctx.run_id, object_name, only=["quarantined", "source_deleted"])  # a retry starts over
     quality.import_gx()
     with _frozen_heap():
-        for chunk in staging.read_chunks(staged.path(v.source)):
+        for chunk in staging.read_chunks(staged.path(v.read)):
             # a quarantined record may also have changed in the window: keep one copy
             chunk = chunk[~seen.isin(chunk["id"])].drop_duplicates("id", keep="last")
             seen.add(chunk["id"])
             if chunk.empty:
                 continue
-            checks = v.checks(chunk, reference, cfg)
+            checks = v.checks(chunk, reference)
             suites += validator.validate(object_name, checks, rules)
             findings, per_rule = quality.row_findings(checks, rules)
             reasons = findings.map(lambda found: [reason for _, reason in found])
@@ -218,7 +256,7 @@ def validate(flow: Flow, cfg, ctx: RunContext, staged: Staged, ledger: Ledger | 
             gc.collect()
     good_file = good.close()
     quarantined = quarantine.close()
-    gone = sorted(seen.missing(held_before)) if v.feature(cfg) else []
+    gone = sorted(seen.missing(held_before))
     if gone:  # read again by id and not found: deleted in the source, nothing left to send
         ledger.resolve_quarantine(cfg.name, flow.name, object_name, gone)
         ledger.add_outcomes(ctx.run_id, cfg.name, flow.name, object_name,
@@ -241,6 +279,11 @@ def validate(flow: Flow, cfg, ctx: RunContext, staged: Staged, ledger: Ledger | 
     quarantine.log_first()
     quality.check_threshold(new_rows, new_failing, cfg.quality.max_failing_share)
     return Staged({VALID: good_file})
+
+
+def references(validation, staged: Staged) -> dict:
+    """What the checks compare against: the staged reads the validation names, as frames."""
+    return {name: staging.read_frame(staged.path(name)) for name in validation.reference}
 
 
 @contextlib.contextmanager
@@ -267,12 +310,10 @@ def transform(flow: Flow, cfg, ctx: RunContext, staged: Staged, validated: Stage
 
     out = {}
     for target in flow.targets:
-        if not target.enabled(cfg):
-            continue
         source = validated.path(VALID) if target.source == VALID else staged.path(target.source)
         out[target.records] = staging.write_frames(
             f"{ctx.run_dir}/{target.records}.records.parquet",
-            (pd.DataFrame(target.build(chunk, cfg)) for chunk in staging.read_chunks(source)))
+            (pd.DataFrame(target.build(chunk)) for chunk in staging.read_chunks(source)))
     return Staged(out)
 
 
@@ -294,21 +335,19 @@ def load(flow: Flow, cfg, ctx: RunContext, client, staged: Staged, records: Stag
     from clinical_crm.engine.load import lock_name as load_lock_name
 
     ledger = ledger or Ledger()
-    objects = {t.source_object(cfg) for t in flow.targets} | {d.source_object(cfg) for d in flow.deletions}
+    objects = {t.source_object for t in flow.targets} | {d.source_object for d in flow.deletions}
     earlier = ledger.written_outcomes(ctx.run_id, objects)
     for obj in sorted(objects):
         ledger.clear_outcomes(ctx.run_id, obj, only=CLEARED_ON_RETRY)  # a retried task starts over
     counts: dict[str, dict] = {}
     for target in flow.targets:
-        if target.enabled(cfg):
-            with ledger.exclusive(load_lock_name(ctx.connection, target.target_object(cfg))):
-                counts[target.source_object(cfg)] = _load_target(
-                    ledger, ctx, client, cfg, target, records.path(target.records), earlier, final_attempt)
+        with ledger.exclusive(load_lock_name(ctx.connection, target.target_object)):
+            counts[target.source_object] = _load_target(
+                ledger, ctx, client, cfg, target, records.path(target.records), earlier, final_attempt)
     for mark in flow.deletions:
-        if mark.enabled(cfg):
-            totals = counts.setdefault(mark.source_object(cfg), {})
-            for key, value in _apply_deletions(ledger, ctx, client, cfg, mark, staged, earlier).items():
-                totals[key] = totals.get(key, 0) + value
+        totals = counts.setdefault(mark.source_object, {})
+        for key, value in _apply_deletions(ledger, ctx, client, cfg, mark, staged, earlier).items():
+            totals[key] = totals.get(key, 0) + value
     add_counts(ledger, ctx, counts)
     _raise_for_refusals(counts, final_attempt)
     return counts
@@ -330,10 +369,29 @@ def _as_counted(outcomes: list[dict], earlier: dict[str, str]) -> list[dict]:
     return counted
 
 
-def _load_target(ledger: Ledger, ctx: RunContext, client, cfg, target, path: str | None,
+def _load_target(ledger: Ledger, ctx: RunContext, client, cfg, target: Target, path: str | None,
                  earlier: dict[str, dict[str, str]] | None = None, final_attempt: bool = True) -> dict:
-    """Upsert one staged records file chunk by chunk (memory follows the chunk, not the file);
-    record outcomes, the id map and (for the validated object) the quarantine they leave.
+    """Upsert one staged records file chunk by chunk (memory follows the chunk, not the file)."""
+    from clinical_crm.vault.fields import MAX_BATCH
+
+    batch_size = min(cfg.load.batch_size, MAX_BATCH)
+
+    def batches():
+        for chunk in staging.read_chunks(path, chunk_rows=batch_size * 20):
+            batch = staging.records(chunk)
+            yield [target.prepare(r) for r in batch] if target.prepare is not None else batch
+
+    return _write(ledger, ctx, client, cfg, target, batches(), earlier, final_attempt)
+
+
+def _write(ledger: Ledger, ctx: RunContext, client, cfg, target: Target, chunks,
+           earlier: dict[str, dict[str, str]] | None = None, final_attempt: bool = True,
+           object_of: dict[str, str] | None = None, collect: list | None = None) -> dict:
+    """The load path of every write: upsert the records of `chunks` (lists of records) by the
+    target's id_param; record outcomes, the id map and (for the validated object) the quarantine
+    they leave. `object_of`: {source id: source object} when the records come from several
+    source objects (a pre-step's), else all are the target's source object; `collect` receives
+    every outcome.
     Records older than a version another run already wrote are not sent (outcome superseded,
     see load.upsert).
 
@@ -347,7 +405,7 @@ def _load_target(ledger: Ledger, ctx: RunContext, client, cfg, target, path: str
     from clinical_crm.engine import load
     from clinical_crm.vault.fields import MAX_BATCH
 
-    source_object, target_object = target.source_object(cfg), target.target_object(cfg)
+    source_object, target_object = target.source_object, target.target_object
     written_before = (earlier or {}).get(source_object, {})
     batch_size = min(cfg.load.batch_size, MAX_BATCH)
     concurrency = cfg.load.concurrency
@@ -360,7 +418,14 @@ def _load_target(ledger: Ledger, ctx: RunContext, client, cfg, target, path: str
         if outcomes is None:  # a batch not sent (a write before it failed)
             return
         outcomes = _as_counted(outcomes, written_before)
-        ledger.add_outcomes(ctx.run_id, ctx.connection, ctx.direction, source_object, outcomes)
+        if collect is not None:
+            collect.extend(outcomes)
+        if object_of is None:
+            ledger.add_outcomes(ctx.run_id, ctx.connection, ctx.direction, source_object, outcomes)
+        else:
+            for obj in sorted({object_of[o["source_id"]] for o in outcomes}):
+                ledger.add_outcomes(ctx.run_id, ctx.connection, ctx.direction, obj,
+                                    [o for o in outcomes if object_of[o["source_id"]] == obj])
         loaded = [o for o in outcomes if o["outcome"] in load.LOADED]
         ledger.map_ids(ctx.connection, target_object,
                        [{"source_id": o["source_id"], "target_id": o["target_id"], "external_id": o["external_id"]}
@@ -393,7 +458,7 @@ def _load_target(ledger: Ledger, ctx: RunContext, client, cfg, target, path: str
         if failed.is_set():
             return None
         try:
-            return load.upsert(client, target_object, batch, target.id_param(cfg), batch_size, guard=guard)
+            return load.upsert(client, target_object, batch, target.id_param, batch_size, guard=guard)
         except BaseException:
             failed.set()
             raise
@@ -401,10 +466,7 @@ def _load_target(ledger: Ledger, ctx: RunContext, client, cfg, target, path: str
     with ThreadPoolExecutor(concurrency, thread_name_prefix="load-write") as writers, \
             ThreadPoolExecutor(1, thread_name_prefix="load-ledger") as recorder:
         try:
-            for chunk in staging.read_chunks(path, chunk_rows=batch_size * 20):
-                batch = staging.records(chunk)
-                if target.prepare is not None:
-                    batch = [target.prepare(r, cfg) for r in batch]
+            for batch in chunks:
                 for start in range(0, len(batch), batch_size):
                     # the answer first, then out of `sent`: a call is never outside it unrecorded
                     while len(sent) >= 2 * concurrency:
@@ -466,14 +528,14 @@ def _apply_deletions(ledger: Ledger, ctx: RunContext, client, cfg, mark, staged:
     from clinical_crm.engine import load
     from clinical_crm.vault.fields import GLOBAL_ID, ID
 
-    source_object = mark.source_object(cfg)
+    source_object = mark.source_object
     deleted = [(i, g) for chunk in staging.read_chunks(staged.path(mark.staged)) for i, g in zip(chunk[ID], chunk[GLOBAL_ID])]
     ledger.queue_deletions(ctx.connection, ctx.direction, source_object, deleted, ctx.run_id)
     pending = ledger.pending_deletions(ctx.connection, ctx.direction, source_object)
     outcomes, no_target = [], set()
     if pending:
         outcomes, no_target = load.mark_deleted(
-            client, mark, cfg, pending, cfg.load.batch_size,
+            client, mark, pending, cfg.load.batch_size,
             expect=lambda changes: ledger.expect_deletions(ctx.connection, ctx.direction, source_object, changes),
             concurrency=cfg.load.concurrency)
     outcomes = _as_counted(outcomes, (earlier or {}).get(source_object, {}))

@@ -6,11 +6,16 @@ run (extraction reads the ids written here). Idempotent: the activity is upserte
 record's global id, and the flag is cleared only once the activity is written. A source
 record without a Person cannot have a Clinical Activity (Person is required): it is reported
 (ledger outcome `needs_person` + a log warning) and left flagged for a later run.
+
+The flow says what to write (`plan`); the engine writes it through the load path (version
+guard, load lock, one ledger outcome per record), then clears the flags the plan asks for.
 """
 from __future__ import annotations
 
 import logging
 
+from clinical_crm.config import ConnectionConfig
+from clinical_crm.flows.base import SOURCE_ID, SOURCE_OBJECT, Note, PreStep, Writes
 from clinical_crm.rules import automated_external_id
 from clinical_crm.values import blank, is_yes, text
 from clinical_crm.vault import Query, vql
@@ -27,7 +32,7 @@ def channel_field(fields) -> str:
     return getattr(fields, "visit_method", None) or fields.channel
 
 
-def source_query(cfg, source: str) -> Query:
+def source_query(cfg: ConnectionConfig, source: str) -> Query:
     obj = getattr(cfg.ctms, source)
     f = obj.fields
     fields = [ID, GLOBAL_ID, NAME, f.person, f.date, channel_field(f), f.complete, f.study, f.site,
@@ -35,7 +40,7 @@ def source_query(cfg, source: str) -> Query:
     return Query.select(obj.object, fields).filter(f"{f.update_required} = {vql.quote(True)}")
 
 
-def clinical_activity(row: dict, cfg, source: str) -> dict:
+def clinical_activity(row: dict, cfg: ConnectionConfig, source: str) -> dict:
     """The Clinical Activity of one Monitoring Event / Communication Log record (with its link back)."""
     f = getattr(cfg.ctms, source).fields
     a = cfg.ctms.activity.fields
@@ -60,50 +65,34 @@ def clinical_activity(row: dict, cfg, source: str) -> dict:
     return record
 
 
-def run(cfg, ctms, ledger=None, context=None) -> tuple[list[str], dict[str, dict]]:
-    """Create/update the Clinical Activities of flagged records, then clear the flags.
-
-    One upsert for the activities of both sources (fewer calls), then one flag update per source.
-    Returns the ids of the activities written and counts per source object.
-    """
-    from clinical_crm.engine import load
-    from clinical_crm.flows.base import SOURCE_ID
-
+def plan(cfg: ConnectionConfig, ctms) -> Writes:
+    """The Clinical Activities of flagged records (one upsert for both sources: fewer calls),
+    and, once written, the flags to clear (one update per source)."""
     a = cfg.ctms.activity.fields
-    flagged: dict[str, list[dict]] = {}
-    activities: list[dict] = []
-    source_of: dict[str, str] = {}  # activity external id -> source name
+    records: list[dict] = []
+    notes: list[Note] = []
+    counted: dict[str, int] = {}
     for source in SOURCES:
         obj = getattr(cfg.ctms, source)
-        flagged[source] = [r for page in ctms.query(source_query(cfg, source)) for r in page.records]
-        for row in flagged[source]:
+        flagged = [r for page in ctms.query(source_query(cfg, source)) for r in page.records]
+        counted[obj.object] = len(flagged)
+        for row in flagged:
             if blank(row.get(obj.fields.person)):
                 log.warning("%s %s (%s) has Activity Update Required but no Person: no Clinical Activity "
                             "can be created; left flagged", obj.object, row[ID], text(row.get(NAME)))
+                notes.append(Note(obj.object, str(row[ID]), "needs_person",
+                                  "Activity Update Required but no Person; left flagged"))
                 continue
-            activity = clinical_activity(row, cfg, source)
-            activities.append(activity | {SOURCE_ID: row[ID]})
-            source_of[activity[a.external_id]] = source
-    outcomes = load.upsert(ctms, cfg.ctms.activity.object, activities, a.external_id, cfg.load.batch_size)
+            records.append(clinical_activity(row, cfg, source) | {SOURCE_ID: row[ID], SOURCE_OBJECT: obj.object})
 
-    activity_ids: list[str] = []
-    counts: dict[str, dict] = {}
-    for source in SOURCES:
-        obj = getattr(cfg.ctms, source)
-        mine = [o for o in outcomes if source_of.get(o["external_id"]) == source]
-        written = [o for o in mine if o["outcome"] in load.LOADED]
-        activity_ids += [o["target_id"] for o in written if o["target_id"]]
-        cleared = load.update(ctms, obj.object,
-                              [{ID: o["source_id"], obj.fields.update_required: False} for o in written],
-                              cfg.load.batch_size)
-        without_person = [r for r in flagged[source] if blank(r.get(obj.fields.person))]
-        report = [o | {"message": o.get("message") or f"Clinical Activity {o['target_id']} {o['outcome']}"}
-                  for o in mine]
-        report += [{"source_id": str(r[ID]), "outcome": "needs_person",
-                    "message": "Activity Update Required but no Person; left flagged"} for r in without_person]
-        report += [c | {"message": f"flag not cleared: {c.get('message')}"} for c in cleared if c["outcome"] == "failed"]
-        if ledger is not None and context is not None:
-            ledger.add_outcomes(context.run_id, context.connection, context.direction, obj.object, report)
-        counts[obj.object] = load.tally(mine) | {"flagged": len(flagged[source]), "needs_person": len(without_person)}
-        log.info("automated activities from %s: %s", obj.object, counts[obj.object])
-    return activity_ids, counts
+    def clear_flags(written: dict[str, list[str]]) -> dict[str, list[dict]]:
+        fields = {getattr(cfg.ctms, s).object: getattr(cfg.ctms, s).fields for s in SOURCES}
+        return {obj: [{ID: source_id, fields[obj].update_required: False} for source_id in ids]
+                for obj, ids in written.items()}
+
+    return Writes(cfg.ctms.activity.object, a.external_id, records, then=clear_flags, notes=notes, counted=counted)
+
+
+def pre_step(cfg: ConnectionConfig) -> PreStep:
+    return PreStep("automate_activities", plan=lambda ctms: plan(cfg, ctms),
+                   source_objects=tuple(getattr(cfg.ctms, s).object for s in SOURCES))

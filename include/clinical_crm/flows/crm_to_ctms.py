@@ -6,7 +6,8 @@ Reads only flagged calls, never the Vault Clinical Interactions ctms_to_crm writ
 from __future__ import annotations
 
 from clinical_crm import rules
-from clinical_crm.flows.base import VALID, DeletionMark, Extraction, Flow, Target, Validation, target_records
+from clinical_crm.config import ConnectionConfig
+from clinical_crm.flows.base import VALID, Deleted, DeletionMark, Flow, Lookup, Target, Validation, Windowed, target_records
 from clinical_crm.values import text
 from clinical_crm.vault import Query, vql
 from clinical_crm.vault.fields import GLOBAL_ID, ID, MODIFIED_DATE, OBJECT_TYPE_API_NAME, STATUS, relationship
@@ -15,13 +16,14 @@ from clinical_crm.vault.fields import GLOBAL_ID, ID, MODIFIED_DATE, OBJECT_TYPE_
 CALLS = "calls"
 PERSONS = "persons"
 DELETED_CALLS = "deleted_calls"
+ACCOUNT_IDENTIFIERS = "account identifiers"  # collected from the calls
 
 
-def account_identifier_column(cfg) -> str:
+def account_identifier_column(cfg: ConnectionConfig) -> str:
     return f"{relationship(cfg.crm.call.fields.account)}.{cfg.identifiers.crm_account_field}"
 
 
-def call_query(cfg) -> Query:
+def call_query(cfg: ConnectionConfig) -> Query:
     """Calls flagged "Send to Vault Clinical", with their Account's identifier and the creating user."""
     c = cfg.crm.call.fields
     fields = [ID, GLOBAL_ID, MODIFIED_DATE, c.account, account_identifier_column(cfg),
@@ -30,43 +32,11 @@ def call_query(cfg) -> Query:
     return Query.select(cfg.crm.call.object, fields).filter(f"{c.send_to_clinical} = {vql.quote(True)}")
 
 
-def person_query(cfg) -> Query:
+def person_query(cfg: ConnectionConfig) -> Query:
     return Query.select(cfg.ctms.person.object, [ID, cfg.identifiers.ctms_person_field])
 
 
-def stage(cfg, clients: dict, window, run_dir: str, reread_ids, ledger) -> dict:
-    """The flagged calls of the window (and those read again by id) beside their deletions, then
-    the CTMS Persons matching the calls' Account identifiers (`load.concurrency` calls at most)."""
-    from clinical_crm.engine import extract, staging
-
-    ctms, crm = clients["ctms"], clients["crm"]
-    page_size = cfg.load.query_page_size
-    identifiers: set[str] = set()
-
-    def stage_calls():
-        calls = call_query(cfg).paged(page_size)
-        queries = extract.changed_or_by_id(calls, window, reread_ids) if cfg.features.medical_activities else []
-        return staging.write_frames(
-            f"{run_dir}/{CALLS}.parquet",
-            extract.collect(extract.frames(crm, queries), identifiers, account_identifier_column(cfg)), calls.columns)
-
-    def stage_deleted():
-        return staging.write_frames(
-            f"{run_dir}/{DELETED_CALLS}.parquet",
-            extract.deleted_global_ids(crm, cfg.crm.call.object, window) if cfg.features.medical_activities else [],
-            extract.DELETED_COLUMNS)
-
-    staged = extract.in_parallel(cfg.load.concurrency, {CALLS: stage_calls, DELETED_CALLS: stage_deleted})
-    persons = person_query(cfg).paged(page_size)
-    staged[PERSONS] = staging.write_frames(
-        f"{run_dir}/{PERSONS}.parquet",
-        extract.frames_side_by_side(ctms, persons.contains(cfg.identifiers.ctms_person_field, identifiers),
-                                    cfg.load.concurrency),
-        persons.columns)
-    return staged
-
-
-def quality_rules(cfg, today=None) -> list:
+def quality_rules(cfg: ConnectionConfig, today=None) -> list:
     """CRM calls going to CTMS: Account present, with an identifier that matches exactly one
     CTMS Person; channel mapped; a status; a sensible date."""
     from clinical_crm.engine import quality as q
@@ -88,13 +58,7 @@ def quality_rules(cfg, today=None) -> list:
     ]
 
 
-def reference(staged, cfg) -> dict:
-    from clinical_crm.engine import staging
-
-    return {"persons": staging.read_frame(staged.path(PERSONS))}
-
-
-def call_checks(calls, ref: dict, cfg):
+def call_checks(calls, ref: dict, cfg: ConnectionConfig):
     """The check frame of CRM calls, plus `person_id` for the rows that match."""
     from clinical_crm.engine import quality as q
 
@@ -110,7 +74,7 @@ def call_checks(calls, ref: dict, cfg):
     return checks
 
 
-def medical_activities(calls, cfg) -> list[dict]:
+def medical_activities(calls, cfg: ConnectionConfig) -> list[dict]:
     """Validated CRM calls (with their matched `person_id`) -> CTMS Medical Activities."""
     c, a = cfg.crm.call.fields, cfg.ctms.activity.fields
 
@@ -123,42 +87,43 @@ def medical_activities(calls, cfg) -> list[dict]:
     return target_records(calls, a.external_id, fields)
 
 
-def medical_type(cfg) -> str:
+def medical_type(cfg: ConnectionConfig) -> str:
     """Medical Activities only: never Clinical Activities (same object)."""
     return f"{OBJECT_TYPE_API_NAME} = {vql.quote(cfg.ctms.activity.medical_type)}"
 
 
-def complete_as_boolean(record: dict, cfg) -> dict:
+def complete_as_boolean(record: dict, cfg: ConnectionConfig) -> dict:
     """Staged as text; Complete is a Yes/No field."""
     field = cfg.ctms.activity.fields.complete
     return record | {field: record.get(field) == "true"}
 
 
-FLOW = Flow(
-    name="crm_to_ctms",
-    source_side="crm",
-    target_side="ctms",
-    describe=lambda cfg: ("Receives CRM calls flagged *Send to Vault Clinical* as CTMS **Medical Activities**; "
-                          "deleted calls inactivate their Medical Activity."),
-    extraction=Extraction(stage=stage, counts=lambda cfg: {CALLS: (cfg.crm.call.object, "extracted"),
-                                                           DELETED_CALLS: (cfg.crm.call.object, "deleted")}),
-    validation=Validation(source=CALLS, source_object=lambda cfg: cfg.crm.call.object,
-                          feature=lambda cfg: cfg.features.medical_activities, rules=quality_rules,
-                          reference=reference, checks=call_checks, matched_column="person_id"),
-    targets=(
-        Target("medical_activities", VALID, lambda cfg: cfg.crm.call.object, lambda cfg: cfg.ctms.activity.object,
-               lambda cfg: cfg.ctms.activity.fields.external_id, medical_activities, holds_quarantine=True,
-               prepare=complete_as_boolean, where=medical_type),
-    ),
-    deletions=(
-        DeletionMark(
-            staged=DELETED_CALLS, source_object=lambda cfg: cfg.crm.call.object,
-            target_object=lambda cfg: cfg.ctms.activity.object,
-            external_id=lambda cfg: cfg.ctms.activity.fields.external_id,
-            read_fields=lambda cfg: [STATUS],
-            where=medical_type,
-            change=lambda row, cfg: {STATUS: cfg.deletion.ctms_inactive_status},
-            already_message="already inactive",
-            enabled=lambda cfg: cfg.features.medical_activities),
-    ),
-)
+def build(cfg: ConnectionConfig) -> Flow:
+    """The flagged calls of the window (and those read again by id) beside their deletions, then
+    the CTMS Persons matching the calls' Account identifiers."""
+    page_size = cfg.load.query_page_size
+    call, activity = cfg.crm.call, cfg.ctms.activity
+    medical = cfg.features.medical_activities
+    reads = (Windowed(CALLS, "crm", call.object, call_query(cfg).paged(page_size),
+                      collects={ACCOUNT_IDENTIFIERS: account_identifier_column(cfg)}),
+             Deleted(DELETED_CALLS, "crm", call.object),
+             Lookup(PERSONS, "ctms", person_query(cfg).paged(page_size), cfg.identifiers.ctms_person_field,
+                    (ACCOUNT_IDENTIFIERS,)))
+    only_medical = medical_type(cfg)
+    return Flow(
+        name="crm_to_ctms", source_side="crm", target_side="ctms",
+        conn_ids={"ctms": cfg.ctms_conn_id, "crm": cfg.crm_conn_id},
+        description=("Receives CRM calls flagged *Send to Vault Clinical* as CTMS **Medical Activities**; "
+                     "deleted calls inactivate their Medical Activity."),
+        reads=reads if medical else (),
+        validation=Validation(CALLS, call.object, quality_rules(cfg),
+                              lambda calls, ref: call_checks(calls, {"persons": ref[PERSONS]}, cfg), (PERSONS,),
+                              matched_column="person_id") if medical else None,
+        targets=(Target("medical_activities", VALID, call.object, activity.object, activity.fields.external_id,
+                        lambda rows: medical_activities(rows, cfg), holds_quarantine=True,
+                        prepare=lambda record: complete_as_boolean(record, cfg), where=only_medical),) if medical else (),
+        deletions=(DeletionMark(DELETED_CALLS, call.object, activity.object, activity.fields.external_id,
+                                read_fields=[STATUS], where=only_medical,
+                                change=lambda row: {STATUS: cfg.deletion.ctms_inactive_status},
+                                already_message="already inactive"),) if medical else (),
+    )

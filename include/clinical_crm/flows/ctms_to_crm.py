@@ -10,8 +10,10 @@ Reads Clinical Activities only, never Medical Activities: no echo of what crm_to
 from __future__ import annotations
 
 from clinical_crm import rules
+from clinical_crm.config import ConnectionConfig
 from clinical_crm.flows import automated_activities
-from clinical_crm.flows.base import VALID, DeletionMark, Extraction, Flow, PreStep, Target, Validation, target_records
+from clinical_crm.flows.base import (VALID, Deleted, DeletionMark, Flow, Lookup, Read, Referenced, Target, Validation,
+                                     Windowed, known_ids, target_records)
 from clinical_crm.values import blank, text
 from clinical_crm.vault import Query, vql
 from clinical_crm.vault.fields import GLOBAL_ID, ID, MODIFIED_DATE, NAME, OBJECT_TYPE_API_NAME, relationship
@@ -26,35 +28,40 @@ KNOWN_SITES = "known_sites"
 DELETED_ACTIVITIES = "deleted_clinical_activities"
 DELETED_STUDIES = "deleted_studies"
 DELETED_SITES = "deleted_study_sites"
+# Values collected from the activities (and sites) for the reads after them.
+PERSON_IDENTIFIERS = "person identifiers"
+STUDY_REFS = "study references"
+SITE_REFS = "site references"
+SITE_STUDY_REFS = "studies of sites"
 
 
 # ---------------------------------------------------------------- columns and queries
 
 
-def person_identifier_column(cfg) -> str:
+def person_identifier_column(cfg: ConnectionConfig) -> str:
     return f"{relationship(cfg.ctms.activity.fields.person)}.{cfg.identifiers.ctms_person_field}"
 
 
-def study_reference_columns(cfg) -> dict[str, str]:
+def study_reference_columns(cfg: ConnectionConfig) -> dict[str, str]:
     """Staged columns holding the unique external ids (global ids) of an activity's study and site."""
     fields = cfg.ctms.activity.fields
     return {"study": f"{relationship(fields.study)}.{GLOBAL_ID}", "site": f"{relationship(fields.site)}.{GLOBAL_ID}"}
 
 
-def activity_country_column(cfg) -> str:
+def activity_country_column(cfg: ConnectionConfig) -> str:
     fields = cfg.ctms.activity.fields
     return f"{relationship(fields.study_country)}.{cfg.ctms.study_country.fields.country}"
 
 
-def site_study_column(cfg) -> str:
+def site_study_column(cfg: ConnectionConfig) -> str:
     return f"{relationship(cfg.ctms.site.fields.study)}.{GLOBAL_ID}"
 
 
-def site_country_column(cfg) -> str:
+def site_country_column(cfg: ConnectionConfig) -> str:
     return f"{relationship(cfg.ctms.site.fields.study_country)}.{cfg.ctms.study_country.fields.country}"
 
 
-def clinical_activity_query(cfg) -> Query:
+def clinical_activity_query(cfg: ConnectionConfig) -> Query:
     """Clinical Activities with their Person's identifier and id (empty when the Person record is
     gone; never the Person's name: nothing needs it), the creating user, and
     (with studies and sites) the global ids of their study and site."""
@@ -70,120 +77,25 @@ def clinical_activity_query(cfg) -> Query:
             .filter(f"{OBJECT_TYPE_API_NAME} = {vql.quote(cfg.ctms.activity.clinical_type)}"))
 
 
-def study_query(cfg) -> Query:
+def study_query(cfg: ConnectionConfig) -> Query:
     s = cfg.ctms.study.fields
     return Query.select(cfg.ctms.study.object, [ID, GLOBAL_ID, MODIFIED_DATE, NAME, s.title, s.phase, s.therapeutic_area])
 
 
-def site_query(cfg) -> Query:
+def site_query(cfg: ConnectionConfig) -> Query:
     s = cfg.ctms.site.fields
     return Query.select(cfg.ctms.site.object, [ID, GLOBAL_ID, MODIFIED_DATE, NAME, s.site_name, s.study,
                                                site_study_column(cfg), site_country_column(cfg)])
 
 
-def account_query(cfg) -> Query:
+def account_query(cfg: ConnectionConfig) -> Query:
     return Query.select(cfg.crm.account.object, [ID, cfg.identifiers.crm_account_field])
-
-
-# ---------------------------------------------------------------- extract
-
-
-def stage(cfg, clients: dict, window, run_dir: str, reread_ids, ledger) -> dict:
-    """Clinical Activities changed in the window (and those read again by id); the Studies and
-    Sites changed in the window or referenced by them and not yet in CRM; deleted ids; the CRM
-    Accounts matching the activities' Person identifiers.
-
-    Two rounds of reads side by side (`load.concurrency` calls at most): the activities with the
-    deletions, then what the activities refer to: the sites and, after them, the studies (sites
-    refer to studies too) beside the accounts."""
-    import pandas as pd
-
-    from clinical_crm.engine import extract, staging
-
-    ctms, crm = clients["ctms"], clients["crm"]
-    page_size = cfg.load.query_page_size
-    concurrency = cfg.load.concurrency
-    identifiers: set[str] = set()
-    study_refs: set[str] = set()
-    site_refs: set[str] = set()
-    refs = study_reference_columns(cfg)
-
-    def stage_activities():
-        activities = clinical_activity_query(cfg).paged(page_size)
-        queries = extract.changed_or_by_id(activities, window, reread_ids) if cfg.features.clinical_activities else []
-        pages = extract.collect(extract.frames(ctms, queries), identifiers, person_identifier_column(cfg))
-        if cfg.features.studies_and_sites:
-            pages = extract.collect(extract.collect(pages, study_refs, refs["study"]), site_refs, refs["site"])
-        return staging.write_frames(f"{run_dir}/{CLINICAL_ACTIVITIES}.parquet", pages, activities.columns)
-
-    def stage_deleted(name, obj):
-        return lambda: staging.write_frames(f"{run_dir}/{name}.parquet", extract.deleted_global_ids(ctms, obj, window),
-                                            extract.DELETED_COLUMNS)
-
-    first = {CLINICAL_ACTIVITIES: stage_activities}
-    if cfg.features.clinical_activities:
-        first[DELETED_ACTIVITIES] = stage_deleted(DELETED_ACTIVITIES, cfg.ctms.activity.object)
-    if cfg.features.studies_and_sites:
-        first[DELETED_STUDIES] = stage_deleted(DELETED_STUDIES, cfg.ctms.study.object)
-        first[DELETED_SITES] = stage_deleted(DELETED_SITES, cfg.ctms.site.object)
-    staged = extract.in_parallel(concurrency, first)
-
-    def changed_or_referenced(query, crm_object, references, known, *more):
-        """Studies / Sites changed in the window, plus those referenced that CRM does not have
-        yet (never sent: e.g. unchanged since before the first run), so the study information
-        of every activity resolves. `known`: every global id that resolves in CRM after this
-        run's load (this run's records and the ledger's)."""
-        missing = {r for r in references if r}
-        if missing:
-            loaded = ledger.known_external_ids(cfg.name, crm_object, missing)
-            known.update(loaded)
-            missing -= loaded
-        queries = extract.changed_or_referenced(query.paged(page_size), window, missing)
-        return extract.collect(extract.frames(ctms, queries), known, GLOBAL_ID, *more)
-
-    def stage_sites_then_studies():
-        out = {}
-        site_study_refs: set[str] = set()
-        known_sites: set[str] = set()
-        site_pages = changed_or_referenced(site_query(cfg), cfg.crm.clinical_site.object, site_refs, known_sites)
-        out[STUDY_SITES] = staging.write_frames(
-            f"{run_dir}/{STUDY_SITES}.parquet", extract.collect(site_pages, site_study_refs, site_study_column(cfg)))
-        known_studies: set[str] = set()
-        out[STUDIES] = staging.write_frames(f"{run_dir}/{STUDIES}.parquet", changed_or_referenced(
-            study_query(cfg), cfg.crm.clinical_study.object, study_refs | site_study_refs, known_studies))
-        for name, known in ((KNOWN_STUDIES, known_studies), (KNOWN_SITES, known_sites)):
-            out[name] = staging.write_frames(f"{run_dir}/{name}.parquet",
-                                             [pd.DataFrame({"external_id": sorted(known)})], ["external_id"])
-        return out
-
-    def stage_accounts():
-        accounts = account_query(cfg).paged(page_size)
-        chunks = accounts.contains(cfg.identifiers.crm_account_field, identifiers, page_aligned=True)
-        lookups = concurrency - 1 if cfg.features.studies_and_sites else concurrency  # beside the sites' reads
-        return staging.write_frames(f"{run_dir}/{ACCOUNTS}.parquet",
-                                    extract.frames_side_by_side(crm, chunks, max(1, lookups)), accounts.columns)
-
-    second = {ACCOUNTS: stage_accounts}
-    if cfg.features.studies_and_sites:
-        second["sites_then_studies"] = stage_sites_then_studies  # stages several files
-    done = extract.in_parallel(concurrency, second)
-    staged[ACCOUNTS] = done.pop(ACCOUNTS)
-    for files in done.values():
-        staged.update(files)
-    return staged
-
-
-def extraction_counts(cfg) -> dict[str, tuple[str, str]]:
-    return {CLINICAL_ACTIVITIES: (cfg.ctms.activity.object, "extracted"),
-            DELETED_ACTIVITIES: (cfg.ctms.activity.object, "deleted"),
-            STUDIES: (cfg.ctms.study.object, "extracted"), DELETED_STUDIES: (cfg.ctms.study.object, "deleted"),
-            STUDY_SITES: (cfg.ctms.site.object, "extracted"), DELETED_SITES: (cfg.ctms.site.object, "deleted")}
 
 
 # ---------------------------------------------------------------- validate
 
 
-def quality_rules(cfg, today=None) -> list:
+def quality_rules(cfg: ConnectionConfig, today=None) -> list:
     """Clinical Activities going to CRM: Person present, with an identifier that matches exactly
     one CRM Account; channel mapped; a sensible date; study and site known in CRM."""
     from clinical_crm.engine import quality as q
@@ -210,18 +122,7 @@ def quality_rules(cfg, today=None) -> list:
     return checks
 
 
-def reference(staged, cfg) -> dict:
-    """The CRM Accounts found for this run's identifiers, and the studies / sites CRM will know."""
-    from clinical_crm.engine import staging
-
-    def known(name):
-        return set(staging.read_frame(staged.path(name)).get("external_id", []))
-
-    return {"accounts": staging.read_frame(staged.path(ACCOUNTS)),
-            "studies": known(KNOWN_STUDIES), "sites": known(KNOWN_SITES)}
-
-
-def activity_checks(activities, ref: dict, cfg):
+def activity_checks(activities, ref: dict, cfg: ConnectionConfig):
     """The check frame of Clinical Activities, plus `account_id` for the rows that match."""
     from clinical_crm.engine import quality as q
 
@@ -246,7 +147,7 @@ def activity_checks(activities, ref: dict, cfg):
 # ---------------------------------------------------------------- target records
 
 
-def clinical_interactions(activities, cfg) -> list[dict]:
+def clinical_interactions(activities, cfg: ConnectionConfig) -> list[dict]:
     """Validated Clinical Activities (with their matched `account_id`) -> CRM interactions."""
     a = cfg.ctms.activity.fields
     i = cfg.crm.interaction.fields
@@ -266,7 +167,7 @@ def clinical_interactions(activities, cfg) -> list[dict]:
     return target_records(activities, i.external_id, fields)
 
 
-def study_information(row: dict, cfg) -> dict:
+def study_information(row: dict, cfg: ConnectionConfig) -> dict:
     """Study / site / country of an activity, as CRM interaction fields. References are set
     through the CRM record's unique external id (the CTMS global id), so no CRM id lookup is needed."""
     refs = study_reference_columns(cfg)
@@ -279,7 +180,7 @@ def study_information(row: dict, cfg) -> dict:
     }
 
 
-def clinical_studies(studies, cfg) -> list[dict]:
+def clinical_studies(studies, cfg: ConnectionConfig) -> list[dict]:
     """CTMS Studies -> CRM Clinical Studies (created or updated; marked active)."""
     s = cfg.ctms.study.fields
     c = cfg.crm.clinical_study.fields
@@ -289,7 +190,7 @@ def clinical_studies(studies, cfg) -> list[dict]:
         cfg.deletion.crm_status_field: cfg.deletion.crm_active_status})
 
 
-def clinical_sites(sites, cfg) -> list[dict]:
+def clinical_sites(sites, cfg: ConnectionConfig) -> list[dict]:
     """CTMS Study Sites -> CRM Clinical Sites, linked to their Clinical Study by external id."""
     s = cfg.ctms.site.fields
     c = cfg.crm.clinical_site.fields
@@ -300,22 +201,88 @@ def clinical_sites(sites, cfg) -> list[dict]:
         cfg.deletion.crm_status_field: cfg.deletion.crm_active_status})
 
 
-def _studies_and_sites(cfg) -> bool:
-    return cfg.features.studies_and_sites
+def reads(cfg: ConnectionConfig) -> list[Read]:
+    """Clinical Activities changed in the window (and those read again by id) with the deleted
+    ids; the CRM Accounts matching the activities' Person identifiers; the Sites, then the
+    Studies (sites refer to studies too), changed in the window or referenced by the activities
+    and not yet in CRM."""
+    page_size = cfg.load.query_page_size
+    ctms, crm, features = cfg.ctms, cfg.crm, cfg.features
+    found: list[Read] = []
+    if features.clinical_activities:
+        collects = {PERSON_IDENTIFIERS: person_identifier_column(cfg)}
+        if features.studies_and_sites:
+            refs = study_reference_columns(cfg)
+            collects |= {STUDY_REFS: refs["study"], SITE_REFS: refs["site"]}
+        found += [Windowed(CLINICAL_ACTIVITIES, "ctms", ctms.activity.object, clinical_activity_query(cfg).paged(page_size),
+                           collects=collects),
+                  Deleted(DELETED_ACTIVITIES, "ctms", ctms.activity.object)]
+    if features.studies_and_sites:
+        assert crm.clinical_site is not None and crm.clinical_study is not None  # the config requires them
+        found += [Deleted(DELETED_STUDIES, "ctms", ctms.study.object), Deleted(DELETED_SITES, "ctms", ctms.site.object)]
+    if features.clinical_activities:
+        found.append(Lookup(ACCOUNTS, "crm", account_query(cfg).paged(page_size), cfg.identifiers.crm_account_field,
+                            (PERSON_IDENTIFIERS,), page_aligned=True))
+    if features.studies_and_sites:
+        found += [Referenced(STUDY_SITES, "ctms", ctms.site.object, site_query(cfg).paged(page_size),
+                             crm.clinical_site.object, (SITE_REFS,), KNOWN_SITES,
+                             collects={SITE_STUDY_REFS: site_study_column(cfg)}),
+                  Referenced(STUDIES, "ctms", ctms.study.object, study_query(cfg).paged(page_size),
+                             crm.clinical_study.object, (STUDY_REFS, SITE_STUDY_REFS), KNOWN_STUDIES)]
+    return found
 
 
-def _deleted_status(entity: str, staged: str, source_object) -> DeletionMark:
-    """A deleted Study / Study Site: "Deleted in Vault Clinical" on its CRM record, if one exists."""
-    return DeletionMark(
-        staged=staged, source_object=source_object,
-        target_object=lambda cfg: getattr(cfg.crm, entity).object,
-        external_id=lambda cfg: getattr(cfg.crm, entity).fields.external_id,
-        read_fields=lambda cfg: [cfg.deletion.crm_status_field],
-        change=lambda row, cfg: {cfg.deletion.crm_status_field: cfg.deletion.crm_deleted_status},
-        already_message="already marked deleted", enabled=_studies_and_sites)
+def validation(cfg: ConnectionConfig) -> Validation:
+    def checks(activities, ref: dict):
+        return activity_checks(activities, {"accounts": ref[ACCOUNTS], "studies": known_ids(ref.get(KNOWN_STUDIES)),
+                                            "sites": known_ids(ref.get(KNOWN_SITES))}, cfg)
+
+    known = (KNOWN_STUDIES, KNOWN_SITES) if cfg.features.studies_and_sites else ()
+    return Validation(CLINICAL_ACTIVITIES, cfg.ctms.activity.object, quality_rules(cfg), checks, (ACCOUNTS, *known),
+                      matched_column="account_id")
 
 
-def describe(cfg) -> str:
+def targets(cfg: ConnectionConfig) -> list[Target]:
+    """Studies, then Sites (they refer to Studies), then interactions (they refer to both)."""
+    ctms, crm = cfg.ctms, cfg.crm
+    found = []
+    if cfg.features.studies_and_sites:
+        assert crm.clinical_site is not None and crm.clinical_study is not None
+        found += [Target("clinical_studies", STUDIES, ctms.study.object, crm.clinical_study.object,
+                         crm.clinical_study.fields.external_id, lambda rows: clinical_studies(rows, cfg)),
+                  Target("clinical_sites", STUDY_SITES, ctms.site.object, crm.clinical_site.object,
+                         crm.clinical_site.fields.external_id, lambda rows: clinical_sites(rows, cfg))]
+    if cfg.features.clinical_activities:
+        found.append(Target("clinical_interactions", VALID, ctms.activity.object, crm.interaction.object,
+                            crm.interaction.fields.external_id, lambda rows: clinical_interactions(rows, cfg),
+                            holds_quarantine=True))
+    return found
+
+
+def deletion_marks(cfg: ConnectionConfig) -> list[DeletionMark]:
+    """A deleted activity: "Deleted" appended once to its interaction's subject; a deleted Study /
+    Study Site: "Deleted in Vault Clinical" on its CRM record, if one exists."""
+    ctms, crm, deletion = cfg.ctms, cfg.crm, cfg.deletion
+    subject = crm.interaction.fields.subject
+    found = []
+    if cfg.features.clinical_activities:
+        found.append(DeletionMark(
+            DELETED_ACTIVITIES, ctms.activity.object, crm.interaction.object, crm.interaction.fields.external_id,
+            read_fields=[subject], change=lambda row: {subject: rules.deleted_subject(row.get(subject), cfg)},
+            already_message="subject already marked deleted",
+            carried=lambda row: (text(row.get(subject)) or "").endswith(deletion.subject_suffix)))
+    if cfg.features.studies_and_sites:
+        assert crm.clinical_site is not None and crm.clinical_study is not None
+        status = {deletion.crm_status_field: deletion.crm_deleted_status}
+        for staged, source, target in ((DELETED_STUDIES, ctms.study, crm.clinical_study),
+                                       (DELETED_SITES, ctms.site, crm.clinical_site)):
+            found.append(DeletionMark(staged, source.object, target.object, target.fields.external_id,
+                                      read_fields=[deletion.crm_status_field], change=lambda row, s=status: dict(s),
+                                      already_message="already marked deleted"))
+    return found
+
+
+def describe(cfg: ConnectionConfig) -> str:
     return ("Sends CTMS **Clinical Activities** as CRM *Vault Clinical Interactions*"
             + (", and **Studies / Study Sites** as CRM *Clinical Studies / Sites*" if cfg.features.studies_and_sites else "")
             + (". Monitoring Events and Study Communication Logs marked *Activity Update Required* "
@@ -323,43 +290,12 @@ def describe(cfg) -> str:
             + ". Deleted activities get the subject suffix, deleted studies/sites the deleted status.")
 
 
-FLOW = Flow(
-    name="ctms_to_crm",
-    source_side="ctms",
-    target_side="crm",
-    describe=describe,
-    pre_step=PreStep("automate_activities",
-                     enabled=lambda cfg: cfg.features.automated_activities and cfg.features.clinical_activities,
-                     run=automated_activities.run),
-    extraction=Extraction(stage=stage, counts=extraction_counts),
-    validation=Validation(source=CLINICAL_ACTIVITIES, source_object=lambda cfg: cfg.ctms.activity.object,
-                          feature=lambda cfg: cfg.features.clinical_activities, rules=quality_rules,
-                          reference=reference, checks=activity_checks, matched_column="account_id"),
-    # Studies, then Sites (they refer to Studies), then interactions (they refer to both)
-    targets=(
-        Target("clinical_studies", STUDIES, lambda cfg: cfg.ctms.study.object,
-               lambda cfg: cfg.crm.clinical_study.object, lambda cfg: cfg.crm.clinical_study.fields.external_id,
-               clinical_studies, enabled=_studies_and_sites),
-        Target("clinical_sites", STUDY_SITES, lambda cfg: cfg.ctms.site.object,
-               lambda cfg: cfg.crm.clinical_site.object, lambda cfg: cfg.crm.clinical_site.fields.external_id,
-               clinical_sites, enabled=_studies_and_sites),
-        Target("clinical_interactions", VALID, lambda cfg: cfg.ctms.activity.object,
-               lambda cfg: cfg.crm.interaction.object, lambda cfg: cfg.crm.interaction.fields.external_id,
-               clinical_interactions, holds_quarantine=True),
-    ),
-    deletions=(
-        DeletionMark(
-            staged=DELETED_ACTIVITIES, source_object=lambda cfg: cfg.ctms.activity.object,
-            target_object=lambda cfg: cfg.crm.interaction.object,
-            external_id=lambda cfg: cfg.crm.interaction.fields.external_id,
-            read_fields=lambda cfg: [cfg.crm.interaction.fields.subject],
-            change=lambda row, cfg: {cfg.crm.interaction.fields.subject: rules.deleted_subject(
-                row.get(cfg.crm.interaction.fields.subject), cfg)},
-            already_message="subject already marked deleted",
-            enabled=lambda cfg: cfg.features.clinical_activities,
-            carried=lambda row, cfg: (text(row.get(cfg.crm.interaction.fields.subject)) or "").endswith(
-                cfg.deletion.subject_suffix)),
-        _deleted_status("clinical_study", DELETED_STUDIES, lambda cfg: cfg.ctms.study.object),
-        _deleted_status("clinical_site", DELETED_SITES, lambda cfg: cfg.ctms.site.object),
-    ),
-)
+def build(cfg: ConnectionConfig) -> Flow:
+    features = cfg.features
+    return Flow(
+        name="ctms_to_crm", source_side="ctms", target_side="crm",
+        conn_ids={"ctms": cfg.ctms_conn_id, "crm": cfg.crm_conn_id}, description=describe(cfg),
+        reads=tuple(reads(cfg)), targets=tuple(targets(cfg)), deletions=tuple(deletion_marks(cfg)),
+        validation=validation(cfg) if features.clinical_activities else None,
+        pre_step=automated_activities.pre_step(cfg)
+        if features.automated_activities and features.clinical_activities else None)
