@@ -36,6 +36,15 @@ def test_the_pre_step_task_is_there_only_where_the_file_enables_it(demo_cfg):
         "begin", "extract", "validate", "transform", "load", "finish"]
 
 
+def test_the_page_links_the_task_ids_the_factory_gives(dags, demo_cfg):
+    from clinical_crm.airflow import naming
+    from clinical_crm.flows import build_all
+
+    for flow in build_all(demo_cfg):
+        dag = dags[naming.dag_id(flow.name, demo_cfg.name)]
+        assert [t.task_id for t in dag.topological_sort()] == naming.task_ids(flow)
+
+
 def test_schedule_windows_and_run_settings(dags):
     from airflow.sdk import CronDataIntervalTimetable
 

@@ -15,7 +15,7 @@ from datetime import timedelta
 
 from airflow.sdk import DAG, CronDataIntervalTimetable, ExceptionRetryPolicy, Param, RetryAction, RetryRule, task
 
-from clinical_crm.airflow import assets, lineage, notifier
+from clinical_crm.airflow import assets, lineage, naming, notifier
 from clinical_crm.flows import build as build_flow, build_all
 from clinical_crm.flows.base import Flow
 
@@ -171,7 +171,7 @@ def _doc(flow: Flow, cfg) -> str:
 
 def _dag(flow: Flow, cfg) -> DAG:
     return DAG(
-        dag_id=f"{flow.name}__{cfg.name}",
+        dag_id=naming.dag_id(flow.name, cfg.name),
         description=f"{cfg.name}: {flow.name.replace('_', ' ')}",
         doc_md=_doc(flow, cfg),
         schedule=CronDataIntervalTimetable(cfg.schedule.cron, timezone="UTC"),
@@ -340,7 +340,7 @@ def build_reconcile_dag(cfg) -> DAG:
     from airflow.sdk import CronTriggerTimetable
 
     with DAG(
-        dag_id=f"reconcile__{cfg.name}",
+        dag_id=naming.reconcile_dag_id(cfg.name),
         description=f"{cfg.name}: reconciliation of both directions",
         doc_md=f"""### Reconciliation of `{cfg.name}`
 
@@ -360,7 +360,7 @@ in the ledger; with `repair` (param, else `reconcile.repair` in `{cfg.source_fil
         tags=["clinical-crm", cfg.name, "reconcile"],
     ) as dag:
         for flow in build_all(cfg):
-            reconcile.override(task_id=f"reconcile_{flow.name}",
+            reconcile.override(task_id=naming.reconcile_task_id(flow.name),
                                pool=pool_name(flow.conn_id(flow.target_side)))(str(cfg.source_file), flow.name)
     return dag
 
@@ -374,7 +374,7 @@ def build_dags(configs=None) -> dict[str, DAG]:
         for flow in build_all(cfg):
             dag = build_dag(flow, cfg)
             dags[dag.dag_id] = dag
-        dags[f"reconcile__{cfg.name}"] = build_reconcile_dag(cfg)
+        dags[naming.reconcile_dag_id(cfg.name)] = build_reconcile_dag(cfg)
     return dags
 
 

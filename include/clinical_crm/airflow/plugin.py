@@ -28,8 +28,10 @@ view, so the page is listed in the UI's "Browse" menu and shown inside the Airfl
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import logging
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
@@ -44,12 +46,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from airflow.plugins_manager import AirflowPlugin
 
 from clinical_crm import settings
+from clinical_crm.airflow import naming
+from clinical_crm.airflow.naming import dag_id
 
 URL_PREFIX = "/clinical-crm"
 REPORT_CSP = "sandbox allow-scripts allow-forms"
 COUNT_COLUMNS = ("extracted", "loaded", "unchanged", "quarantined", "failed")
 WRITTEN = ("created", "updated")  # "loaded" on the page: records written to the target
-TASKS = ("begin", "extract", "validate", "transform", "load", "finish")  # the DAG's tasks, in order
 PAGE_SIZE = 50  # quarantine rows per triage page
 OVERVIEW_QUARANTINE = 10  # the oldest open quarantine rows on the overview
 CSV_COLUMNS = ("id", "direction", "object", "source_id", "reasons", "first_seen", "last_seen")
@@ -195,15 +198,27 @@ def data_quality(ledger, run: dict, pages_by_site: dict) -> dict:
 # ---------------------------------------------------------------- health, chart, gaps, links
 
 
-def dag_id(direction: str, connection: str) -> str:
-    return f"{direction}__{connection}"
-
-
 def airflow_links(ui_base: str, run: dict) -> dict:
-    """The run's DAG run and task pages in the Airflow UI (their logs)."""
+    """The run's DAG run and task pages in the Airflow UI (their logs), with the task ids the DAG
+    factory gives the run's flow (built from its connection file, when the file is still there)."""
     dag = quote(dag_id(run["direction"], run["connection"]), safe="")
     base = f"{ui_base}/dags/{dag}/runs/{quote(run['dag_run_id'], safe='')}"
-    return {"run": base, "tasks": [{"task_id": task, "link": f"{base}/tasks/{task}"} for task in TASKS]}
+    tasks = naming.task_ids(_flow_of(run["connection"], run["direction"], int(time.monotonic() // 60)))
+    return {"run": base, "tasks": [{"task_id": task, "link": f"{base}/tasks/{task}"} for task in tasks]}
+
+
+@functools.lru_cache(maxsize=64)
+def _flow_of(connection: str, direction: str, minute: int):
+    """The flow of one connection file, by name; None when it is gone or does not load. Kept a
+    minute (`minute`), so a page of many runs reads the files once."""
+    from clinical_crm import config
+    from clinical_crm.flows import build
+
+    try:
+        cfg = next((c for c in config.load_connections() if c.name == connection), None)
+        return build(direction, cfg) if cfg is not None else None
+    except Exception:  # a page about history must still show when a file is broken or removed
+        return None
 
 
 def health(ledger, connection: dict, now: datetime) -> dict:
