@@ -8,7 +8,9 @@ from collections.abc import Iterable
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Engine
 
+from clinical_crm.engine.ledger.records import _fields
 from clinical_crm.engine.ledger.schema import deletion_queue
+from clinical_crm.outcomes import MARK_APPLIED, RecordResult
 from clinical_crm.times import now as _now
 
 
@@ -60,14 +62,15 @@ class Deletions:
                     .values(expected=bindparam("expected"), updated_at=_now()),
                     [{"key": s, "expected": v} for s, v in expected.items()])
 
-    def settle_deletions(self, connection: str, direction: str, object_name: str, outcomes: Iterable[dict],
-                         no_target: Iterable[str] = (), run_id: int | None = None) -> None:
+    def settle_deletions(self, connection: str, direction: str, object_name: str,
+                         outcomes: Iterable[RecordResult | dict], no_target: Iterable[str] = (),
+                         run_id: int | None = None) -> None:
         """Record what this run's attempt did: applied (marked now or found marked), still pending
         after a failure (counted in `attempts`, with the vault's error), or no target record."""
         now = _now()
         rows = []
-        for o in outcomes:
-            applied = o["outcome"] in ("marked_deleted", "unchanged")
+        for o in map(_fields, outcomes):
+            applied = o["outcome"] in MARK_APPLIED
             rows.append({"key": str(o["source_id"]), "state": "applied" if applied else "pending",
                          "error_type": None if applied else o.get("error_type"),
                          "message": None if applied else o.get("message"), "failed": 0 if applied else 1})

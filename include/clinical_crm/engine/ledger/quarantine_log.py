@@ -9,6 +9,7 @@ from sqlalchemy.engine import Engine
 
 from clinical_crm.engine.ledger.run_log import COMPLETED_STATES
 from clinical_crm.engine.ledger.schema import QUARANTINE_ACTIONS, quarantine, quarantine_actions, record_outcomes, runs
+from clinical_crm.outcomes import Outcome
 from clinical_crm.times import now as _now
 
 
@@ -105,7 +106,7 @@ class Quarantine:
                 .join(record_outcomes, (record_outcomes.c.source_id == quarantine.c.source_id)
                       & (record_outcomes.c.object == quarantine.c.object)
                       & (record_outcomes.c.connection == quarantine.c.connection)
-                      & (record_outcomes.c.outcome == "quarantined"))
+                      & (record_outcomes.c.outcome == Outcome.QUARANTINED))
                 .join(runs, (runs.c.id == record_outcomes.c.run_id) & runs.c.state.in_(COMPLETED_STATES)
                       & (runs.c.direction == direction))
                 .where(quarantine.c.connection == connection, quarantine.c.direction == direction,

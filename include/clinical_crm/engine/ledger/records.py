@@ -10,21 +10,28 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from clinical_crm.engine.ledger.schema import _utc, id_map, record_outcomes, source_versions
+from clinical_crm.outcomes import WRITTEN_OR_SENT, RecordResult
 from clinical_crm.times import as_utc, now as _now
+
+
+def _fields(outcome: RecordResult | dict) -> dict:
+    """An outcome as a dict: callers pass RecordResult or (until they move) the plain dict."""
+    return outcome.as_dict() if isinstance(outcome, RecordResult) else outcome
 
 
 class Records:
     engine: Engine
 
     def add_outcomes(self, run_id: int, connection: str, direction: str, object_name: str,
-                     outcomes: Iterable[dict]) -> None:
-        """Outcome rows: dicts with source_id, outcome and optionally target_id, error_type, message."""
+                     outcomes: Iterable[RecordResult | dict]) -> None:
+        """Outcome rows: RecordResults, or dicts with source_id, outcome and optionally target_id,
+        error_type, message."""
         now = _now()
         rows = [
             dict(run_id=run_id, connection=connection, direction=direction, object=object_name,
                  source_id=str(o["source_id"]), target_id=o.get("target_id"), outcome=o["outcome"],
                  error_type=o.get("error_type"), message=o.get("message"), at=now)
-            for o in outcomes
+            for o in map(_fields, outcomes)
         ]
         if rows:
             with self.engine.begin() as db:
@@ -52,7 +59,7 @@ class Records:
             for obj, source, outcome in db.execute(
                     select(record_outcomes.c.object, record_outcomes.c.source_id, record_outcomes.c.outcome).where(
                         record_outcomes.c.run_id == run_id, record_outcomes.c.object.in_(list(objects)),
-                        record_outcomes.c.outcome.in_(("created", "updated", "marked_deleted", "unknown")))):
+                        record_outcomes.c.outcome.in_(WRITTEN_OR_SENT))):
                 found.setdefault(obj, {})[source] = outcome
         return found
 
@@ -62,9 +69,9 @@ class Records:
                 record_outcomes.c.run_id == run_id, record_outcomes.c.object == object_name,
                 record_outcomes.c.outcome == outcome)).scalar() or 0
 
-    def map_ids(self, connection: str, object_name: str, rows: Iterable[dict]) -> None:
+    def map_ids(self, connection: str, object_name: str, rows: Iterable[RecordResult | dict]) -> None:
         """Remember source id -> target id / external id (rows: source_id, target_id, external_id)."""
-        rows = list(rows)
+        rows = [_fields(r) for r in rows]
         if not rows:
             return
         now = _now()
