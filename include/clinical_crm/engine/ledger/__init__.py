@@ -11,6 +11,11 @@ tables, which the migrations and tests import from here):
 - `deletions`: the deletion queue (each deletion mark written once, none forgotten);
 - `reconciliation`: reconciliation runs and the drift they found;
 - `views` and `triage`: the read API the Airflow UI plugin relies on (plain dicts).
+
+The engine works through the scoped views (`scoped`): `ledger.scope(connection, direction,
+object_name)` and `ledger.id_map(connection, target_object)`, which take the triple once. The
+Ledger's own methods with the triple stay for the callers not moved yet; both are one
+implementation.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from clinical_crm.engine.ledger.schema import (  # noqa: F401  (the tables: migr
     runs,
     source_versions,
 )
+from clinical_crm.engine.ledger.scoped import IdMap, ObjectLedger
 from clinical_crm.engine.ledger.triage import Triage
 from clinical_crm.engine.ledger.views import Views
 
@@ -44,3 +50,11 @@ class Ledger(Runs, Records, Quarantine, Deletions, Reconciliation, Views, Triage
     def __init__(self, url: str | None = None):
         self.url = url or settings.ledger_url()
         self.engine = _engine(self.url)
+
+    def scope(self, connection: str, direction: str, object_name: str) -> ObjectLedger:
+        """The ledger of one source object of a connection's flow (the engine's API)."""
+        return ObjectLedger(self, connection, direction, object_name)
+
+    def id_map(self, connection: str, target_object: str) -> IdMap:
+        """The id map of one target object of a connection."""
+        return IdMap(self, connection, target_object)
