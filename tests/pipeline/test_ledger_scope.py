@@ -1,13 +1,14 @@
-"""The ledger in parts: the scoped views the engine uses, typed outcomes."""
+"""The ledger in parts: the scoped views the engine uses, typed outcomes, the flow name length."""
 from __future__ import annotations
 
 import inspect
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from sqlalchemy import String
 
 from clinical_crm.engine import ledger as ledger_module
-from clinical_crm.engine.ledger import IdMap, Ledger, ObjectLedger
+from clinical_crm.engine.ledger import FLOW_NAME_MAX, IdMap, Ledger, ObjectLedger
 from clinical_crm.outcomes import Outcome, RecordResult
 from support import PostgresDatabase
 
@@ -90,3 +91,25 @@ def test_views_are_frozen(tmp_path):
     scoped = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}").scope("demo", "ctms_to_crm", OBJ)
     with pytest.raises(AttributeError):
         scoped.object_name = "other"
+
+
+def test_flow_name_max_is_the_length_of_every_flow_column():
+    """Flow names are validated against FLOW_NAME_MAX: it must be what the columns hold."""
+    flow_columns = {f"{t.name}.{c.name}": c.type.length for t in ledger_module.metadata.sorted_tables
+                    for c in t.columns if c.name in ("direction", "flow")}
+    assert set(flow_columns) == {
+        "runs.direction", "record_outcomes.direction", "quarantine.direction", "dq_summaries.direction",
+        "source_versions.direction", "deletion_queue.direction", "quarantine_actions.direction",
+        "reconcile_runs.flow", "drift.flow"}
+    assert all(isinstance(ledger_module.metadata.tables[k.split(".")[0]].c[k.split(".")[1]].type, String)
+               for k in flow_columns)
+    assert set(flow_columns.values()) == {FLOW_NAME_MAX}
+
+
+def test_a_migrated_ledger_holds_flow_names_of_flow_name_max(ledger):
+    """The migrations, not only the tables here, make the flow columns FLOW_NAME_MAX long."""
+    from sqlalchemy import inspect as reflect
+
+    found = {(table, c["name"]): c["type"].length for table in reflect(ledger.engine).get_table_names()
+             for c in reflect(ledger.engine).get_columns(table) if c["name"] in ("direction", "flow")}
+    assert len(found) == 9 and set(found.values()) == {FLOW_NAME_MAX}

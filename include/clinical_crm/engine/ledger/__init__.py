@@ -27,6 +27,7 @@ from clinical_crm.engine.ledger.records import Records
 from clinical_crm.engine.ledger.run_log import COMPLETED_STATES, Runs
 from clinical_crm.engine.ledger.schema import (  # noqa: F401  (the tables: migrations and tests import them from here)
     _ENGINES,
+    FLOW_NAME_MAX,
     QUARANTINE_ACTIONS,
     _engine,
     deletion_queue,

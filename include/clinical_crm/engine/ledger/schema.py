@@ -38,11 +38,16 @@ from clinical_crm.times import as_utc
 
 metadata = MetaData()
 
+# The length of the columns holding a flow name (runs.direction, the record key's direction,
+# reconcile_runs.flow, drift.flow): SQLite ignores it, PostgreSQL refuses a longer name, so
+# flow names are checked against it.
+FLOW_NAME_MAX = 20
+
 def _record_key(index_connection: bool = False, index_source: bool = False) -> list[Column]:
     """The columns that name one source record of one connection and direction."""
     return [Column("id", Integer, primary_key=True, autoincrement=True),
             Column("connection", String(100), nullable=False, index=index_connection),
-            Column("direction", String(20), nullable=False),
+            Column("direction", String(FLOW_NAME_MAX), nullable=False),
             Column("object", String(100), nullable=False),  # the source object
             Column("source_id", String(255), nullable=False, index=index_source)]
 
@@ -51,7 +56,7 @@ runs = Table(
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("connection", String(100), nullable=False, index=True),
-    Column("direction", String(20), nullable=False),
+    Column("direction", String(FLOW_NAME_MAX), nullable=False),
     Column("dag_run_id", String(250), nullable=False),
     Column("window_start", DateTime(timezone=True)),
     Column("window_end", DateTime(timezone=True)),
@@ -107,7 +112,7 @@ dq_summaries = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("run_id", Integer, nullable=False, index=True),
     Column("connection", String(100), nullable=False),
-    Column("direction", String(20), nullable=False),
+    Column("direction", String(FLOW_NAME_MAX), nullable=False),
     Column("object", String(100), nullable=False),
     Column("rows", Integer, nullable=False),
     Column("failing_rows", Integer, nullable=False),
@@ -170,7 +175,7 @@ def _reconcile_key() -> list[Column]:
     """The columns both reconciliation tables start with: row id, connection, flow."""
     return [Column("id", Integer, primary_key=True, autoincrement=True),
             Column("connection", String(100), nullable=False, index=True),
-            Column("flow", String(20), nullable=False)]
+            Column("flow", String(FLOW_NAME_MAX), nullable=False)]
 
 
 reconcile_runs = Table(
