@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 from clinical_crm.flows.base import SOURCE_ID, SOURCE_VERSION, DeletionMark
+from clinical_crm.outcomes import LOADED
 from clinical_crm.times import as_utc
 from clinical_crm.values import text
 from clinical_crm.vault import Query
@@ -28,7 +29,6 @@ from clinical_crm.vault.fields import ID, MAX_BATCH, vault_datetime
 
 log = logging.getLogger(__name__)
 
-LOADED = ("created", "updated", "unchanged")
 
 
 def _batches(records: list[dict], size: int) -> Iterator[list[dict]]:

@@ -21,15 +21,11 @@ from datetime import datetime
 from clinical_crm.engine import staging, windows
 from clinical_crm.engine.context import RunContext, Staged
 from clinical_crm.engine.ledger import Ledger
+from clinical_crm.outcomes import CLEARED_ON_RETRY, LOAD_OUTCOMES  # noqa: F401 (LOAD_OUTCOMES: the runner's vocabulary)
 from clinical_crm.flows.base import SOURCE_ID, SOURCE_OBJECT, VALID, Flow, Target, Writes
 
 log = logging.getLogger(__name__)
 
-# What the load writes for a record (a retried load clears them first: one outcome per record),
-# except marked_deleted: a mark written is never written again (the deletion queue), so its
-# outcome stays with the attempt that wrote it
-LOAD_OUTCOMES = ["created", "updated", "unchanged", "failed", "marked_deleted", "superseded", "unknown"]
-CLEARED_ON_RETRY = [o for o in LOAD_OUTCOMES if o != "marked_deleted"]
 PRE_STEP_IDS = "pre_step_ids"
 # Per-record errors a later attempt can clear (the client already re-sent these records a few
 # times): the load task fails after writing everything else, so Airflow retries it; the upserts
@@ -505,7 +501,7 @@ def _record_the_rest(error: BaseException, sent, recorded, record) -> None:
         try:
             if isinstance(outcomes, list):
                 record(outcomes)
-            elif answer is not error:
+            elif answer is not None and answer is not error:  # None: a batch never sent
                 log.error("a write in flight failed too: %s: %s", type(answer).__name__, answer)
         except Exception as failure:  # the ledger itself fails: the first error is the one to raise
             log.error("could not record the outcomes of a write: %s: %s", type(failure).__name__, failure)
