@@ -81,18 +81,16 @@ def _whole_history_deletions() -> Iterator[None]:
 
 def _valid_rows(flow: Flow, cfg, staged: Staged, run_dir: str) -> Staged:
     """The validated object's rows that pass the flow's quality rules (with the matched target
-    id column), as the runner's validate step stages them, without touching the quarantine."""
+    id column), judged as the runner's validate step judges them, without touching the
+    quarantine or the Data Docs (an ephemeral GX context)."""
     v = flow.validation
-    rules, reference = v.rules(cfg), v.reference(staged, cfg)
+    reference = v.reference(staged, cfg)
+    checked = quality.CheckedRows(staged.path(v.source), v.matched_column)
+    verdict = checked.judge(quality.Validator(cfg.name, "reconcile", stored=False), v.source_object(cfg),
+                            v.rules(cfg), lambda chunk: v.checks(chunk, reference, cfg))
     good = staging.FrameWriter(f"{run_dir}/{v.source}.valid.parquet")
-    seen = staging.IdSet()
-    for chunk in staging.read_chunks(staged.path(v.source)):
-        chunk = chunk[~seen.isin(chunk[ID])].drop_duplicates(ID, keep="last")
-        seen.add(chunk[ID])
-        if not chunk.empty:
-            checks = v.checks(chunk, reference, cfg)
-            bad = quality.row_reasons(checks, rules)[0].map(bool)
-            good.write(chunk[~bad].assign(**{v.matched_column: checks.loc[~bad, v.matched_column]}))
+    for chunk, bad in checked.chunks(verdict):
+        good.write(chunk[~bad])
     return Staged({VALID: good.close()})
 
 
