@@ -1,4 +1,4 @@
-"""Quarantine reasons (the same rules GX validates) and the ledger's read API."""
+"""Quarantine reasons (from GX's verdict on the rules) and the ledger's read API."""
 from __future__ import annotations
 
 import secrets
@@ -26,10 +26,19 @@ def activities(*rows):
 ACCOUNTS = pd.DataFrame({"id": ["A1", "A2", "A3"], "veeva_network_id__v": ["N1", "N2", "N2"]})
 
 
+def verdict_of(checks, rules, object_name="crm_activity__v"):
+    """GX's verdict in an ephemeral context (nothing written)."""
+    return quality.Validator("unit", "test", stored=False).verdict(object_name, checks, rules)
+
+
+def reasons_by_id(verdict, ids):
+    return {i: [reason for _, reason in verdict.findings.get(i, [])] for i in ids}
+
+
 def reasons_of(cfg, frame, known_studies=("1001_S1",)):
     checks = ctms_to_crm.activity_checks(frame, {"accounts": ACCOUNTS, "studies": set(known_studies), "sites": set()}, cfg)
-    reasons, per_rule = quality.row_reasons(checks, ctms_to_crm.quality_rules(cfg, today=TODAY))
-    return checks, dict(zip(frame["id"], reasons)), per_rule
+    verdict = verdict_of(checks, ctms_to_crm.quality_rules(cfg, today=TODAY))
+    return checks, reasons_by_id(verdict, frame["id"]), verdict.per_rule
 
 
 def test_good_activity_has_no_reason_and_its_account(demo_cfg):
@@ -71,11 +80,13 @@ def test_gx_validates_the_same_rules(demo_cfg, tmp_path, monkeypatch):
     frame = activities({"id": "ok"}, {"id": "bad", "channel__v": "fax__c", "person__vr.veeva_network_id__c": "N2"})
     checks = ctms_to_crm.activity_checks(frame, {"accounts": ACCOUNTS, "studies": {"1001_S1"}, "sites": set()}, demo_cfg)
     validator = quality.Validator("unit", "run1")
-    summaries = {s["suite"]: s for s in validator.validate("crm_activity__v", checks, ctms_to_crm.quality_rules(demo_cfg))}
+    verdict = validator.verdict("crm_activity__v", checks, ctms_to_crm.quality_rules(demo_cfg))
+    summaries = {s["suite"]: s for s in verdict.suites}
     assert summaries["mapping_completeness"]["success"] is False
     assert summaries["identifier_match"]["success"] is False
+    assert list(verdict.findings) == ["bad"] and verdict.data_docs.endswith("index.html")
     good = checks.loc[checks["source_id"] == "ok"]
-    summaries = {s["suite"]: s for s in validator.validate("crm_activity__v", good, ctms_to_crm.quality_rules(demo_cfg))}
+    summaries = {s["suite"]: s for s in validator.verdict("crm_activity__v", good, ctms_to_crm.quality_rules(demo_cfg)).suites}
     assert all(s["success"] for s in summaries.values())
     docs = validator.build_docs()
     assert docs.endswith("index.html") and (tmp_path / "unit" / "gx").is_dir()
@@ -92,13 +103,13 @@ def test_data_docs_render_only_the_runs_own_results(demo_cfg, tmp_path, monkeypa
         return sorted(site.rglob(f"*/{run_key}/*/*.html"))
 
     first = quality.Validator("unit", "run1")
-    first.validate("crm_activity__v", checks, ctms_to_crm.quality_rules(demo_cfg))
+    first.verdict("crm_activity__v", checks, ctms_to_crm.quality_rules(demo_cfg))
     first.build_docs()
     built_first = {page: page.stat().st_mtime_ns for page in pages("run1")}
     assert len(built_first) == 2                                   # one page per suite
 
     second = quality.Validator("unit", "run2")
-    second.validate("crm_activity__v", checks, ctms_to_crm.quality_rules(demo_cfg))
+    second.verdict("crm_activity__v", checks, ctms_to_crm.quality_rules(demo_cfg))
     index = second.build_docs()
     assert len(pages("run2")) == 2
     assert {page: page.stat().st_mtime_ns for page in pages("run1")} == built_first   # not rendered again
@@ -114,9 +125,9 @@ def test_inbound_rules(demo_cfg):
     ])
     persons = pd.DataFrame({"id": ["P1", "P2", "P3"], "veeva_network_id__c": ["N1", "N2", "N2"]})
     checks = crm_to_ctms.call_checks(calls, {"persons": persons}, demo_cfg)
-    reasons, _ = quality.row_reasons(checks, crm_to_ctms.quality_rules(demo_cfg, today=TODAY))
-    assert reasons.tolist()[0] == [] and checks["person_id"].tolist()[0] == "P1"
-    assert reasons.tolist()[1] == ["status missing", "ambiguous: 2 CTMS Persons have veeva_network_id__c = 'N2'"]
+    reasons = reasons_by_id(verdict_of(checks, crm_to_ctms.quality_rules(demo_cfg, today=TODAY), "call2__v"), calls["id"])
+    assert reasons["ok"] == [] and checks["person_id"].tolist()[0] == "P1"
+    assert reasons["two"] == ["status missing", "ambiguous: 2 CTMS Persons have veeva_network_id__c = 'N2'"]
 
 
 def test_threshold_fails_only_past_the_share():

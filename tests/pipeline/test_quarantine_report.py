@@ -16,8 +16,9 @@ ACCOUNTS = pd.DataFrame({"id": ["A1"], "veeva_network_id__v": ["N1"]})
 
 def findings_of(cfg, frame):
     checks = ctms_to_crm.activity_checks(frame, {"accounts": ACCOUNTS, "studies": {"S1"}, "sites": set()}, cfg)
-    found, _ = quality.row_findings(checks, ctms_to_crm.quality_rules(cfg))
-    return {sid: f for sid, f in zip(frame["id"], found) if f}
+    verdict = quality.Validator("unit", "test", stored=False).verdict("crm_activity__v", checks,
+                                                                        ctms_to_crm.quality_rules(cfg))
+    return verdict.findings
 
 
 def test_files_hold_ids_rules_and_reasons_only(demo_cfg, tmp_path, monkeypatch, caplog):
@@ -80,6 +81,7 @@ def test_inbound_account_gone_is_named(demo_cfg):
                            "account__vr.veeva_network_id__v": None, "call_channel__v": "phone__v",
                            "call2_status__v": "saved__v", "call_date__v": "2026-05-01"}])
     checks = crm_to_ctms.call_checks(calls, {"persons": pd.DataFrame({"id": [], "veeva_network_id__c": []})}, demo_cfg)
-    found, _ = quality.row_findings(checks, crm_to_ctms.quality_rules(demo_cfg))
-    assert found[0][0] == ("account_has_identifier", "Account A404 does not exist in CRM (deleted, or not readable "
+    found = quality.Validator("unit", "test", stored=False).verdict("call2__v", checks,
+                                                                      crm_to_ctms.quality_rules(demo_cfg)).findings
+    assert found["C1"][0] == ("account_has_identifier", "Account A404 does not exist in CRM (deleted, or not readable "
                                                      "by the integration user): set an existing Account on the record")

@@ -1,222 +1,123 @@
-"""The data-quality gate: Great Expectations suites, per-row quarantine reasons, the DQ report.
+"""The data-quality gate: one Great Expectations verdict per suite per run decides which rows
+are quarantined and why; Data Docs, the run's JSON summary, the threshold.
 
-Each rule is written once (`Rule`): its expectations (what GX validates and reports in Data
-Docs) and its row mask + readable reason (what quarantines a row) read the same column with the
-same parameters. Rules look at a *check frame* with neutral column names (person, channel,
-account_matches, ...) that each flow prepares from its staged records (flows/*: quality_rules
-and the checks); cross-system matching (Person identifier -> CRM Account, Account identifier ->
-CTMS Person) is a pandas merge (`add_match`) whose count column GX then validates.
-
-Two suites per flow: `mapping_completeness` and `identifier_match`.
+The rules are declared in clinical_crm.checks. The failing rows are the unexpected rows of
+GX's validation result, named by the check frame's `source_id`: what the Data Docs show is what
+the quarantine holds. The check frames of all of a run's chunks are validated at once, kept
+compact (`compact`), and the rows read again to stage the valid ones (`CheckedRows`).
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import json
 import logging
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
 from pathlib import Path
 
 import pandas as pd
+from pandas.api.types import union_categoricals
 
 from clinical_crm import settings
+from clinical_crm.checks import SOURCE_ID, SUITES, Rule, load_gx
+from clinical_crm.engine import staging
 from clinical_crm.errors import QualityThresholdExceeded
-from clinical_crm.values import blank, text
+from clinical_crm.values import blank
 
 log = logging.getLogger(__name__)
 
-MAPPING_COMPLETENESS = "mapping_completeness"
-IDENTIFIER_MATCH = "identifier_match"
-EARLIEST_DATE = date(1990, 1, 1)  # an activity before this is a typo, not history
-LATEST_YEARS_AHEAD = 10  # planned activities may be in the future, not in another decade
-
-
-# ---------------------------------------------------------------- rules
-
-
-@dataclass(frozen=True)
-class Rule:
-    name: str
-    suite: str
-    column: str
-    expectations: Callable[[], list]  # GX expectation objects on `column`
-    failing: Callable[[pd.Series], pd.Series]  # row mask on `column`: True = rule broken
-    reason: Callable[[dict], str]  # readable reason for one failing row (a check-frame row)
-
-
-def _gx():
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-    # before the import: importing GX logs every registration (~150 lines) at INFO
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
-    import great_expectations as gx
-
-    return gx
+# Every failing row's source_id, and only that (not its value, nor a query naming every id):
+# the quarantine needs all of them, and the stored result stays a list of ids per expectation.
+RESULT_FORMAT = {"result_format": "COMPLETE", "unexpected_index_column_names": [SOURCE_ID],
+                 "exclude_unexpected_values": True, "return_unexpected_index_query": False,
+                 "partial_unexpected_count": 20}
 
 
 def import_gx() -> None:
     """Import Great Expectations now (seconds, and most of the objects the process holds)."""
-    _gx()
+    load_gx()
 
 
-def not_null(column: str) -> Callable[[], list]:
-    return lambda: [_gx().expectations.ExpectColumnValuesToNotBeNull(column=column)]
+@dataclass(frozen=True)
+class Verdict:
+    """What GX decided for one object's rows: a summary per suite, and each failing row's
+    (rule name, reason) pairs in rule order, by source_id, in the check frame's row order."""
+
+    suites: list[dict]
+    findings: dict[str, list[tuple[str, str]]]
+    per_rule: dict[str, int]  # failing rows per rule (the rules with any), in rule order
+    data_docs: str | None = None  # index.html of the Data Docs (a stored Validator only)
 
 
-def in_set(column: str, values: list) -> Callable[[], list]:
-    # only for small sets (picklist maps, booleans): large sets are merges, see module doc
-    def build():
-        gx = _gx()
-        return [gx.expectations.ExpectColumnValuesToNotBeNull(column=column),
-                gx.expectations.ExpectColumnValuesToBeInSet(column=column, value_set=list(values))]
-    return build
+# ---------------------------------------------------------------- a run's check frames
 
 
-def exactly_one(column: str) -> Callable[[], list]:
-    return lambda: [_gx().expectations.ExpectColumnValuesToBeBetween(column=column, min_value=1, max_value=1)]
+def compact(checks: pd.DataFrame) -> pd.DataFrame:
+    """A check frame as held until the run's verdict: text as categories (channels, dates,
+    persons repeat: a code of a few bytes a row instead of a Python string each), the record id
+    as Arrow text; numbers and booleans as they are."""
+    out = {}
+    for name, values in checks.items():
+        if name == SOURCE_ID:
+            out[name] = values.astype("string[pyarrow]")
+        elif pd.api.types.is_numeric_dtype(values):
+            out[name] = values
+        else:  # object categories in every chunk, so that the chunks' categories can be joined
+            codes, uniques = pd.factorize(values)
+            out[name] = pd.Categorical.from_codes(codes, categories=pd.Index(uniques, dtype=object))
+    return pd.DataFrame(out, index=checks.index)
 
 
-def date_bounds(today: date | None = None) -> tuple[int, int]:
-    """Valid activity dates as YYYYMMDD numbers (numbers keep the GX expectation simple)."""
-    today = today or datetime.now(timezone.utc).date()
-    high = today.replace(year=today.year + LATEST_YEARS_AHEAD, day=min(today.day, 28))
-    return int(EARLIEST_DATE.strftime("%Y%m%d")), int(high.strftime("%Y%m%d"))
+def joined(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Compact check frames as one (categories joined, not turned back into objects as
+    pd.concat would when they differ); a fresh 0..n-1 index."""
+    if not frames:
+        return pd.DataFrame()
+    columns = {}
+    for name in frames[0].columns:
+        parts = [f[name] for f in frames]
+        if all(isinstance(p.dtype, pd.CategoricalDtype) for p in parts):
+            columns[name] = pd.Series(union_categoricals([p.array for p in parts]))
+        else:
+            columns[name] = pd.concat(parts, ignore_index=True)
+    return pd.DataFrame(columns)
 
 
-def blank_mask(values: pd.Series) -> pd.Series:
-    return values.map(blank).astype(bool)
+class CheckedRows:
+    """The rows of one staged file, each once (the last copy read: a quarantined record read
+    again by id may also have changed in the window), judged by one verdict.
 
+    `judge` reads the file once, builds each chunk's check frame (`checks_of(chunk)`) and
+    validates them all at once; `chunks` reads the file again and yields each chunk's unique
+    rows, with the matched target id column, and which of them fail. The seen ids stay in `seen`."""
 
-def not_true(values: pd.Series) -> pd.Series:
-    return values != True  # noqa: E712 (element-wise)
+    def __init__(self, path: str | None, matched_column: str):
+        self.path, self.matched_column = path, matched_column
+        self.seen = staging.IdSet()
+        self._matched: list[pd.Series] = []  # per chunk read: the kept rows' matched ids, by row index
 
+    def judge(self, validator: Validator, object_name: str, rules: list[Rule],
+              checks_of: Callable[[pd.DataFrame], pd.DataFrame]) -> Verdict:
+        frames = []
+        for chunk in staging.read_chunks(self.path):
+            chunk = chunk[~self.seen.isin(chunk["id"])].drop_duplicates("id", keep="last")
+            self.seen.add(chunk["id"])
+            if chunk.empty:
+                self._matched.append(pd.Series([], dtype=object))
+                continue
+            checks = checks_of(chunk)
+            self._matched.append(checks[self.matched_column])
+            frames.append(compact(checks.drop(columns=[self.matched_column])))
+        return validator.verdict(object_name, joined(frames), rules)
 
-def channel_rule(channels: list[str]) -> Rule:
-    """The channel is one the channel map knows (outbound: its keys, inbound: its values)."""
-    return Rule("channel_mapped", MAPPING_COMPLETENESS, "channel", in_set("channel", channels),
-                lambda s: ~s.isin(channels),
-                lambda r: "channel missing" if blank(r["channel"]) else f"channel '{r['channel']}' is not in the channel map")
-
-
-def match_rule(name: str, count_column: str, key_column: str, what: str, field_name: str) -> Rule:
-    """The key matches exactly one record on the other side (see add_match)."""
-    return Rule(name, IDENTIFIER_MATCH, count_column, exactly_one(count_column), lambda s: s != 1,
-                lambda r: _match_reason(r[count_column], what, field_name, r[key_column]))
-
-
-def identifier_rule(name: str, key_column: str, record_column: str, found_column: str, what: str, vault: str,
-                    field_name: str) -> Rule:
-    """The record a row refers to (a Person, an Account) carries the identifier field
-    (`key_column`). The reason names the referenced record by id, never by a person's name: a
-    reference whose record no longer exists (`record_column` set, `found_column`, the
-    relationship's id, empty) says so instead of "has no identifier"."""
-    def reason(r: dict) -> str:
-        record = r[record_column]
-        if blank(record):
-            return f"no {what}, so no {field_name} to match"
-        if blank(r[found_column]):
-            return (f"{what} {record} does not exist in {vault} (deleted, or not readable by the integration "
-                    f"user): set an existing {what} on the record")
-        return f"{what} {record} has no {field_name}: fill it in on the {what} in {vault}"
-
-    return Rule(name, MAPPING_COMPLETENESS, key_column, not_null(key_column), blank_mask, reason)
-
-
-def date_rule(today: date | None = None) -> Rule:
-    low, high = date_bounds(today)
-
-    def expectations():
-        gx = _gx()
-        return [gx.expectations.ExpectColumnValuesToNotBeNull(column="date_number"),
-                gx.expectations.ExpectColumnValuesToBeBetween(column="date_number", min_value=low, max_value=high)]
-
-    return Rule(
-        "date_valid", MAPPING_COMPLETENESS, "date_number", expectations,
-        lambda s: s.isna() | (s < low) | (s > high),
-        lambda r: ("date missing" if blank(r["date"]) else
-                   f"date '{r['date']}' is not a valid date between {low} and {high} (YYYYMMDD)"),
-    )
-
-
-def _match_reason(matches, what: str, field_name: str, value) -> str:
-    if blank(value):
-        return f"no {field_name} to match a {what} with"
-    if matches == 0:
-        return f"no {what} has {field_name} = '{value}'"
-    return f"ambiguous: {matches} {what}s have {field_name} = '{value}'"
-
-
-# ---------------------------------------------------------------- check frames (pandas merges)
-
-
-def _date_numbers(values: pd.Series) -> pd.Series:
-    """YYYY-MM-DD text -> YYYYMMDD number; NaN when missing or not a real date."""
-    parsed = pd.to_datetime(values.map(text), format="%Y-%m-%d", errors="coerce")
-    return parsed.dt.strftime("%Y%m%d").astype(float)
-
-
-def _match_counts(keys: pd.Series, candidates: pd.DataFrame, key_column: str) -> pd.Series:
-    """How many candidate records carry each key (0 when none): a merge, not an in-set check."""
-    counts = (candidates.assign(_key=candidates[key_column].map(text)).dropna(subset=["_key"])
-              .groupby("_key").size().rename("_matches").reset_index())
-    merged = pd.DataFrame({"_key": keys.map(text)}).merge(counts, on="_key", how="left")
-    return merged["_matches"].fillna(0).astype(int).set_axis(keys.index)
-
-
-def _unique_target(keys: pd.Series, candidates: pd.DataFrame, key_column: str) -> pd.Series:
-    """The candidate id for keys matching exactly one candidate, else None."""
-    found = candidates.assign(_key=candidates[key_column].map(text)).dropna(subset=["_key"])
-    found = found.drop_duplicates("_key", keep=False)[["_key", "id"]]
-    merged = pd.DataFrame({"_key": keys.map(text)}).merge(found, on="_key", how="left")
-    return merged["id"].astype(object).where(merged["id"].notna(), None).set_axis(keys.index)
-
-
-def column_of(frame: pd.DataFrame) -> Callable[[str], pd.Series]:
-    """A column by name, or an empty one when the frame lacks it."""
-    return lambda name: (frame[name] if name in frame else
-                         pd.Series([None] * len(frame), dtype=object, index=frame.index))
-
-
-def check_frame(frame: pd.DataFrame, channel: pd.Series, date_values: pd.Series) -> pd.DataFrame:
-    """The columns every flow's check frame has: source_id, channel, date, date_number."""
-    checks = pd.DataFrame(index=frame.index)
-    checks["source_id"] = frame["id"]
-    checks["channel"] = channel.map(text)
-    checks["date"] = date_values.map(text)
-    checks["date_number"] = _date_numbers(date_values)
-    return checks
-
-
-def add_match(checks: pd.DataFrame, key_column: str, candidates: pd.DataFrame, candidate_field: str,
-              count_column: str, id_column: str) -> None:
-    """How many candidates carry each row's key (`count_column`), and the candidate's id where
-    exactly one does (`id_column`): cross-system identifier matching as a merge."""
-    checks[count_column] = _match_counts(checks[key_column], candidates, candidate_field)
-    checks[id_column] = _unique_target(checks[key_column], candidates, candidate_field)
-
-
-def row_findings(checks: pd.DataFrame, rules: list[Rule]) -> tuple[pd.Series, dict[str, int]]:
-    """Every (rule name, reason) each row fails (an empty list for good rows), and failing rows
-    per rule."""
-    findings = pd.Series([[] for _ in range(len(checks))], index=checks.index, dtype=object)
-    per_rule: dict[str, int] = {}
-    for rule in rules:
-        mask = rule.failing(checks[rule.column]).fillna(True).astype(bool)
-        if mask.any():
-            per_rule[rule.name] = int(mask.sum())
-        for index in checks.index[mask]:
-            row = {k: (None if blank(v) else v) for k, v in checks.loc[index].to_dict().items()}
-            findings[index] = findings[index] + [(rule.name, rule.reason(row))]
-    return findings, per_rule
-
-
-def row_reasons(checks: pd.DataFrame, rules: list[Rule]) -> tuple[pd.Series, dict[str, int]]:
-    """Every reason each row fails (an empty list for good rows), and failing rows per rule."""
-    findings, per_rule = row_findings(checks, rules)
-    return findings.map(lambda found: [reason for _, reason in found]), per_rule
+    def chunks(self, verdict: Verdict) -> Iterator[tuple[pd.DataFrame, pd.Series]]:
+        failing = list(verdict.findings)
+        for chunk, matched in zip(staging.read_chunks(self.path), self._matched):
+            if not matched.empty:  # the same file read the same way: the rows judge kept
+                chunk = chunk.loc[matched.index].assign(**{self.matched_column: matched})
+                yield chunk, chunk["id"].isin(failing)
 
 
 # ---------------------------------------------------------------- Great Expectations
@@ -224,13 +125,13 @@ def row_reasons(checks: pd.DataFrame, rules: list[Rule]) -> tuple[pd.Series, dic
 
 @dataclass
 class Validator:
-    """One GX file context per connection; validations of a run go in it, Data Docs built once."""
+    """One GX file context per connection; a run's validations go in it and its Data Docs are
+    built with them. `stored=False`: an ephemeral context, nothing written (reconciliation)."""
 
     connection: str
     run_key: str
-    matched_columns: tuple[str, ...] = ()  # target ids beside the checks: not validated
+    stored: bool = True
     root: Path = field(init=False)
-    results: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
         self.root = settings.reports_dir() / self.connection / "gx"  # GX makes this folder itself
@@ -239,19 +140,26 @@ class Validator:
     @property
     def context(self):
         if self._context is None:
-            gx = _gx()
+            gx = load_gx()
             from great_expectations.data_context.types.base import ProgressBarsConfig
 
-            self.root.parent.mkdir(parents=True, exist_ok=True)
-            context = gx.get_context(mode="file", project_root_dir=str(self.root.parent))
+            if self.stored:
+                self.root.parent.mkdir(parents=True, exist_ok=True)
+                context = gx.get_context(mode="file", project_root_dir=str(self.root.parent))
+            else:
+                context = gx.get_context(mode="ephemeral")
             context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-            context.variables.save()
+            if self.stored:
+                context.variables.save()
             self._context = context
         return self._context
 
     @contextlib.contextmanager
     def _locked(self):
         """Both DAGs of a connection share its GX project: one writer at a time (file lock)."""
+        if not self.stored:
+            yield
+            return
         self.root.parent.mkdir(parents=True, exist_ok=True)
         with open(self.root.parent / ".gx.lock", "w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
@@ -261,13 +169,34 @@ class Validator:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def validate(self, object_name: str, checks: pd.DataFrame, rules: list[Rule]) -> list[dict]:
-        """Run each suite's expectations over the check frame; returns one summary per suite."""
+    def verdict(self, object_name: str, checks: pd.DataFrame, rules: list[Rule]) -> Verdict:
+        """Validate each suite over the whole check frame (one row per record, `source_id`
+        unique, an unnamed index) and read the failing rows from GX's result; a stored
+        Validator builds this run's Data Docs in the same lock. No rows: no validation."""
+        if checks.empty:
+            return Verdict([], {}, {})
         with self._locked():
-            return self._validate(object_name, checks, rules)
+            results = self._run(object_name, checks, rules)
+            docs = self._docs() if self.stored else None
+        summaries, failing = [], {rule.name: set() for rule in rules}
+        for suite_name, result in results:
+            summaries.append({"object": object_name, "suite": suite_name, "success": bool(result.success),
+                              "evaluated": int(result.statistics.get("evaluated_expectations", 0)),
+                              "failed": int(result.statistics.get("unsuccessful_expectations", 0))})
+            for r in result.results:
+                found = r.result.get("unexpected_index_list")
+                if not r.success and found is None:  # not evaluated: never let a row pass unchecked
+                    raise RuntimeError(f"GX could not evaluate {r.expectation_config.type} on "
+                                       f"{r.expectation_config.kwargs.get('column')}: {r.exception_info}")
+                for entry in found or []:
+                    failing[r.expectation_config.meta["rule"]].update(entry[SOURCE_ID])
+        # GX leaves reference cycles holding its copies of the frame: free them now, not at some later collection
+        gc.collect()
+        return Verdict(summaries, _findings(checks, rules, failing),
+                       {name: len(ids) for name, ids in failing.items() if ids}, docs)
 
-    def _validate(self, object_name: str, checks: pd.DataFrame, rules: list[Rule]) -> list[dict]:
-        gx = _gx()
+    def _run(self, object_name: str, checks: pd.DataFrame, rules: list[Rule]) -> list[tuple[str, object]]:
+        gx = load_gx()
         context = self.context
         source = context.data_sources.add_or_update_pandas(name=f"{self.connection}_checks")
         try:
@@ -278,35 +207,44 @@ class Validator:
             batch = asset.get_batch_definition("whole_frame")
         except (KeyError, LookupError):
             batch = asset.add_batch_definition_whole_dataframe("whole_frame")
-        frame = checks.drop(columns=[c for c in self.matched_columns if c in checks])
-        summaries = []
-        for suite_name in (MAPPING_COMPLETENESS, IDENTIFIER_MATCH):
-            suite_rules = [r for r in rules if r.suite == suite_name]
+        results = []
+        for suite_name in SUITES:
+            expectations = []
+            for rule in (r for r in rules if r.suite == suite_name):
+                for expectation in rule.expectations():
+                    expectation.meta = {**(expectation.meta or {}), "rule": rule.name}  # result -> rule
+                    expectations.append(expectation)
             name = f"{self.connection}.{object_name}.{suite_name}"
-            suite = gx.ExpectationSuite(name=name, expectations=[e for r in suite_rules for e in r.expectations()])
-            suite = context.suites.add_or_update(suite)
+            suite = context.suites.add_or_update(gx.ExpectationSuite(name=name, expectations=expectations))
             definition = context.validation_definitions.add_or_update(
                 gx.ValidationDefinition(name=name, data=batch, suite=suite))
-            result = definition.run(batch_parameters={"dataframe": frame},
-                                    result_format="SUMMARY",
-                                    run_id=gx.RunIdentifier(run_name=self.run_key))
-            summaries.append({"object": object_name, "suite": suite_name, "success": bool(result.success),
-                              "evaluated": int(result.statistics.get("evaluated_expectations", 0)),
-                              "failed": int(result.statistics.get("unsuccessful_expectations", 0))})
-        self.results += summaries
-        return summaries
+            results.append((suite_name, definition.run(batch_parameters={"dataframe": checks},
+                                                       result_format=RESULT_FORMAT,
+                                                       run_id=gx.RunIdentifier(run_name=self.run_key))))
+        return results
 
     def build_docs(self) -> str:
-        """Build this run's Data Docs pages and the index; returns the path of index.html.
-
-        Only this run's validation results are rendered: by default GX re-renders every result
-        the project holds, so each hourly run would redo the pages of all the runs before it."""
+        """Build this run's Data Docs pages and the index; returns the path of index.html."""
         with self._locked():
-            context = self.context
-            mine = [key for key in context.validation_results_store.list_keys()
-                    if key.run_id.run_name == self.run_key]
-            context.build_data_docs(resource_identifiers=mine)
+            return self._docs()
+
+    def _docs(self) -> str:
+        """Only this run's validation results are rendered: by default GX re-renders every result
+        the project holds, so each hourly run would redo the pages of all the runs before it."""
+        context = self.context
+        mine = [key for key in context.validation_results_store.list_keys() if key.run_id.run_name == self.run_key]
+        context.build_data_docs(resource_identifiers=mine)
         return str(self.root / "uncommitted" / "data_docs" / "local_site" / "index.html")
+
+
+def _findings(checks: pd.DataFrame, rules: list[Rule], failing: dict[str, set]) -> dict[str, list[tuple[str, str]]]:
+    """(rule, reason) of each failing row, by source_id; a reason reads the row with missing values as None."""
+    ids = set().union(*failing.values())
+    findings = {}
+    for row in checks[checks[SOURCE_ID].isin(ids)].to_dict("records"):
+        row = {k: (None if blank(v) else v) for k, v in row.items()}
+        findings[row[SOURCE_ID]] = [(r.name, r.reason(row)) for r in rules if row[SOURCE_ID] in failing[r.name]]
+    return findings
 
 
 def write_summary(connection: str, direction: str, run_key: str, summary: dict) -> str:

@@ -79,22 +79,20 @@ def _whole_history_deletions() -> Iterator[None]:
 # ---------------------------------------------------------------- the source side
 
 
-def _valid_rows(flow: Flow, staged: Staged, run_dir: str) -> Staged:
+def _valid_rows(flow: Flow, cfg, staged: Staged, run_dir: str) -> Staged:
     """The validated object's rows that pass the flow's quality rules (with the matched target
-    id column), as the runner's validate step stages them, without touching the quarantine."""
+    id column), judged as the runner's validate step judges them, without touching the
+    quarantine or the Data Docs (an ephemeral GX context)."""
     v = flow.validation
     if v is None:
         return Staged()
-    rules, reference = v.rules, runner.references(v, staged)
+    reference = runner.references(v, staged)
+    checked = quality.CheckedRows(staged.path(v.read), v.matched_column)
+    verdict = checked.judge(quality.Validator(cfg.name, "reconcile", stored=False), v.object, v.rules,
+                            lambda chunk: v.checks(chunk, reference))
     good = staging.FrameWriter(f"{run_dir}/{v.read}.valid.parquet")
-    seen = staging.IdSet()
-    for chunk in staging.read_chunks(staged.path(v.read)):
-        chunk = chunk[~seen.isin(chunk[ID])].drop_duplicates(ID, keep="last")
-        seen.add(chunk[ID])
-        if not chunk.empty:
-            checks = v.checks(chunk, reference)
-            bad = quality.row_reasons(checks, rules)[0].map(bool)
-            good.write(chunk[~bad].assign(**{v.matched_column: checks.loc[~bad, v.matched_column]}))
+    for chunk, bad in checked.chunks(verdict):
+        good.write(chunk[~bad])
     return Staged({VALID: good.close()})
 
 
@@ -279,7 +277,7 @@ def reconcile(flow: Flow, cfg, clients: dict, dag_run_id: str, repair: bool = Fa
             staged = Staged(Reading(flow.reads, clients, ctx.window, ctx.run_dir, cfg.load.concurrency, {},
                                     known=lambda obj, ids: ledger.known_external_ids(cfg.name, obj, ids),
                                     page_size=cfg.load.query_page_size).run())
-        valid = _valid_rows(flow, staged, ctx.run_dir)
+        valid = _valid_rows(flow, cfg, staged, ctx.run_dir)
         records = runner.transform(flow, cfg, ctx, staged, valid)
         for target in flow.targets:
             check = TargetCheck(flow, target, cfg, clients, ledger, staged, records)

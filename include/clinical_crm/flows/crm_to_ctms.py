@@ -6,6 +6,8 @@ Reads only flagged calls, never the Vault Clinical Interactions ctms_to_crm writ
 from __future__ import annotations
 
 from clinical_crm import rules
+from clinical_crm.checks import (MAPPING_COMPLETENESS, Rule, add_match, check_frame, channel_rule, column_of, date_rule,
+                                 identifier_rule, match_rule, not_null)
 from clinical_crm.config import ConnectionConfig
 from clinical_crm.flows.base import VALID, Deleted, DeletionMark, Flow, Lookup, Target, Validation, Windowed, target_records
 from clinical_crm.values import text
@@ -39,38 +41,32 @@ def person_query(cfg: ConnectionConfig) -> Query:
 def quality_rules(cfg: ConnectionConfig, today=None) -> list:
     """CRM calls going to CTMS: Account present, with an identifier that matches exactly one
     CTMS Person; channel mapped; a status; a sensible date."""
-    from clinical_crm.engine import quality as q
-
     ident = cfg.identifiers
     return [
-        q.Rule("account_present", q.MAPPING_COMPLETENESS, "account", q.not_null("account"),
-               q.blank_mask, lambda r: "no Account on the call"),
-        q.identifier_rule("account_has_identifier", "account_identifier", "account", "account_found", "Account", "CRM",
-                          ident.crm_account_field),
-        q.channel_rule(list(cfg.channel_map.values())),
+        Rule("account_present", MAPPING_COMPLETENESS, "account", not_null("account"), lambda r: "no Account on the call"),
+        identifier_rule("account_has_identifier", "account_identifier", "account", "account_found", "Account", "CRM",
+                        ident.crm_account_field),
+        channel_rule(list(cfg.channel_map.values())),
         # Status: Submitted -> Complete Yes, any other status (Planned, Saved, ...) -> No; only a
         # missing status is a defect.
-        q.Rule("status_present", q.MAPPING_COMPLETENESS, "status", q.not_null("status"),
-               q.blank_mask, lambda r: "status missing"),
-        q.date_rule(today),
-        q.match_rule("account_person_match", "person_matches", "account_identifier", "CTMS Person",
-                     ident.ctms_person_field),
+        Rule("status_present", MAPPING_COMPLETENESS, "status", not_null("status"), lambda r: "status missing"),
+        date_rule(today),
+        match_rule("account_person_match", "person_matches", "account_identifier", "CTMS Person",
+                   ident.ctms_person_field),
     ]
 
 
 def call_checks(calls, ref: dict, cfg: ConnectionConfig):
     """The check frame of CRM calls, plus `person_id` for the rows that match."""
-    from clinical_crm.engine import quality as q
-
     c = cfg.crm.call.fields
-    col = q.column_of(calls)
-    checks = q.check_frame(calls, col(c.channel), col(c.date))
+    col = column_of(calls)
+    checks = check_frame(calls, col(c.channel), col(c.date))
     checks["account"] = col(c.account).map(text)
     checks["account_identifier"] = col(account_identifier_column(cfg)).map(text)
     checks["account_found"] = col(f"{relationship(c.account)}.{ID}").map(text)
     checks["status"] = col(c.status).map(text)
-    q.add_match(checks, "account_identifier", ref["persons"], cfg.identifiers.ctms_person_field,
-                "person_matches", "person_id")
+    add_match(checks, "account_identifier", ref["persons"], cfg.identifiers.ctms_person_field,
+              "person_matches", "person_id")
     return checks
 
 

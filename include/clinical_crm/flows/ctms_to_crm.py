@@ -10,6 +10,8 @@ Reads Clinical Activities only, never Medical Activities: no echo of what crm_to
 from __future__ import annotations
 
 from clinical_crm import rules
+from clinical_crm.checks import (MAPPING_COMPLETENESS, Rule, add_match, check_frame, channel_rule, column_of, date_rule,
+                                 identifier_rule, in_set, match_rule, not_null)
 from clinical_crm.config import ConnectionConfig
 from clinical_crm.flows import automated_activities
 from clinical_crm.flows.base import (VALID, Deleted, DeletionMark, Flow, Lookup, Read, Referenced, Target, Validation,
@@ -98,38 +100,34 @@ def account_query(cfg: ConnectionConfig) -> Query:
 def quality_rules(cfg: ConnectionConfig, today=None) -> list:
     """Clinical Activities going to CRM: Person present, with an identifier that matches exactly
     one CRM Account; channel mapped; a sensible date; study and site known in CRM."""
-    from clinical_crm.engine import quality as q
-
     ident = cfg.identifiers
     channels = list(cfg.channel_map)
     checks = [
-        q.Rule("person_present", q.MAPPING_COMPLETENESS, "person", q.not_null("person"),
-               q.blank_mask, lambda r: "no Person on the Clinical Activity"),
-        q.identifier_rule("person_has_identifier", "person_identifier", "person", "person_found", "Person", "CTMS",
-                          ident.ctms_person_field),
-        q.channel_rule(channels),
-        q.date_rule(today),
+        Rule("person_present", MAPPING_COMPLETENESS, "person", not_null("person"),
+             lambda r: "no Person on the Clinical Activity"),
+        identifier_rule("person_has_identifier", "person_identifier", "person", "person_found", "Person", "CTMS",
+                        ident.ctms_person_field),
+        channel_rule(channels),
+        date_rule(today),
     ]
     if cfg.features.studies_and_sites:
         checks += [
-            q.Rule("study_resolvable", q.MAPPING_COMPLETENESS, "study_resolved", q.in_set("study_resolved", [True]),
-                   q.not_true, lambda r: f"Study {r['study_ref']} has no Clinical Study in CRM (not sent yet)"),
-            q.Rule("site_resolvable", q.MAPPING_COMPLETENESS, "site_resolved", q.in_set("site_resolved", [True]),
-                   q.not_true, lambda r: f"Study Site {r['site_ref']} has no Clinical Site in CRM (not sent yet)"),
+            Rule("study_resolvable", MAPPING_COMPLETENESS, "study_resolved", in_set("study_resolved", [True]),
+                 lambda r: f"Study {r['study_ref']} has no Clinical Study in CRM (not sent yet)"),
+            Rule("site_resolvable", MAPPING_COMPLETENESS, "site_resolved", in_set("site_resolved", [True]),
+                 lambda r: f"Study Site {r['site_ref']} has no Clinical Site in CRM (not sent yet)"),
         ]
-    checks.append(q.match_rule("person_account_match", "account_matches", "person_identifier", "CRM Account",
-                               ident.crm_account_field))
+    checks.append(match_rule("person_account_match", "account_matches", "person_identifier", "CRM Account",
+                             ident.crm_account_field))
     return checks
 
 
 def activity_checks(activities, ref: dict, cfg: ConnectionConfig):
     """The check frame of Clinical Activities, plus `account_id` for the rows that match."""
-    from clinical_crm.engine import quality as q
-
     a = cfg.ctms.activity.fields
     person = relationship(a.person)
-    col = q.column_of(activities)
-    checks = q.check_frame(activities, col(a.channel), col(a.date))
+    col = column_of(activities)
+    checks = check_frame(activities, col(a.channel), col(a.date))
     checks["person"] = col(a.person).map(text)
     checks["person_identifier"] = col(person_identifier_column(cfg)).map(text)
     checks["person_found"] = col(f"{person}.{ID}").map(text)
@@ -137,10 +135,10 @@ def activity_checks(activities, ref: dict, cfg: ConnectionConfig):
         refs = study_reference_columns(cfg)
         checks["study_ref"] = col(refs["study"]).map(text)
         checks["site_ref"] = col(refs["site"]).map(text)
-        checks["study_resolved"] = checks["study_ref"].map(lambda v: blank(v) or v in ref["studies"]).astype(object)
-        checks["site_resolved"] = checks["site_ref"].map(lambda v: blank(v) or v in ref["sites"]).astype(object)
-    q.add_match(checks, "person_identifier", ref["accounts"], cfg.identifiers.crm_account_field,
-                "account_matches", "account_id")
+        checks["study_resolved"] = checks["study_ref"].map(lambda v: blank(v) or v in ref["studies"]).astype(bool)
+        checks["site_resolved"] = checks["site_ref"].map(lambda v: blank(v) or v in ref["sites"]).astype(bool)
+    add_match(checks, "person_identifier", ref["accounts"], cfg.identifiers.crm_account_field,
+              "account_matches", "account_id")
     return checks
 
 
