@@ -81,7 +81,7 @@ def test_wrong_password_is_an_authentication_error(ctms):
 
     client = VaultClient(ctms.url, "integration@sandbox.example", "wrong", sleep=lambda s: None)
     with pytest.raises(VaultAuthenticationError) as caught:
-        client.vault_id
+        _ = client.vault_id
     assert "wrong" not in str(caught.value)
     assert client.counters["retry"] == 0
 
@@ -98,7 +98,7 @@ def test_password_and_session_never_logged(make_client, ctms, caplog):
     secret = "Pa55-word-never-logged"
     wrong = make_client(password=secret)
     with pytest.raises(VaultAuthenticationError) as caught:
-        wrong.vault_id
+        _ = wrong.vault_id
     assert secret not in caplog.text and secret not in str(caught.value) and secret not in repr(wrong)
 
 

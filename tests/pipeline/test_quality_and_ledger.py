@@ -342,7 +342,7 @@ def test_quarantine_pages_in_sql_at_100000_open_rows(ledger):
         assert "LIMIT" in select_page and "OFFSET" in select_page
         assert ledger.count_quarantine("demo") == 100_000
         statements.clear()
-        for chunk_start, row in enumerate(ledger.iter_quarantine("demo", chunk=10_000)):
+        for chunk_start, _row in enumerate(ledger.iter_quarantine("demo", chunk=10_000)):
             if chunk_start % 10_000 == 0:
                 fetched.append(len(statements))
         selects = [s for s in statements if "FROM quarantine" in s]
