@@ -50,7 +50,8 @@ PARAMS = {
     "window_start": Param(None, type=["null", "string"],
                           description="Manual runs: start of the window (ISO 8601, UTC). Empty: the rule."),
     "window_end": Param(None, type=["null", "string"],
-                        description="Manual runs: end of the window (ISO 8601, UTC). Empty: the data interval end, or now."),
+                        description="Manual runs: end of the window (ISO 8601, UTC). "
+                                    "Empty: the data interval end, or now."),
 }
 
 
@@ -160,7 +161,8 @@ def _doc(flow: Flow, cfg) -> str:
 {cfg.description}
 
 * Configuration: `{cfg.source_file}` (re-read at every run; `active: false` moves nothing)
-* Vaults: CTMS `{cfg.ctms_conn_id}`, CRM `{cfg.crm_conn_id}` (pools `{pool_name(cfg.ctms_conn_id)}`, `{pool_name(cfg.crm_conn_id)}`)
+* Vaults: CTMS `{cfg.ctms_conn_id}`, CRM `{cfg.crm_conn_id}`
+  (pools `{pool_name(cfg.ctms_conn_id)}`, `{pool_name(cfg.crm_conn_id)}`)
 * Window: from the end of the last successful window minus {cfg.lookback_minutes} min to the run's
   data interval end; manual runs may set params `window_start` / `window_end`.
 * Steps: {"pre-step -> " if flow.pre_step else ""}extract -> validate (Great Expectations; failing rows
@@ -188,10 +190,11 @@ def _dag(flow: Flow, cfg) -> DAG:
 
 # ---------------------------------------------------------------- tasks
 # Module-level TaskFlow tasks, the same for every flow: `source` is the connection file,
-# re-read at run time; `flow_name` names the flow; hand-offs travel as the steps' XCom dicts.
+# re-read at run time; `flow_name` names the flow; hand-offs travel as the steps' XCom dicts,
+# each one XCom (`multiple_outputs=False`: a `-> dict` task would also push every key apart).
 
 
-@task
+@task(multiple_outputs=False)
 def begin(source: str, flow_name: str, **context) -> dict:
     from clinical_crm.engine import runner
 
@@ -205,7 +208,7 @@ def begin(source: str, flow_name: str, **context) -> dict:
     return ctx.to_xcom()
 
 
-@task
+@task(multiple_outputs=False)
 def pre_step(source: str, flow_name: str, run: dict) -> dict:
     from clinical_crm.engine import runner
     from clinical_crm.engine.context import RunContext
@@ -218,7 +221,7 @@ def pre_step(source: str, flow_name: str, run: dict) -> dict:
         return ids
 
 
-@task
+@task(multiple_outputs=False)
 def extract(source: str, flow_name: str, run: dict, pre: dict | None = None) -> dict:
     from clinical_crm.engine import runner
     from clinical_crm.engine.context import RunContext, Staged
@@ -231,7 +234,7 @@ def extract(source: str, flow_name: str, run: dict, pre: dict | None = None) -> 
         return staged
 
 
-@task
+@task(multiple_outputs=False)
 def validate(source: str, flow_name: str, run: dict, staged: dict) -> dict:
     from clinical_crm.engine import runner
     from clinical_crm.engine.context import RunContext, Staged
@@ -243,7 +246,7 @@ def validate(source: str, flow_name: str, run: dict, staged: dict) -> dict:
         return valid
 
 
-@task
+@task(multiple_outputs=False)
 def transform(source: str, flow_name: str, run: dict, staged: dict, validated: dict) -> dict:
     from clinical_crm.engine import runner
     from clinical_crm.engine.context import RunContext, Staged
@@ -255,7 +258,7 @@ def transform(source: str, flow_name: str, run: dict, staged: dict, validated: d
         return records
 
 
-@task
+@task(multiple_outputs=False)
 def load(source: str, flow_name: str, run: dict, staged: dict, records: dict, **context) -> dict:
     from clinical_crm.engine import runner
     from clinical_crm.engine.context import RunContext, Staged
@@ -274,7 +277,7 @@ def load(source: str, flow_name: str, run: dict, staged: dict, records: dict, **
         return counts
 
 
-@task
+@task(multiple_outputs=False)
 def finish(source: str, run: dict, loaded: dict, **context) -> dict:
     from clinical_crm.engine import runner
     from clinical_crm.engine.context import RunContext
@@ -312,7 +315,7 @@ def build_dag(flow: Flow, cfg) -> DAG:
 # ---------------------------------------------------------------- reconciliation
 
 
-@task
+@task(multiple_outputs=False)
 def reconcile(source: str, flow_name: str, **context) -> dict:
     """Compare the target with what the source says it should hold (engine/reconcile.py); repair
     when the param `repair` (or else the file's `reconcile.repair`) says so."""
