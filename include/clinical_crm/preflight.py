@@ -227,11 +227,13 @@ def check_ctms(cfg: ConnectionConfig, catalog: VaultCatalog) -> list[Check]:
         for key in ("clinical_type", "medical_type"):
             name = getattr(activity, key)
             side.add(f"object type {activity.object}.{name} (ctms.activity.{key})", name in types,
-                     "" if name in types else f"not an object type of {activity.object} (has: {', '.join(sorted(types)) or 'none'})")
+                     "" if name in types else
+                     f"not an object type of {activity.object} (has: {', '.join(sorted(types)) or 'none'})")
         if _field_known(catalog, activity.object, activity.fields.channel):
             side.values_in_picklist("channel_map keys (CTMS channels)", activity.object,
                                     activity.fields.channel, list(cfg.channel_map))
-        status_values = catalog.picklist_values(activity.object, "status__v") if catalog.field(activity.object, "status__v") else None
+        status_values = (catalog.picklist_values(activity.object, "status__v")
+                         if catalog.field(activity.object, "status__v") else None)
         if status_values is None:
             side.skip(f"deletion.ctms_inactive_status {cfg.deletion.ctms_inactive_status}",
                       f"{activity.object}.status__v has no picklist in the metadata; not checked")
@@ -245,7 +247,8 @@ def check_ctms(cfg: ConnectionConfig, catalog: VaultCatalog) -> list[Check]:
             section = getattr(ctms, key)
             channel = channel_field(section.fields)
             if _field_known(catalog, section.object, channel):
-                side.values_in_picklist(f"channel_map keys on ctms.{key}", section.object, channel, list(cfg.channel_map))
+                side.values_in_picklist(f"channel_map keys on ctms.{key}", section.object, channel,
+                                        list(cfg.channel_map))
         # Veeva: every Monitoring Event type used for automation needs these two fields
         event = ctms.monitoring_event
         if _object_known(catalog, event.object):
@@ -257,7 +260,8 @@ def check_ctms(cfg: ConnectionConfig, catalog: VaultCatalog) -> list[Check]:
                          f"{event.object} has no field {field_name} ({label}): add it to every Monitoring Event "
                          f"type used for automated activities, or set features.automated_activities: false")
     if _object_known(catalog, ctms.person.object):
-        side.field_ok("identifiers.ctms_person_field", ctms.person.object, cfg.identifiers.ctms_person_field, "identifier")
+        side.field_ok("identifiers.ctms_person_field", ctms.person.object, cfg.identifiers.ctms_person_field,
+                      "identifier")
 
     read_only = [ctms.user, ctms.person, ctms.study, ctms.study_country, ctms.site, ctms.study_person]
     if features.automated_activities:
@@ -286,13 +290,15 @@ def check_crm(cfg: ConnectionConfig, catalog: VaultCatalog) -> list[Check]:
         if section is not None:
             side.section(f"crm.{key}", section)
     if _object_known(catalog, crm.account.object):
-        side.field_ok("identifiers.crm_account_field", crm.account.object, cfg.identifiers.crm_account_field, "identifier")
+        side.field_ok("identifiers.crm_account_field", crm.account.object, cfg.identifiers.crm_account_field,
+                      "identifier")
     channel_values = list(cfg.channel_map.values())
     status_values = [cfg.status.submitted, cfg.status.planned]
     for key in ("interaction", "call"):
         section = getattr(crm, key)
         if _field_known(catalog, section.object, section.fields.channel):
-            side.values_in_picklist(f"channel_map values on crm.{key}", section.object, section.fields.channel, channel_values)
+            side.values_in_picklist(f"channel_map values on crm.{key}", section.object, section.fields.channel,
+                                    channel_values)
         if _field_known(catalog, section.object, section.fields.status):
             side.values_in_picklist(f"status values on crm.{key}", section.object, section.fields.status, status_values)
     if features.studies_and_sites:
@@ -302,7 +308,8 @@ def check_crm(cfg: ConnectionConfig, catalog: VaultCatalog) -> list[Check]:
                 continue
             if side.field_ok(f"deletion.crm_status_field on crm.{key}", section.object,
                              cfg.deletion.crm_status_field, "status"):
-                side.values_in_picklist(f"deletion statuses on crm.{key}", section.object, cfg.deletion.crm_status_field,
+                side.values_in_picklist(f"deletion statuses on crm.{key}", section.object,
+                                        cfg.deletion.crm_status_field,
                                         [cfg.deletion.crm_deleted_status, cfg.deletion.crm_active_status])
 
     for section in (crm.user, crm.account):
