@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
@@ -97,7 +98,7 @@ class VaultCatalog:
         inline = field.get("picklist_values") or field.get("picklistValues")
         if inline:
             return {v if isinstance(v, str) else v.get("name") for v in inline}
-        picklist = field.get("picklist")
+        picklist: Any = field.get("picklist")
         if not picklist:
             return None
         if isinstance(picklist, dict):
@@ -105,6 +106,12 @@ class VaultCatalog:
         if picklist not in self._picklists:
             self._picklists[picklist] = self.client.picklist_values(picklist)
         return set(self._picklists[picklist])
+
+
+class Section(Protocol):
+    """A configuration section that names one Vault object (the `*Object` models of config.py)."""
+
+    object: str
 
 
 def _roles(fields: BaseModel) -> Iterator[tuple[str, str]]:
@@ -148,7 +155,7 @@ class SideChecks:
             return self.add(what, False, "must be unique to serve as idParam (external id)")
         return self.add(what, True, kind + (", unique" if unique else ""))
 
-    def section(self, key: str, section: BaseModel, unique_roles: tuple[str, ...] = ("external_id",)) -> bool:
+    def section(self, key: str, section: Section, unique_roles: tuple[str, ...] = ("external_id",)) -> bool:
         """The object of a configuration section and all its fields."""
         if not self.object_exists(key, section.object):
             return False
@@ -251,7 +258,7 @@ def check_ctms(cfg: ConnectionConfig, catalog: VaultCatalog) -> list[Check]:
                                         list(cfg.channel_map))
         # Veeva: every Monitoring Event type used for automation needs these two fields
         event = ctms.monitoring_event
-        if _object_known(catalog, event.object):
+        if event is not None and _object_known(catalog, event.object):
             for label, field_name in (("Activity Update Required", event.fields.update_required),
                                       ("Monitoring Visit Method", event.fields.visit_method)):
                 present = catalog.field(event.object, field_name) is not None
@@ -263,9 +270,9 @@ def check_ctms(cfg: ConnectionConfig, catalog: VaultCatalog) -> list[Check]:
         side.field_ok("identifiers.ctms_person_field", ctms.person.object, cfg.identifiers.ctms_person_field,
                       "identifier")
 
-    read_only = [ctms.user, ctms.person, ctms.study, ctms.study_country, ctms.site, ctms.study_person]
+    read_only: list[Section] = [ctms.user, ctms.person, ctms.study, ctms.study_country, ctms.site, ctms.study_person]
     if features.automated_activities:
-        read_only += [ctms.monitoring_event, ctms.communication_log]
+        read_only += [s for s in (ctms.monitoring_event, ctms.communication_log) if s is not None]
     for section in read_only:
         side.permissions(section.object, {"read"})
     activity_rights = {"read"}
@@ -318,8 +325,9 @@ def check_crm(cfg: ConnectionConfig, catalog: VaultCatalog) -> list[Check]:
     if features.clinical_activities:
         side.permissions(crm.interaction.object, {"read", "create", "edit"})
     if features.studies_and_sites:
-        for section in (crm.clinical_study, crm.clinical_site):
-            side.permissions(section.object, {"read", "create", "edit"})
+        for written in (crm.clinical_study, crm.clinical_site):
+            if written is not None:
+                side.permissions(written.object, {"read", "create", "edit"})
     return side.checks
 
 

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 from datetime import timedelta
+from typing import Any
 
 from airflow.sdk import DAG, CronDataIntervalTimetable, ExceptionRetryPolicy, Param, RetryAction, RetryRule, task
 
@@ -124,7 +125,7 @@ def _clients(flow: Flow, cfg, *sides: str):
 
     from clinical_crm.airflow.hooks import VaultHook
 
-    clients = {}
+    clients: dict[str, Any] = {}
 
     def side_by_side(action) -> None:
         with ThreadPoolExecutor(max(1, len(clients))) as pool:
@@ -300,13 +301,15 @@ def build_dag(flow: Flow, cfg) -> DAG:
     write_pool = pool_name(flow.conn_id(cfg, flow.target_side))
     calls = cfg.load.concurrency
     with _dag(flow, cfg) as dag:
-        run = begin.override(pool=read_pool)(source, flow.name)
+        # each XComArg (typed Any) stands for the XCom dict its task returns, which the next task takes
+        run: Any = begin.override(pool=read_pool)(source, flow.name)
         # the pre-step's task only where this connection file enables it (one task less to run)
-        pre = pre_step.override(task_id=flow.pre_step.task_id, pool=read_pool)(source, flow.name, run) \
+        pre: Any = pre_step.override(task_id=flow.pre_step.task_id, pool=read_pool)(source, flow.name, run) \
             if flow.pre_step and flow.pre_step.enabled(cfg) else None
-        staged = extract.override(pool=read_pool, pool_slots=calls)(source, flow.name, run, pre)
-        records = transform(source, flow.name, run, staged, validate(source, flow.name, run, staged))
-        loaded = load.override(pool=write_pool, pool_slots=calls, outlets=assets.target_assets(flow, cfg))(
+        staged: Any = extract.override(pool=read_pool, pool_slots=calls)(source, flow.name, run, pre)
+        validated: Any = validate(source, flow.name, run, staged)
+        records: Any = transform(source, flow.name, run, staged, validated)
+        loaded: Any = load.override(pool=write_pool, pool_slots=calls, outlets=assets.target_assets(flow, cfg))(
             source, flow.name, run, staged, records)
         finish(source, run, loaded)
     return dag
