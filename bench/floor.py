@@ -657,7 +657,8 @@ def dag_main(args) -> int:
         "max_rss_mib": _vm_hwm_mib(), "ru_maxrss_mib": cpu1.ru_maxrss / 1024,
         "children_max_rss_mib": children.ru_maxrss / 1024,
         "tasks": tasks, "task_peak_rss_mib": task_rss, "maxrss_after_step_mib": maxrss_after,
-        "sampled_peak_rss_mib": round(max((r for _, r in samples), default=0) / 2**20), "steps": {k: round(v, 2) for k, v in steps.items()},
+        "sampled_peak_rss_mib": round(max((r for _, r in samples), default=0) / 2**20),
+        "steps": {k: round(v, 2) for k, v in steps.items()},
         "steps_seconds": sum(steps.values())}))
     return 0
 
@@ -829,7 +830,8 @@ def report(r: dict) -> str:
         lines.append(f"  dag.test(): {p['dag_test_seconds']:.2f} s; whole process (imports, parse, run): "
                      f"{p['process_seconds']:.2f} s; tasks {p['tasks']}")
         lines.append(f"  pipeline step functions: {p['steps_seconds']:.2f} s {p['steps']}; "
-                     f"Airflow task orchestration (dag.test() minus steps): {p['dag_test_seconds'] - p['steps_seconds']:.2f} s")
+                     "Airflow task orchestration (dag.test() minus steps): "
+                     f"{p['dag_test_seconds'] - p['steps_seconds']:.2f} s")
         lines.append(f"  peak RSS by task (MiB, sampled every 50 ms): {p['task_peak_rss_mib']}; process peak "
                      f"(VmHWM) after each step: {p.get('maxrss_after_step_mib')}")
         lines.append(f"  CPU (run) {p['cpu_user'] + p['cpu_system']:.1f} s (user {p['cpu_user']:.1f}, "
@@ -906,7 +908,8 @@ def main(argv=None) -> int:
     dag.add_argument("--window-start", required=True)
     dag.add_argument("--window-end", required=True)
     dag.add_argument("--profile")
-    parser.add_argument("--n", type=int, action="append", help="Clinical Activities (repeatable; default 10000 and 100000)")
+    parser.add_argument("--n", type=int, action="append",
+                        help="Clinical Activities (repeatable; default 10000 and 100000)")
     parser.add_argument("--seed-number", type=int, default=1)
     parser.add_argument("--now", default=NOW)
     parser.add_argument("--workdir", help="keep the files here (default: a temp dir, removed)")

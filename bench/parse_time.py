@@ -33,7 +33,8 @@ from airflow.dag_processing.dagbag import DagBag
 t1 = time.perf_counter()
 bag = DagBag(dag_folder=sys.argv[1])  # examples off: AIRFLOW__CORE__LOAD_EXAMPLES=False (3.3 has no include_examples)
 t2 = time.perf_counter()
-stats = [{"file": s.file, "duration": s.duration.total_seconds() if hasattr(s.duration, "total_seconds") else s.duration,
+stats = [{"file": s.file,
+          "duration": s.duration.total_seconds() if hasattr(s.duration, "total_seconds") else s.duration,
           "dag_num": s.dag_num} for s in bag.dagbag_stats]
 print(json.dumps({"import_dagbag_seconds": t1 - t0, "dagbag_seconds": t2 - t1, "dags": len(bag.dags),
                   "import_errors": {k: str(v)[:300] for k, v in bag.import_errors.items()}, "stats": stats}))
@@ -80,7 +81,8 @@ def main(argv=None) -> int:
         load = os.getloadavg()
         print(f"{args.files} connection files; {args.repeat} fresh processes; load average {load[0]:.2f}")
         for r in runs:
-            per_file = ", ".join(f"{Path(s['file']).name}: {s['duration']:.3f} s ({s['dag_num']} DAGs)" for s in r["stats"])
+            per_file = ", ".join(f"{Path(s['file']).name}: {s['duration']:.3f} s ({s['dag_num']} DAGs)"
+                                 for s in r["stats"])
             print(f"  DagBag() {r['dagbag_seconds']:.3f} s wall; per file {per_file}; dags {r['dags']}; "
                   f"import errors {len(r['import_errors'])}; (import of DagBag {r['import_dagbag_seconds']:.2f} s, "
                   f"process {r['process_seconds']:.2f} s)")

@@ -129,7 +129,8 @@ def main(argv=None) -> int:
         if args.stale:
             ids = [r["id"] for page in crm.query(f"SELECT id FROM {cfg.crm.interaction.object} PAGESIZE {args.stale}")
                    for r in page.records][:args.stale]
-            crm.update(cfg.crm.interaction.object, [{"id": i, cfg.crm.interaction.fields.subject: "Edited"} for i in ids])
+            crm.update(cfg.crm.interaction.object,
+                       [{"id": i, cfg.crm.interaction.fields.subject: "Edited"} for i in ids])
         rows = {"ctms": totals(ctms, [cfg.ctms.activity.object, cfg.ctms.study.object, cfg.ctms.site.object]),
                 "crm": totals(crm, [cfg.crm.account.object, cfg.crm.interaction.object,
                                     cfg.crm.clinical_study.object, cfg.crm.clinical_site.object])}
@@ -144,7 +145,8 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - started
         endpoints = {side: floor.split_counters(s.admin.counters()) for side, s in (("ctms", ctms_s), ("crm", crm_s))}
     read_floor = {obj: math.ceil(n / PAGE) or 1 for side in rows.values() for obj, n in side.items()}
-    result = {"n": args.n, "stale_planted": args.stale, "repair": args.repair, "rows": rows, "reconcile_seconds": round(seconds, 1),
+    result = {"n": args.n, "stale_planted": args.stale, "repair": args.repair, "rows": rows,
+              "reconcile_seconds": round(seconds, 1),
               "rss_mib_before_reconcile": rss.before, "peak_rss_mib_during_reconcile": rss.mib,
               "seed_and_send_seconds": round(seeded, 1),
               "calls": {side: {"data": c[0], "auth": c[1], "endpoints": c[2]} for side, c in endpoints.items()},
@@ -162,7 +164,8 @@ def main(argv=None) -> int:
     for obj in sorted(set(pages) - set(read_floor)):
         print(f"{obj:28} {'':>8} {'':>12} {pages[obj]:>11}")
     for side, (data, auth, by_endpoint) in endpoints.items():
-        print(f"{side}: {data} data calls ({auth} auth/logout): " + ", ".join(f"{k} {v}" for k, v in by_endpoint.items()))
+        print(f"{side}: {data} data calls ({auth} auth/logout): "
+              + ", ".join(f"{k} {v}" for k, v in by_endpoint.items()))
     print(f"total: {data_calls} data calls against a read floor of {floor_calls} pages: x{result['ratio']}")
     print("drift:", json.dumps(result["drift"]))
     if args.json:

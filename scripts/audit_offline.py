@@ -141,7 +141,8 @@ def main(argv=None) -> int:
     print(f"{len(pins)} pinned packages checked against {read} advisories of theirs in {args.db}")
     for f in findings:
         fix = ", ".join(f.fixed) if f.fixed else "no fixed version"
-        print(f"  {f.package}=={f.version}: {f.advisory} ({', '.join(f.aliases) or 'no aliases'}); fixed in: {fix}; {f.summary}")
+        print(f"  {f.package}=={f.version}: {f.advisory} ({', '.join(f.aliases) or 'no aliases'}); "
+              f"fixed in: {fix}; {f.summary}")
     fixable = [f for f in findings if any((_version(v) or Version("0")) > Version(f.version) for v in f.fixed)]
     print(f"{len(findings)} known vulnerabilities, {len(fixable)} with a fixed version available")
     return 1 if fixable else 0

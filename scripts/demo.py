@@ -167,7 +167,7 @@ def create_backfill(dag_id: str, first: datetime, last: datetime, env: dict, log
     command = [str(VENV_BIN / "airflow"), "backfill", "create", "--dag-id", dag_id,
                "--from-date", first.isoformat(), "--to-date", last.isoformat(),
                "--max-active-runs", "1", "--reprocess-behavior", "completed"]
-    for attempt in range(3):
+    for _ in range(3):
         if run_logged(command, env, log_path) == 0:
             return
         time.sleep(2)

@@ -53,7 +53,8 @@ def main() -> int:
     parser.add_argument("--slow-seconds", type=float, default=1.0)
     parser.add_argument("--change-share", type=float, default=0.1,
                         help="second window: share of records deleted, and as many updated, per direction")
-    parser.add_argument("--no-heal", action="store_true", help="compare right after the faulty runs (no fault-free run after)")
+    parser.add_argument("--no-heal", action="store_true",
+                        help="compare right after the faulty runs (no fault-free run after)")
     parser.add_argument("--keep", type=Path, help="folder for the databases and report (default: a temp dir, removed)")
     args = parser.parse_args()
 
@@ -94,9 +95,11 @@ def main() -> int:
     print(f"took {report['seconds']} s; report: {base / 'report.json'}")
     agreement = report["faults"]["ledger_against_vault"]
     exact = (report["missing"] == 0 and report["extra"] == 0 and agreement["mapped_missing_in_vault"] == 0
-             and agreement["applied_without_mark_in_vault"] == 0 and (args.no_heal or agreement["deletions_pending"] == 0))
+             and agreement["applied_without_mark_in_vault"] == 0
+             and (args.no_heal or agreement["deletions_pending"] == 0))
     failed = [d for d, r in report["faults"]["dag_runs"].items() if r["state"] != "success"]
-    verdict = "exact end state (nothing lost, nothing duplicated, the ledger agrees with the vaults)" if exact else "MISMATCH"
+    verdict = ("exact end state (nothing lost, nothing duplicated, the ledger agrees with the vaults)"
+               if exact else "MISMATCH")
     if failed:
         verdict += f"; DAG runs that failed under faults: {', '.join(failed)}"
         if not args.no_heal:

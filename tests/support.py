@@ -58,7 +58,7 @@ class PostgresDatabase:
     def url(self) -> str:
         return f"postgresql+psycopg2://{PG['user']}@{PG['host']}:{PG['port']}/{self.name}"
 
-    def __enter__(self) -> "PostgresDatabase":
+    def __enter__(self) -> PostgresDatabase:
         self._admin(f'CREATE DATABASE "{self.name}"')
         return self
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import yaml
 from croniter import croniter
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from clinical_crm import settings
 from clinical_crm.errors import ConfigError
@@ -404,7 +405,7 @@ class ConnectionConfig(Strict):
         return {crm: ctms for ctms, crm in self.channel_map.items()}
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: ErrorDetails) -> str:
     """One pydantic error as `key.path: what is wrong`."""
     path = ".".join(str(part) for part in error["loc"])
     kind = error["type"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
@@ -97,7 +98,7 @@ class VaultCatalog:
         inline = field.get("picklist_values") or field.get("picklistValues")
         if inline:
             return {v if isinstance(v, str) else v.get("name") for v in inline}
-        picklist = field.get("picklist")
+        picklist: Any = field.get("picklist")
         if not picklist:
             return None
         if isinstance(picklist, dict):
@@ -105,6 +106,12 @@ class VaultCatalog:
         if picklist not in self._picklists:
             self._picklists[picklist] = self.client.picklist_values(picklist)
         return set(self._picklists[picklist])
+
+
+class Section(Protocol):
+    """A configuration section that names one Vault object (the `*Object` models of config.py)."""
+
+    object: str
 
 
 def _roles(fields: BaseModel) -> Iterator[tuple[str, str]]:
@@ -148,7 +155,7 @@ class SideChecks:
             return self.add(what, False, "must be unique to serve as idParam (external id)")
         return self.add(what, True, kind + (", unique" if unique else ""))
 
-    def section(self, key: str, section: BaseModel, unique_roles: tuple[str, ...] = ("external_id",)) -> bool:
+    def section(self, key: str, section: Section, unique_roles: tuple[str, ...] = ("external_id",)) -> bool:
         """The object of a configuration section and all its fields."""
         if not self.object_exists(key, section.object):
             return False
@@ -227,11 +234,13 @@ def check_ctms(cfg: ConnectionConfig, catalog: VaultCatalog) -> list[Check]:
         for key in ("clinical_type", "medical_type"):
             name = getattr(activity, key)
             side.add(f"object type {activity.object}.{name} (ctms.activity.{key})", name in types,
-                     "" if name in types else f"not an object type of {activity.object} (has: {', '.join(sorted(types)) or 'none'})")
+                     "" if name in types else
+                     f"not an object type of {activity.object} (has: {', '.join(sorted(types)) or 'none'})")
         if _field_known(catalog, activity.object, activity.fields.channel):
             side.values_in_picklist("channel_map keys (CTMS channels)", activity.object,
                                     activity.fields.channel, list(cfg.channel_map))
-        status_values = catalog.picklist_values(activity.object, "status__v") if catalog.field(activity.object, "status__v") else None
+        status_values = (catalog.picklist_values(activity.object, "status__v")
+                         if catalog.field(activity.object, "status__v") else None)
         if status_values is None:
             side.skip(f"deletion.ctms_inactive_status {cfg.deletion.ctms_inactive_status}",
                       f"{activity.object}.status__v has no picklist in the metadata; not checked")
@@ -245,10 +254,11 @@ def check_ctms(cfg: ConnectionConfig, catalog: VaultCatalog) -> list[Check]:
             section = getattr(ctms, key)
             channel = channel_field(section.fields)
             if _field_known(catalog, section.object, channel):
-                side.values_in_picklist(f"channel_map keys on ctms.{key}", section.object, channel, list(cfg.channel_map))
+                side.values_in_picklist(f"channel_map keys on ctms.{key}", section.object, channel,
+                                        list(cfg.channel_map))
         # Veeva: every Monitoring Event type used for automation needs these two fields
         event = ctms.monitoring_event
-        if _object_known(catalog, event.object):
+        if event is not None and _object_known(catalog, event.object):
             for label, field_name in (("Activity Update Required", event.fields.update_required),
                                       ("Monitoring Visit Method", event.fields.visit_method)):
                 present = catalog.field(event.object, field_name) is not None
@@ -257,11 +267,12 @@ def check_ctms(cfg: ConnectionConfig, catalog: VaultCatalog) -> list[Check]:
                          f"{event.object} has no field {field_name} ({label}): add it to every Monitoring Event "
                          f"type used for automated activities, or set features.automated_activities: false")
     if _object_known(catalog, ctms.person.object):
-        side.field_ok("identifiers.ctms_person_field", ctms.person.object, cfg.identifiers.ctms_person_field, "identifier")
+        side.field_ok("identifiers.ctms_person_field", ctms.person.object, cfg.identifiers.ctms_person_field,
+                      "identifier")
 
-    read_only = [ctms.user, ctms.person, ctms.study, ctms.study_country, ctms.site, ctms.study_person]
+    read_only: list[Section] = [ctms.user, ctms.person, ctms.study, ctms.study_country, ctms.site, ctms.study_person]
     if features.automated_activities:
-        read_only += [ctms.monitoring_event, ctms.communication_log]
+        read_only += [s for s in (ctms.monitoring_event, ctms.communication_log) if s is not None]
     for section in read_only:
         side.permissions(section.object, {"read"})
     activity_rights = {"read"}
@@ -286,13 +297,15 @@ def check_crm(cfg: ConnectionConfig, catalog: VaultCatalog) -> list[Check]:
         if section is not None:
             side.section(f"crm.{key}", section)
     if _object_known(catalog, crm.account.object):
-        side.field_ok("identifiers.crm_account_field", crm.account.object, cfg.identifiers.crm_account_field, "identifier")
+        side.field_ok("identifiers.crm_account_field", crm.account.object, cfg.identifiers.crm_account_field,
+                      "identifier")
     channel_values = list(cfg.channel_map.values())
     status_values = [cfg.status.submitted, cfg.status.planned]
     for key in ("interaction", "call"):
         section = getattr(crm, key)
         if _field_known(catalog, section.object, section.fields.channel):
-            side.values_in_picklist(f"channel_map values on crm.{key}", section.object, section.fields.channel, channel_values)
+            side.values_in_picklist(f"channel_map values on crm.{key}", section.object, section.fields.channel,
+                                    channel_values)
         if _field_known(catalog, section.object, section.fields.status):
             side.values_in_picklist(f"status values on crm.{key}", section.object, section.fields.status, status_values)
     if features.studies_and_sites:
@@ -302,7 +315,8 @@ def check_crm(cfg: ConnectionConfig, catalog: VaultCatalog) -> list[Check]:
                 continue
             if side.field_ok(f"deletion.crm_status_field on crm.{key}", section.object,
                              cfg.deletion.crm_status_field, "status"):
-                side.values_in_picklist(f"deletion statuses on crm.{key}", section.object, cfg.deletion.crm_status_field,
+                side.values_in_picklist(f"deletion statuses on crm.{key}", section.object,
+                                        cfg.deletion.crm_status_field,
                                         [cfg.deletion.crm_deleted_status, cfg.deletion.crm_active_status])
 
     for section in (crm.user, crm.account):
@@ -311,8 +325,9 @@ def check_crm(cfg: ConnectionConfig, catalog: VaultCatalog) -> list[Check]:
     if features.clinical_activities:
         side.permissions(crm.interaction.object, {"read", "create", "edit"})
     if features.studies_and_sites:
-        for section in (crm.clinical_study, crm.clinical_site):
-            side.permissions(section.object, {"read", "create", "edit"})
+        for written in (crm.clinical_study, crm.clinical_site):
+            if written is not None:
+                side.permissions(written.object, {"read", "create", "edit"})
     return side.checks
 
 

@@ -2,6 +2,13 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import overload
+
+
+@overload
+def as_utc(value: datetime) -> datetime: ...
+@overload
+def as_utc(value: str | datetime | None) -> datetime | None: ...
 
 
 def as_utc(value: str | datetime | None) -> datetime | None:

@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.seed != "none" and (args.reseed or is_empty(Store(load_model(args.app), args.db))):
         run_seed(args.app, args.db, args.seed, args.seed_number, _now(args.now), args.activities, args.vault_id)
-    options = Options(vault_id=args.vault_id, burst_limit=args.burst_limit, burst_window_seconds=args.burst_window_seconds,
+    options = Options(vault_id=args.vault_id, burst_limit=args.burst_limit,
+                      burst_window_seconds=args.burst_window_seconds,
                       burst_delay_ms=args.burst_delay_ms, auth_limit=args.auth_limit,
                       session_idle_seconds=args.session_idle_seconds, page_size=args.page_size,
                       inactive_object_types=args.inactive_object_types,

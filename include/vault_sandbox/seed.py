@@ -163,9 +163,9 @@ def _users(loader: _Loader, app: str, now: datetime) -> dict[str, str]:
                  ("Peter", "Vogel", "crmreadonly@sandbox.example", "crm_read_only__c", True),
                  ("Nora", "Blank", "noaccess@sandbox.example", "no_access__c", True),
                  ("Lena", "Fischer", "lena.fischer@sandbox.example", "medical_user__c", True)]
-    rows = [{"first_name__sys": f, "last_name__sys": l, "email__sys": u if has_email else None,
-             "username__sys": u, "security_profile__sys": p, "name__v": f"{f} {l}"}
-            for f, l, u, p, has_email in specs]
+    rows = [{"first_name__sys": first, "last_name__sys": last, "email__sys": u if has_email else None,
+             "username__sys": u, "security_profile__sys": p, "name__v": f"{first} {last}"}
+            for first, last, u, p, has_email in specs]
     loader.store_now = now - timedelta(days=30)
     ids = loader.insert("user__sys", rows, created_by=None)
     # The integration user created every user record, itself included.

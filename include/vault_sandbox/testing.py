@@ -110,7 +110,7 @@ class SandboxServer:
                 cmd += [flag, str(value)]
         return cmd
 
-    def start(self) -> "SandboxServer":
+    def start(self) -> SandboxServer:
         self._log = open(self.db_path.with_suffix(".log"), "ab")
         self.process = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -139,7 +139,7 @@ class SandboxServer:
         if getattr(self, "_log", None):
             self._log.close()
 
-    def __enter__(self) -> "SandboxServer":
+    def __enter__(self) -> SandboxServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

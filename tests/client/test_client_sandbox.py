@@ -81,7 +81,7 @@ def test_wrong_password_is_an_authentication_error(ctms):
 
     client = VaultClient(ctms.url, "integration@sandbox.example", "wrong", sleep=lambda s: None)
     with pytest.raises(VaultAuthenticationError) as caught:
-        client.vault_id
+        _ = client.vault_id
     assert "wrong" not in str(caught.value)
     assert client.counters["retry"] == 0
 
@@ -98,7 +98,7 @@ def test_password_and_session_never_logged(make_client, ctms, caplog):
     secret = "Pa55-word-never-logged"
     wrong = make_client(password=secret)
     with pytest.raises(VaultAuthenticationError) as caught:
-        wrong.vault_id
+        _ = wrong.vault_id
     assert secret not in caplog.text and secret not in str(caught.value) and secret not in repr(wrong)
 
 
@@ -287,7 +287,8 @@ def test_per_record_outcomes_in_input_order(make_client):
     assert outcomes[3].error_type == "INVALID_DATA" and "carrier_pigeon__v" in outcomes[3].message
     assert outcomes[3].id is None and all(o.error_type is None for i, o in enumerate(outcomes) if i != 3)
 
-    updated = client.update(ACTIVITY, [{"id": first[0].id, "subject__v": "Changed"}, {"id": "V1I9999999999999", "subject__v": "x"}])
+    updated = client.update(ACTIVITY, [{"id": first[0].id, "subject__v": "Changed"},
+                                       {"id": "V1I9999999999999", "subject__v": "x"}])
     assert [o.outcome for o in updated] == ["updated", "failed"]
     assert client.get_record(ACTIVITY, first[0].id)["subject__v"] == "Changed"
 
@@ -372,11 +373,13 @@ def test_injection_attempts_come_back_as_data(make_client, evil):
     marker = new_ids(1)[0]
     [outcome] = client.create(ACTIVITY, [medical_activity(marker, subject__v=evil + marker)])
     assert outcome.outcome == "created"
-    found = pd_concat(client.query(f"SELECT id, subject__v FROM {ACTIVITY} WHERE subject__v = {vql.quote(evil + marker)}"))
+    found = pd_concat(client.query(
+        f"SELECT id, subject__v FROM {ACTIVITY} WHERE subject__v = {vql.quote(evil + marker)}"))
     assert list(found["id"]) == [outcome.id] and found.loc[0, "subject__v"] == evil + marker
     nothing = pd_concat(client.query(f"SELECT id FROM {ACTIVITY} WHERE subject__v = {vql.quote(evil)}"))
     assert nothing.empty  # the value did not widen the query
-    listed = pd_concat(client.query(f"SELECT id FROM {ACTIVITY} WHERE subject__v CONTAINS {vql.in_list([evil, evil + marker])}"))
+    listed = pd_concat(client.query(
+        f"SELECT id FROM {ACTIVITY} WHERE subject__v CONTAINS {vql.in_list([evil, evil + marker])}"))
     assert list(listed["id"]) == [outcome.id]
 
 

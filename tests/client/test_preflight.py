@@ -50,7 +50,8 @@ def test_wrong_field_name_fails_naming_the_field(demo, ctms, crm):
     demo["crm"]["interaction"]["fields"]["channel"] = "channel__v"
     _, failed = preflight(demo, ctms, crm)
     assert failed == [
-        "FAIL  ctms  field crm_activity__v.subjet__v (ctms.activity.fields.subject): crm_activity__v has no field subjet__v",
+        "FAIL  ctms  field crm_activity__v.subjet__v (ctms.activity.fields.subject): "
+        "crm_activity__v has no field subjet__v",
         "FAIL  crm   field clinical_interaction__v.channel__v (crm.interaction.fields.channel): "
         "clinical_interaction__v has no field channel__v",
     ]
@@ -63,7 +64,8 @@ def test_wrong_object_type_and_field_type(demo, ctms, crm):
     assert len(failed) == 3
     assert "(ctms.activity.medical_type): not an object type of crm_activity__v" in failed[1]
     assert "(ctms.activity.fields.complete): is text, expected boolean" in failed[0]
-    assert "object type crm_activity__v.medical_activty__v (ctms.activity.medical_type) is active: not found" in failed[2]
+    assert ("object type crm_activity__v.medical_activty__v (ctms.activity.medical_type) is active: not found"
+            in failed[2])
 
 
 def test_an_inactive_medical_activity_type_fails_naming_where_to_activate_it(demo, crm, tmp_path):
@@ -92,7 +94,8 @@ def test_automated_activities_need_activity_update_required_and_monitoring_visit
             "every Monitoring Event type used for automated activities, or set features.automated_activities: false"
             ) in failed
     assert any(f.startswith("FAIL  ctms  automated activities need Monitoring Visit Method on monitoring_event__ctms: "
-                            "monitoring_event__ctms has no field channel__ctms (Monitoring Visit Method)") for f in failed)
+                            "monitoring_event__ctms has no field channel__ctms (Monitoring Visit Method)")
+               for f in failed)
 
 
 def test_picklist_values_are_checked(demo, ctms, crm):
@@ -129,10 +132,12 @@ def test_missing_permissions_are_reported(demo, ctms, crm):
 
 def test_unreachable_vault_is_one_failure(demo, ctms, crm):
     cfg = parse_connection(demo, "test.yaml")
-    checks = run_preflight(cfg, lambda conn_id: VaultClient(ctms.url, "integration@sandbox.example", "nope", max_retries=0))
+    checks = run_preflight(cfg, lambda conn_id: VaultClient(ctms.url, "integration@sandbox.example", "nope",
+                                                            max_retries=0))
     failed = [c.line() for c in checks if c.failed]
     assert len(checks) == len(failed) == 2  # one per vault; nothing else is tried
-    assert failed[0].startswith("FAIL  ctms  connection vault_ctms_demo: VaultAuthenticationError: USERNAME_OR_PASSWORD")
+    assert failed[0].startswith(
+        "FAIL  ctms  connection vault_ctms_demo: VaultAuthenticationError: USERNAME_OR_PASSWORD")
     assert "NOT ready to activate" in report(cfg, checks)
 
 
@@ -202,7 +207,8 @@ def test_provider_registers_the_connection_type():
 
     info = get_provider_info()
     [conn] = info["connection-types"]
-    assert conn["connection-type"] == "veeva_vault" and conn["hook-class-name"] == "clinical_crm.airflow.hooks.VaultHook"
+    assert conn["connection-type"] == "veeva_vault"
+    assert conn["hook-class-name"] == "clinical_crm.airflow.hooks.VaultHook"
     assert set(conn["conn-fields"]) == {"api_version", "client_id", "connect_timeout", "read_timeout", "burst_floor",
                                         "burst_window_seconds", "call_deadline"}
 

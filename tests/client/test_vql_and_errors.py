@@ -81,7 +81,8 @@ def test_a_query_is_built_from_its_fields_and_never_parsed_back():
 
 def test_pages_flatten_picklists_and_stage_with_their_columns():
     assert _flatten(["phone__v"]) == "phone__v" and _flatten([]) is None and _flatten(["a", "b"]) == ["a", "b"]
-    frame = page_frame(QueryPage([{"id": "1", "channel__v": "phone__v", "tags__c": None}], ["id", "channel__v", "missing__v"]))
+    frame = page_frame(QueryPage([{"id": "1", "channel__v": "phone__v", "tags__c": None}],
+                                 ["id", "channel__v", "missing__v"]))
     assert list(frame.columns) == ["id", "channel__v", "missing__v", "tags__c"]
     assert frame.loc[0, "channel__v"] == "phone__v" and frame.loc[0, "tags__c"] is None
     empty = page_frame(QueryPage([], ["id", "name__v"]))

@@ -77,7 +77,8 @@ def test_channel_map_must_be_one_to_one(tmp_path, demo):
     [
         (("lookback_minutes",), -5, "lookback_minutes: Input should be greater than or equal to 0"),
         (("quality", "max_failing_share"), 1.5, "quality.max_failing_share: Input should be less than or equal to 1"),
-        (("quality", "max_failing_share"), -0.1, "quality.max_failing_share: Input should be greater than or equal to 0"),
+        (("quality", "max_failing_share"), -0.1,
+         "quality.max_failing_share: Input should be greater than or equal to 0"),
         (("load", "batch_size"), 501, "load.batch_size: Input should be less than or equal to 500"),
         (("load", "batch_size"), 0, "load.batch_size: Input should be greater than or equal to 1"),
         (("schedule", "cron"), "61 * * * *", "schedule.cron: '61 * * * *' is not a valid cron expression"),

@@ -15,7 +15,8 @@ AIRFLOW_SERVICES = {"airflow-apiserver", "airflow-scheduler", "airflow-dag-proce
                     "airflow-triggerer", "airflow-init"}
 
 pytestmark = pytest.mark.skipif(
-    COMPOSE is None, reason="the docker-compose binary is absent (apt-get install docker-compose; scripts/setup.sh --test)")
+    COMPOSE is None,
+    reason="the docker-compose binary is absent (apt-get install docker-compose; scripts/setup.sh --test)")
 
 
 def compose(*args: str) -> subprocess.CompletedProcess:
@@ -48,7 +49,8 @@ def test_airflow_services_run_celery_on_postgres_and_redis(resolved):
     for name in AIRFLOW_SERVICES:
         env = services[name]["environment"]
         assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor", name
-        assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg2://airflow:airflow@postgres/"), name
+        assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith(
+            "postgresql+psycopg2://airflow:airflow@postgres/"), name
         assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://"), name
         assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://airflow-apiserver:8080/execution/", name
         assert env["AIRFLOW__API_AUTH__JWT_SECRET"], name
@@ -67,7 +69,8 @@ def test_init_service_runs_the_shared_init_script_and_the_vaults_serve_the_sandb
     assert init["environment"]["CRM_VAULT_URL"] == "http://vault-crm:8000"
     assert "/opt/airflow/data" in [_volume_target(v) for v in services["vault-ctms"]["volumes"]]
     for app in ("ctms", "crm"):
-        command = " ".join(_as_list(services[f"vault-{app}"]["entrypoint"]) + _as_list(services[f"vault-{app}"]["command"]))
+        service = services[f"vault-{app}"]
+        command = " ".join(_as_list(service["entrypoint"]) + _as_list(service["command"]))
         assert f"vault_sandbox serve --app {app}" in command
     for name in ("airflow-apiserver", "airflow-scheduler", "airflow-worker", "airflow-dag-processor"):
         assert services[name]["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"

@@ -175,7 +175,8 @@ def test_backfill_three_windows_with_a_real_scheduler(airflow_env, airflow_proce
         for page in crm.query("SELECT id, veeva_network_id__v FROM account__v"):
             for identifier in (r["veeva_network_id__v"] for r in page.records):
                 accounts[identifier] = accounts.get(identifier, 0) + 1
-        sent = {r for p in crm.query("SELECT external_id__v FROM clinical_interaction__v") for r in (x["external_id__v"] for x in p.records)}
+        sent = {x["external_id__v"] for p in crm.query("SELECT external_id__v FROM clinical_interaction__v")
+                for x in p.records}
         good = [a for a in activities if accounts.get(a["person__vr.veeva_network_id__c"]) == 1]
         assert good and all(a["global_id__sys"] in sent for a in good)
     finally:

@@ -126,7 +126,8 @@ def test_ctms_to_crm_sends_every_rule(clients, story):
     assert all(e["activity_update_required__ctms"] is False for e in linked)
     assert count(ctms, "monitoring_event__ctms", "activity_update_required__ctms = true AND person__ctms != null") == 0
     # ... and one without a Person is reported and left flagged
-    flag = rows(ctms, f"SELECT activity_update_required__ctms FROM monitoring_event__ctms WHERE id = {vql.quote(no_person.id)}")
+    flag = rows(ctms, "SELECT activity_update_required__ctms FROM monitoring_event__ctms "
+                      f"WHERE id = {vql.quote(no_person.id)}")
     assert flag == [{"activity_update_required__ctms": True}]
     assert [o["outcome"] for o in Ledger().record_history("demo", no_person.id)["outcomes"]] == ["needs_person"]
 
@@ -227,15 +228,17 @@ def test_automated_activity_is_updated_not_duplicated(clients):
     event = next(e for e in rows(ctms, "SELECT id, global_id__sys, person__ctms FROM monitoring_event__ctms")
                  if e["person__ctms"])
     external_id = automated_external_id(event["global_id__sys"])
-    automated_before = count(ctms, "crm_activity__v", "external_id__v != null AND object_type__vr.api_name__v = 'clinical_activity__v'")
+    automated = "external_id__v != null AND object_type__vr.api_name__v = 'clinical_activity__v'"
+    automated_before = count(ctms, "crm_activity__v", automated)
     assert ctms.update("monitoring_event__ctms", [{"id": event["id"], "event_date__ctms": "2026-05-05",
                                                    "activity_update_required__ctms": True}])[0].outcome == "updated"
     assert run_dag("ctms_to_crm__demo", window(now() - timedelta(minutes=1), now())).state == "success"
-    assert count(ctms, "crm_activity__v", "external_id__v != null AND object_type__vr.api_name__v = 'clinical_activity__v'") == automated_before
-    [activity] = rows(ctms, f"SELECT global_id__sys, activity_date__v FROM crm_activity__v WHERE external_id__v = {vql.quote(external_id)}")
+    assert count(ctms, "crm_activity__v", automated) == automated_before
+    [activity] = rows(ctms, "SELECT global_id__sys, activity_date__v FROM crm_activity__v "
+                            f"WHERE external_id__v = {vql.quote(external_id)}")
     assert activity["activity_date__v"] == "2026-05-05"
-    assert rows(ctms, f"SELECT activity_update_required__ctms FROM monitoring_event__ctms WHERE id = {vql.quote(event['id'])}") == [
-        {"activity_update_required__ctms": False}]
+    assert rows(ctms, "SELECT activity_update_required__ctms FROM monitoring_event__ctms "
+                      f"WHERE id = {vql.quote(event['id'])}") == [{"activity_update_required__ctms": False}]
     assert interactions(crm)[activity["global_id__sys"]]["interaction_date__v"] == "2026-05-05"  # sent in the same run
 
 
@@ -275,7 +278,8 @@ def test_a_subject_ending_in_deleted_still_gets_its_mark_once(clients, vaults):
                     if a["global_id__sys"] in sent and not (a["subject__v"] or "").endswith("Deleted"))
     gid = activity["global_id__sys"]
     start = now() - timedelta(minutes=1)
-    assert ctms.update("crm_activity__v", [{"id": activity["id"], "subject__v": "Records Deleted"}])[0].outcome == "updated"
+    assert ctms.update("crm_activity__v",
+                       [{"id": activity["id"], "subject__v": "Records Deleted"}])[0].outcome == "updated"
     assert run_dag("ctms_to_crm__demo", window(start, now() + timedelta(seconds=1))).state == "success"
     assert interactions(crm)[gid]["subject__v"] == "Records Deleted"
     body = ctms_server.admin.call("DELETE", f"/api/v25.2/vobjects/crm_activity__v/{activity['id']}")
@@ -374,12 +378,14 @@ def test_crm_to_ctms_medical_activities(clients, vaults, story):
 def test_failed_run_window_is_covered_by_the_next_success(clients, story, monkeypatch):
     ctms, crm = clients
     # a success whose window ended a minute ago ...
-    assert run_dag("ctms_to_crm__demo", window(now() - timedelta(hours=1), now() - timedelta(minutes=1))).state == "success"
+    assert run_dag("ctms_to_crm__demo",
+                   window(now() - timedelta(hours=1), now() - timedelta(minutes=1))).state == "success"
     last_end = Ledger().last_success_end("demo", "ctms_to_crm")
     # ... then a change, and a scheduled run that fails (wrong password: no retries)
     sent = interactions(crm)
     activity = next(a for a in rows(ctms, CLINICAL_ACTIVITIES) if a["global_id__sys"] in sent)
-    assert ctms.update("crm_activity__v", [{"id": activity["id"], "subject__v": "Changed while failing"}])[0].outcome == "updated"
+    assert ctms.update("crm_activity__v",
+                       [{"id": activity["id"], "subject__v": "Changed while failing"}])[0].outcome == "updated"
     import os
     good = os.environ["AIRFLOW_CONN_VAULT_CRM_DEMO"]
     monkeypatch.setenv("AIRFLOW_CONN_VAULT_CRM_DEMO", good.replace('"password": "sandbox"', '"password": "wrong"'))
@@ -432,7 +438,8 @@ def test_too_many_failing_rows_fail_the_run_and_load_nothing(clients, connection
          "channel__v": "phone__v", "complete__v": False, "subject__v": subject}
         for day, subject in (("2026-04-01", "Good one"), ("1850-04-01", "Bad one"))])
     global_ids = {r["id"]: r["global_id__sys"] for r in rows(
-        ctms, f"SELECT id, global_id__sys FROM crm_activity__v WHERE id CONTAINS {vql.in_list([good_one.id, bad_one.id])}")}
+        ctms,
+        f"SELECT id, global_id__sys FROM crm_activity__v WHERE id CONTAINS {vql.in_list([good_one.id, bad_one.id])}")}
     path = connections_dir / "demo.yaml"
     original = path.read_text()
     path.write_text(original.replace("max_failing_share: 0.25", "max_failing_share: 0.1"))
@@ -450,7 +457,8 @@ def test_too_many_failing_rows_fail_the_run_and_load_nothing(clients, connection
     finally:
         path.write_text(original)
     # the data engineer fixes the record: the next run sends both
-    assert ctms.update("crm_activity__v", [{"id": bad_one.id, "activity_date__v": "2026-04-02"}])[0].outcome == "updated"
+    assert ctms.update("crm_activity__v",
+                       [{"id": bad_one.id, "activity_date__v": "2026-04-02"}])[0].outcome == "updated"
     assert run_dag("ctms_to_crm__demo", window(start, now() + timedelta(seconds=1))).state == "success"
     sent = interactions(crm)
     assert sent[global_ids[good_one.id]]["subject__v"] == "Good one"

@@ -41,7 +41,8 @@ def test_each_task_reports_its_input_and_output_datasets(vaults, tmp_path):
     # process) keeps what earlier tasks reported; a worker runs each task in a process of its own.
     # So each task is checked for what it adds.
     extract_in, extract_out = datasets("extract", "inputs"), datasets("extract", "outputs")
-    assert {("vault://demo", "crm_activity__v"), ("vault://demo", "study__v"), ("vault://demo", "site__v")} <= extract_in
+    assert {("vault://demo", "crm_activity__v"), ("vault://demo", "study__v"),
+            ("vault://demo", "site__v")} <= extract_in
     assert any(name.endswith("/clinical_activities.parquet") for ns, name in extract_out if ns == "file")
     assert not any(ns.startswith("vault://") for ns, _ in extract_out)
     validate_out = datasets("validate", "outputs") - extract_out

@@ -100,25 +100,28 @@ def planted(clients, vaults):
 
     sent = by_external_id(crm, INTERACTIONS)
     activities = {r["global_id__sys"]: r["id"] for r in rows(
-        ctms, "SELECT id, global_id__sys FROM crm_activity__v WHERE object_type__vr.api_name__v = 'clinical_activity__v'")}
+        ctms,
+        "SELECT id, global_id__sys FROM crm_activity__v WHERE object_type__vr.api_name__v = 'clinical_activity__v'")}
     missing, stale, reverted, unsent = [g for g in sent if g in activities][:4]
     plan = {("ctms_to_crm", missing): "missing", ("ctms_to_crm", stale): "stale",
             ("ctms_to_crm", reverted): "missing_deletion_mark", ("ctms_to_crm", unsent): "missing_deletion_mark"}
     # missing: the interaction deleted in CRM
     delete(crm_server, "clinical_interaction__v", sent[missing]["id"])
     # stale: a field changed in CRM
-    assert crm.update("clinical_interaction__v", [{"id": sent[stale]["id"], "subject__v": "Edited in CRM"}])[0].outcome == "updated"
+    assert crm.update("clinical_interaction__v",
+                      [{"id": sent[stale]["id"], "subject__v": "Edited in CRM"}])[0].outcome == "updated"
     # missing deletion mark: the activity deleted, the connection marks it, then the mark is reverted in CRM
     start = now() - timedelta(seconds=5)
     delete(ctms_server, "crm_activity__v", activities[reverted])
     send("ctms_to_crm__demo", since=start)
     assert by_external_id(crm, INTERACTIONS)[reverted]["subject__v"].endswith(" Deleted")
-    assert crm.update("clinical_interaction__v", [{"id": sent[reverted]["id"],
-                                                    "subject__v": sent[reverted]["subject__v"]}])[0].outcome == "updated"
+    mark_reverted = [{"id": sent[reverted]["id"], "subject__v": sent[reverted]["subject__v"]}]
+    assert crm.update("clinical_interaction__v", mark_reverted)[0].outcome == "updated"
     # missing deletion mark: an activity deleted without the connection running since
     delete(ctms_server, "crm_activity__v", activities[unsent])
     # missing deletion mark (a status): a Study Site deleted, its Clinical Site still active
-    site_global_id = rows(ctms, f"SELECT global_id__sys FROM site__v WHERE id = {vql.quote(site.id)}")[0]["global_id__sys"]
+    [site_row] = rows(ctms, f"SELECT global_id__sys FROM site__v WHERE id = {vql.quote(site.id)}")
+    site_global_id = site_row["global_id__sys"]
     delete(ctms_server, "site__v", site.id)
     plan[("ctms_to_crm", site_global_id)] = "missing_deletion_mark"
     # extra: an interaction carrying an external id of the CTMS vault that no activity has
@@ -126,17 +129,20 @@ def planted(clients, vaults):
     template = sent[stale]
     assert crm.create("clinical_interaction__v", [{
         "external_id__v": extra, "account__v": template["account__v"], "interaction_date__v": "2026-02-02",
-        "call_channel__v": "phone__v", "call2_status__v": "planned__v", "subject__v": "Nobody's"}])[0].outcome == "created"
+        "call_channel__v": "phone__v", "call2_status__v": "planned__v", "subject__v": "Nobody's",
+    }])[0].outcome == "created"
     plan[("ctms_to_crm", extra)] = "extra"
 
     # crm_to_ctms: a Medical Activity changed in CTMS (stale), one left active after its call was deleted
     medical = by_external_id(ctms, MEDICAL)
     calls = {r["global_id__sys"]: r["id"] for r in rows(crm, "SELECT id, global_id__sys FROM call2__v")}
     edited, orphan, unflagged = [g for g in medical if g in calls and medical[g]["status__v"] != "inactive__v"][:3]
-    assert ctms.update("crm_activity__v", [{"id": medical[edited]["id"], "channel__v": "other__v"}])[0].outcome == "updated"
+    assert ctms.update("crm_activity__v",
+                       [{"id": medical[edited]["id"], "channel__v": "other__v"}])[0].outcome == "updated"
     delete(crm_server, "call2__v", calls[orphan])
     # not drift: a call no longer flagged keeps its Medical Activity (the connection leaves it alone)
-    assert crm.update("call2__v", [{"id": calls[unflagged], "send_to_vault_clinical__v": False}])[0].outcome == "updated"
+    assert crm.update("call2__v",
+                      [{"id": calls[unflagged], "send_to_vault_clinical__v": False}])[0].outcome == "updated"
     plan[("crm_to_ctms", edited)] = "stale"
     plan[("crm_to_ctms", orphan)] = "missing_deletion_mark"
     return {"plan": plan, "sent": sent, "medical": medical, "missing": missing, "stale": stale,
@@ -151,7 +157,8 @@ def test_reconcile_reports_each_drift_and_changes_nothing(clients, planted):
     assert {key: d["kind"] for key, d in found.items()} == planted["plan"]
     assert all(d["repaired_at"] is None for d in found.values())
     stale = found[("ctms_to_crm", planted["stale"])]["details"]["fields"]
-    assert stale == {"subject__v": {"expected": planted["sent"][planted["stale"]]["subject__v"], "actual": "Edited in CRM"}}
+    assert stale == {"subject__v": {"expected": planted["sent"][planted["stale"]]["subject__v"],
+                                    "actual": "Edited in CRM"}}
     assert found[("crm_to_ctms", planted["edited"])]["details"]["fields"]["channel__v"]["actual"] == "other__v"
     mark = found[("ctms_to_crm", planted["reverted"])]
     assert mark["details"]["fields"]["subject__v"]["expected"].endswith(" Deleted")
@@ -185,7 +192,8 @@ def test_reconcile_repairs_then_finds_no_drift(clients, vaults, planted):
     assert medical[planted["orphan"]]["status__v"] == "inactive__v"
 
     # the next reconcile finds only the extra record; once it is gone, nothing
-    assert {key: d["kind"] for key, d in reconcile(repair=False).items()} == {("ctms_to_crm", planted["extra"]): "extra"}
+    assert ({key: d["kind"] for key, d in reconcile(repair=False).items()}
+            == {("ctms_to_crm", planted["extra"]): "extra"})
     delete(crm_server, "clinical_interaction__v", now_crm[planted["extra"]]["id"])
     assert reconcile(repair=False) == {}
 

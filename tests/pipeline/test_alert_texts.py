@@ -34,7 +34,8 @@ def test_thresholds(cfg):
     alert = alerts.quarantine_new(cfg, "d", {**summary, "new_quarantined": 3}, "l")
     assert "3 records newly quarantined (threshold 2)" in alert.subject and "channel_mapped: 2" in alert.body
     assert alerts.lag(cfg, "d", NOW - timedelta(minutes=90), NOW, "l") is None
-    assert "no successful window for 91 minutes (limit 90)" in alerts.lag(cfg, "d", NOW - timedelta(minutes=91), NOW, "l").subject
+    late = alerts.lag(cfg, "d", NOW - timedelta(minutes=91), NOW, "l")
+    assert "no successful window for 91 minutes (limit 90)" in late.subject
     held = [{"direction": "ctms_to_crm", "object": "crm_activity__v", "source_id": f"V{i}", "reasons": ["r"],
              "first_seen": (NOW - timedelta(days=i)).isoformat()} for i in range(6)]
     old = alerts.quarantine_age(cfg, "d", "ctms_to_crm", held, NOW, "l")

@@ -21,7 +21,8 @@ def dags(demo_cfg):
 
 
 def test_two_dags_per_connection(dags):
-    assert set(dags) == {"ctms_to_crm__demo", "crm_to_ctms__demo", "reconcile__demo"}  # reconcile: test_reconcile_dag.py
+    # reconcile__demo: test_reconcile_dag.py
+    assert set(dags) == {"ctms_to_crm__demo", "crm_to_ctms__demo", "reconcile__demo"}
     ctms_to_crm = dags["ctms_to_crm__demo"]
     assert [t.task_id for t in ctms_to_crm.topological_sort()] == [
         "begin", "automate_activities", "extract", "validate", "transform", "load", "finish"]

@@ -78,7 +78,8 @@ def test_each_rule_gives_a_readable_reason(demo_cfg):
 def test_gx_validates_the_same_rules(demo_cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("CLINICAL_CRM_REPORTS_DIR", str(tmp_path))
     frame = activities({"id": "ok"}, {"id": "bad", "channel__v": "fax__c", "person__vr.veeva_network_id__c": "N2"})
-    checks = ctms_to_crm.activity_checks(frame, {"accounts": ACCOUNTS, "studies": {"1001_S1"}, "sites": set()}, demo_cfg)
+    checks = ctms_to_crm.activity_checks(frame, {"accounts": ACCOUNTS, "studies": {"1001_S1"}, "sites": set()},
+                                         demo_cfg)
     validator = quality.Validator("unit", "run1")
     verdict = validator.verdict("crm_activity__v", checks, ctms_to_crm.quality_rules(demo_cfg))
     summaries = {s["suite"]: s for s in verdict.suites}
@@ -96,7 +97,8 @@ def test_gx_validates_the_same_rules(demo_cfg, tmp_path, monkeypatch):
 
 def test_data_docs_render_only_the_runs_own_results(demo_cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("CLINICAL_CRM_REPORTS_DIR", str(tmp_path))
-    checks = ctms_to_crm.activity_checks(activities({"id": "ok"}), {"accounts": ACCOUNTS, "studies": {"1001_S1"}, "sites": set()}, demo_cfg)
+    checks = ctms_to_crm.activity_checks(activities({"id": "ok"}),
+                                         {"accounts": ACCOUNTS, "studies": {"1001_S1"}, "sites": set()}, demo_cfg)
     site = tmp_path / "unit" / "gx" / "uncommitted" / "data_docs" / "local_site" / "validations"
 
     def pages(run_key):
@@ -158,7 +160,8 @@ def test_ledger_answers_what_happened_to_a_record(ledger):
     run2 = ledger.start_run("demo", "ctms_to_crm", "r2", t0 + timedelta(hours=1), t0 + timedelta(hours=2))
     ledger.add_outcomes(run2, "demo", "ctms_to_crm", "crm_activity__v",
                         [{"source_id": "V1", "target_id": "CI1", "outcome": "created", "external_id": "1001_V1"}])
-    ledger.map_ids("demo", "clinical_interaction__v", [{"source_id": "V1", "target_id": "CI1", "external_id": "1001_V1"}])
+    ledger.map_ids("demo", "clinical_interaction__v",
+                   [{"source_id": "V1", "target_id": "CI1", "external_id": "1001_V1"}])
     assert ledger.resolve_quarantine("demo", "ctms_to_crm", "crm_activity__v", ["V1"]) == 1
     ledger.finish_run(run2, "success", counts={})
 
@@ -201,7 +204,8 @@ def test_quarantine_of_a_failed_run_is_not_accepted(ledger):
     for dag_run, state, source in (("ok", "success", "A"), ("bad", "failed", "B")):
         run = ledger.start_run("demo", "ctms_to_crm", dag_run, t0, t0)
         ledger.quarantine_records(run, "demo", "ctms_to_crm", "crm_activity__v", {source: ["why"]})
-        ledger.add_outcomes(run, "demo", "ctms_to_crm", "crm_activity__v", [{"source_id": source, "outcome": "quarantined"}])
+        ledger.add_outcomes(run, "demo", "ctms_to_crm", "crm_activity__v",
+                            [{"source_id": source, "outcome": "quarantined"}])
         ledger.finish_run(run, state)
     assert ledger.accepted_quarantine_ids("demo", "ctms_to_crm", "crm_activity__v") == {"A"}
     assert set(ledger.quarantined_ids("demo", "ctms_to_crm", "crm_activity__v")) == {"A", "B"}
@@ -353,7 +357,7 @@ def test_quarantine_pages_in_sql_at_100000_open_rows(ledger):
         assert "LIMIT" in select_page and "OFFSET" in select_page
         assert ledger.count_quarantine("demo") == 100_000
         statements.clear()
-        for chunk_start, row in enumerate(ledger.iter_quarantine("demo", chunk=10_000)):
+        for chunk_start, _row in enumerate(ledger.iter_quarantine("demo", chunk=10_000)):
             if chunk_start % 10_000 == 0:
                 fetched.append(len(statements))
         selects = [s for s in statements if "FROM quarantine" in s]

@@ -27,7 +27,8 @@ def test_files_hold_ids_rules_and_reasons_only(demo_cfg, tmp_path, monkeypatch, 
         # a Person named Ann Lee (ann.lee@example.org) without the identifier; a Person record gone
         {"id": "V1", "person__v": "P1", "person__vr.id": "P1", "person__vr.veeva_network_id__c": None,
          "person__vr.first_name__sys": "Ann", "person__vr.last_name__sys": "Lee",
-         "created_by__vr.email__sys": "ann.lee@example.org", "activity_date__v": "2026-05-01", "channel__v": "phone__v"},
+         "created_by__vr.email__sys": "ann.lee@example.org", "activity_date__v": "2026-05-01",
+         "channel__v": "phone__v"},
         {"id": "V2", "person__v": "P404", "person__vr.id": None, "person__vr.veeva_network_id__c": None,
          "activity_date__v": "2026-05-01", "channel__v": "fax__c"},
         {"id": "V3", "person__v": "P1", "person__vr.id": "P1", "person__vr.veeva_network_id__c": "N1",
@@ -40,7 +41,8 @@ def test_files_hold_ids_rules_and_reasons_only(demo_cfg, tmp_path, monkeypatch, 
     files = report.close()
 
     assert files["records"] == 2 and files["new"] == 1
-    assert files["csv"] == str(tmp_path / "unit" / "runs" / "ctms_to_crm" / "manual__2026-05-01T00_00_00_00_00.quarantine.csv")
+    assert files["csv"] == str(tmp_path / "unit" / "runs" / "ctms_to_crm"
+                               / "manual__2026-05-01T00_00_00_00_00.quarantine.csv")
     rows = {r["source_id"]: r for r in csv.DictReader(open(files["csv"], encoding="utf-8"))}
     assert set(rows) == {"V1", "V2"}
     assert rows["V1"]["object"] == "crm_activity__v" and rows["V1"]["new"] == "False"

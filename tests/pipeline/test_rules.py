@@ -95,7 +95,8 @@ def activity_row(**overrides):
 def test_clinical_interaction_carries_every_rule(demo_cfg):
     [record] = ctms_to_crm.clinical_interactions(pd.DataFrame([activity_row()]), demo_cfg)
     assert record == {
-        "_source_id": "V1A1", "_source_version": "2026-03-02T09:30:00.000Z", "external_id__v": "1001_V1A1", "account__v": "ACC1", "interaction_date__v": "2026-03-01",
+        "_source_id": "V1A1", "_source_version": "2026-03-02T09:30:00.000Z", "external_id__v": "1001_V1A1",
+        "account__v": "ACC1", "interaction_date__v": "2026-03-01",
         "call_channel__v": "video__v", "call2_status__v": "submitted__v",
         "from__v": "Claire Dubois (c@x.example)", "subject__v": "Kick-off", "context__v": "site",
         "clinical_study__vr.external_id__v": "1001_S1", "clinical_site__vr.external_id__v": "1001_SI1",
@@ -116,13 +117,15 @@ def test_activity_context_is_the_most_specific_level(demo_cfg):
 
 
 def test_medical_activity_from_call(demo_cfg):
-    call = {"id": "C1", "global_id__sys": "2002_C1", "modified_date__v": "2026-02-03T08:00:00.000Z", "person_id": "P9", "call_date__v": "2026-02-02",
+    call = {"id": "C1", "global_id__sys": "2002_C1", "modified_date__v": "2026-02-03T08:00:00.000Z", "person_id": "P9",
+            "call_date__v": "2026-02-02",
             "call_channel__v": "phone__v", "call2_status__v": "submitted__v", "subject__v": "Question",
             "created_by__vr.first_name__sys": "Sofia", "created_by__vr.last_name__sys": "Marino",
             "created_by__vr.email__sys": "medical@sandbox.example"}
     [record] = crm_to_ctms.medical_activities(pd.DataFrame([call]), demo_cfg)
     assert record == {
-        "_source_id": "C1", "_source_version": "2026-02-03T08:00:00.000Z", "external_id__v": "2002_C1", "object_type__vr.api_name__v": "medical_activity__v", "person__v": "P9",
+        "_source_id": "C1", "_source_version": "2026-02-03T08:00:00.000Z", "external_id__v": "2002_C1",
+        "object_type__vr.api_name__v": "medical_activity__v", "person__v": "P9",
         "activity_date__v": "2026-02-02", "channel__v": "phone__v", "complete__v": True,
         "from__v": "Sofia Marino (medical@sandbox.example)", "subject__v": "Question",
     }

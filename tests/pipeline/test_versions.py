@@ -127,7 +127,8 @@ def test_a_ledger_made_by_the_code_before_alembic_upgrades_in_place(tmp_path):
     assert history["id_map"][0]["target_id"] == "T1" and history["versions"][0]["modified_date"] == T0.isoformat()
     assert [q["source_id"] for q in ledger.open_quarantine("demo")] == ["V1A3"]
     assert ledger.pending_deletions("demo", "ctms_to_crm", OBJ) == []
-    assert ledger.queue_deletions("demo", "ctms_to_crm", OBJ, [("V1A2", "1001_V1A2")]) == 0  # marked before: never again
+    # marked before: never again
+    assert ledger.queue_deletions("demo", "ctms_to_crm", OBJ, [("V1A2", "1001_V1A2")]) == 0
 
 
 def test_a_ledger_beside_airflows_own_alembic_revision(tmp_path):
@@ -180,7 +181,8 @@ class FakeVault:
 
 
 def rec(source: str, modified: str | None, subject: str = "s") -> dict:
-    return {"_source_id": source, "_source_version": modified, "external_id__v": f"1001_{source}", "subject__v": subject}
+    return {"_source_id": source, "_source_version": modified, "external_id__v": f"1001_{source}",
+            "subject__v": subject}
 
 
 def vault_text(moment: datetime) -> str:
@@ -205,8 +207,9 @@ def test_an_older_version_is_not_written(ledger):
     by_source = {o["source_id"]: o for o in outcomes}
     assert by_source["OLD"]["outcome"] == "superseded"
     assert by_source["OLD"]["target_id"] is None and by_source["OLD"]["external_id"] == "1001_OLD"
-    assert by_source["OLD"]["message"] == ("a newer version (modified 2026-11-25T10:05:00.000Z) was already sent; "
-                                           "this run's older version (modified 2026-11-25T10:00:00.000Z) was not written")
+    assert by_source["OLD"]["message"] == (
+        "a newer version (modified 2026-11-25T10:05:00.000Z) was already sent; "
+        "this run's older version (modified 2026-11-25T10:00:00.000Z) was not written")
     assert {s: o["outcome"] for s, o in by_source.items() if s != "OLD"} == dict.fromkeys(
         ["SAME", "NEW", "FIRST", "NOVERSION"], "updated")
     # one call without the superseded record; the carried source id and version are never sent

@@ -153,7 +153,7 @@ class World:
         connection_file(self.folder, **(load or {"batch_size": 500}))
         self._stack = contextlib.ExitStack()
 
-    def __enter__(self) -> "World":
+    def __enter__(self) -> World:
         from vault_sandbox.testing import SandboxServer
 
         self.ctms = self._stack.enter_context(SandboxServer("ctms", self.folder / "ctms.db", seed="none",
@@ -325,7 +325,7 @@ ALL_FAULTS = ["exception", "http502", "http503", "drop", "slow", "session_expiry
 CALL_FAULTS = ALL_FAULTS[:-1]
 
 
-def change_sources(world: "World", share: float) -> dict[str, int]:
+def change_sources(world: World, share: float) -> dict[str, int]:
     """The second window's changes, the same in every copy of a world: `share` of the Clinical
     Activities and of the flagged CRM calls deleted, as many others given a new subject (updates,
     so per-record faults also hit updates and deletion marks). Records are picked by id: the

@@ -101,7 +101,8 @@ def test_a_mark_the_target_refuses_for_good_leaves_the_run_partial_and_stays_que
             [target] = [r for page in crm.query(
                 f"SELECT id FROM clinical_interaction__v WHERE external_id__v = '{row['global_id__sys']}'")
                 for r in page.records]
-            assert crm.update("clinical_interaction__v", [{"id": target["id"], "subject__v": "Visit"}])[0].outcome == "updated"
+            assert crm.update("clinical_interaction__v",
+                              [{"id": target["id"], "subject__v": "Visit"}])[0].outcome == "updated"
         later = (datetime.now(timezone.utc), datetime.now(timezone.utc) + timedelta(minutes=5))
         assert world.run_dag("ctms_to_crm__demo", later).state == "success"
         assert ledger.recent_runs("demo", limit=1)[0]["state"] == "success"

@@ -41,11 +41,13 @@ def test_fault_run_ends_exactly_like_a_fault_free_run(tmp_path, capsys):
         app: {t: r for t, r in c.items() if r["missing"] or r["extra"]} for app, c in report["comparison"].items()}
     # the ledger says what each record's first run did, faults or not: every record created once
     first = {r["direction"]: r["counts"] for r in report["faults"]["ledger"][-2:]}
-    assert (first["ctms_to_crm"]["crm_activity__v"]["created"], first["ctms_to_crm"]["crm_activity__v"]["unchanged"]) == (1000, 0)
+    activities = first["ctms_to_crm"]["crm_activity__v"]
+    assert (activities["created"], activities["unchanged"]) == (1000, 0)
     assert (first["crm_to_ctms"]["call2__v"]["created"], first["crm_to_ctms"]["call2__v"]["unchanged"]) == (1000, 0)
     written = report["records_written_by_runs"]
     changed = report["faults"]["changed"]
-    assert changed == {"crm_activity__v": {"deleted": 100, "updated": 100}, "call2__v": {"deleted": 100, "updated": 100}}
+    assert changed == {"crm_activity__v": {"deleted": 100, "updated": 100},
+                       "call2__v": {"deleted": 100, "updated": 100}}
     assert written["crm"]["clinical_interaction__v"] == 1000  # deleted activities: marked, never removed
     assert written["ctms"]["crm_activity__v"] == 1900  # 1,000 Clinical (100 deleted) + 1,000 Medical Activities
     # the ledger agrees with the vaults: every mapped target exists, every applied mark is there

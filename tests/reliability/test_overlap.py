@@ -69,7 +69,8 @@ def test_scheduled_and_backfill_at_once(tmp_path):
                     time.sleep(0.05)
         # change records while both run: once the first interactions are being written
         deadline = time.monotonic() + 300
-        while world.crm.admin.counters()["endpoints"].get("POST /api/{version}/vobjects/clinical_interaction__v", 0) < 2:
+        writes = "POST /api/{version}/vobjects/clinical_interaction__v"
+        while world.crm.admin.counters()["endpoints"].get(writes, 0) < 2:
             assert time.monotonic() < deadline and all(p.poll() is None for p in procs.values()), \
                 {n: (tmp_path / f"{n}.log").read_text()[-2000:] for n in procs}
             time.sleep(0.05)
@@ -91,7 +92,8 @@ def test_scheduled_and_backfill_at_once(tmp_path):
             "SELECT global_id__sys, subject__v FROM crm_activity__v") for r in p.records}
         ctms.close()
         runs = world.ledger().recent_runs("demo", limit=5)
-    print(f"\n[overlap] two concurrent runs ({'; '.join(r['window_start'][11:16] + '-' + r['window_end'][11:16] + ' ' + r['state'] for r in runs[1:3])}); "
+    pair = "; ".join(f"{r['window_start'][11:16]}-{r['window_end'][11:16]} {r['state']}" for r in runs[1:3])
+    print(f"\n[overlap] two concurrent runs ({pair}); "
           f"{CHANGED} records changed 3 times while they ran; {stale} carried an older value right after the pair; "
           f"after the next scheduled run ({runs[0]['window_start'][11:16]}-{runs[0]['window_end'][11:16]}): "
           f"{sum(final[g] == [s] for g, s in newest.items())} of {CHANGED} newest")
@@ -125,7 +127,8 @@ def test_an_older_extraction_loaded_last_does_not_overwrite_newer_values(tmp_pat
             validated = runner.validate(flow, cfg, run, staged)
             records = runner.transform(flow, cfg, run, staged, validated)
             record = next(p for p in ctms.query("SELECT id, global_id__sys FROM crm_activity__v")).records[0]
-            assert ctms.update("crm_activity__v", [{"id": record["id"], "subject__v": "newest"}])[0].outcome == "updated"
+            assert ctms.update("crm_activity__v",
+                               [{"id": record["id"], "subject__v": "newest"}])[0].outcome == "updated"
             assert world.run_dag("ctms_to_crm__demo", harness.wide_window()).state == "success"
             assert interactions(folder)[record["global_id__sys"]] == ["newest"]
             runner.load(flow, cfg, run, crm, staged, records)
@@ -184,7 +187,8 @@ def test_a_resend_after_a_lost_answer_never_writes_an_older_version_over_a_newer
                 results = self.client.upsert(object_name, batch, id_param, batch_size, retry=False)
                 if object_name == cfg.crm.interaction.object and not self.lost:
                     self.lost = True
-                    assert ctms.update("crm_activity__v", [{"id": record["id"], "subject__v": "newest"}])[0].outcome == "updated"
+                    assert ctms.update("crm_activity__v",
+                                       [{"id": record["id"], "subject__v": "newest"}])[0].outcome == "updated"
                     window = harness.wide_window()
                     procs["b"] = subprocess.Popen(
                         [sys.executable, str(HERE / "run_dag.py"), "ctms_to_crm__demo", window[1].isoformat(),
@@ -193,7 +197,8 @@ def test_a_resend_after_a_lost_answer_never_writes_an_older_version_over_a_newer
                     # while A waits for its answer, B validates and reaches its load (before this
                     # change it wrote the newer value there; now it waits for A's load)
                     deadline = time.monotonic() + 300
-                    while not any(r["dag_run_id"] != "backfill__a" and r["counts"].get("crm_activity__v", {}).get("valid")
+                    while not any(r["dag_run_id"] != "backfill__a"
+                                  and r["counts"].get("crm_activity__v", {}).get("valid")
                                   for r in world.ledger().recent_runs("demo", limit=5)):
                         assert procs["b"].poll() is None and time.monotonic() < deadline, b_log.read_text()[-3000:]
                         time.sleep(0.2)

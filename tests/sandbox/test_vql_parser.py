@@ -79,7 +79,8 @@ def test_compiles_to_parametrised_sql_with_left_joins(store):
 
 @pytest.mark.parametrize("text, error_type, fragment", [
     ("SELECT nope__v FROM study__v", "INCORRECT_QUERY_SYNTAX_ERROR", "nope__v"),
-    ("SELECT id FROM study__v WHERE nope__v = 'x'", "INVALID_FILTER", "'nope__v' on object 'study__v' in WHERE (column 31)"),
+    ("SELECT id FROM study__v WHERE nope__v = 'x'", "INVALID_FILTER",
+     "'nope__v' on object 'study__v' in WHERE (column 31)"),
     ("SELECT id FROM crm_activity__v WHERE person__vr.nope__c = 'x'", "INVALID_FILTER", "nope__c"),
     ("SELECT id FROM crm_activity__v WHERE complete__v = 'yes'", "INVALID_FILTER", "boolean"),
     ("SELECT id FROM crm_activity__v WHERE modified_date__v > 'yesterday'", "INVALID_FILTER", "datetime"),

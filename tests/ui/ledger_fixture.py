@@ -84,10 +84,12 @@ def fill_trial(ledger: Ledger) -> None:
         if hour == 10:
             continue
         begin = start + timedelta(hours=hour)
-        run = ledger.start_run("trial", "ctms_to_crm", f"scheduled__{begin.isoformat()}", begin, begin + timedelta(hours=1))
+        run = ledger.start_run("trial", "ctms_to_crm", f"scheduled__{begin.isoformat()}", begin,
+                               begin + timedelta(hours=1))
         created, updated, held = (hour * 7) % 40, (hour * 13) % 25, (hour * 5) % 9
         failed = hour == 13
-        ledger.finish_run(run, "failed" if failed else "success", message="too many rows quarantined" if failed else None,
+        ledger.finish_run(run, "failed" if failed else "success",
+                          message="too many rows quarantined" if failed else None,
                           counts={"crm_activity__v": {"extracted": created + updated + held + 5, "created": created,
                                                       "updated": updated, "unchanged": 5, "quarantined": held,
                                                       "failed": hour % 4 == 0 and 2 or 0}})

@@ -55,9 +55,11 @@ def test_overview_lists_runs_per_connection_with_windows_counts_and_dq(client):
         "reports/demo/gx/data_docs/validations/demo/clinical_interaction__v/identifier_match/"
         "scheduled__2026-11-25T10%3A00%3A00%2B00%3A00/20261125T110000Z/demo_checks-clinical_interaction__v.html",
         "clinical_interaction__v / identifier_match")]  # this run's page only, not the 09:00 run's
-    breakdown = run_row(demo, "scheduled__2026-11-25T10:00:00+00:00", with_breakdown=True).split('<tr class="objects">')[1]
+    breakdown = run_row(demo, "scheduled__2026-11-25T10:00:00+00:00",
+                        with_breakdown=True).split('<tr class="objects">')[1]
     breakdown = re.sub(r"<[^>]+>|\s+", " ", breakdown.split("</tr>")[0])
-    assert "clinical_interaction__v: extracted 4, loaded 1, unchanged 1, quarantined 1, failed 1, deletions_applied 2" in " ".join(breakdown.split())
+    assert ("clinical_interaction__v: extracted 4, loaded 1, unchanged 1, quarantined 1, failed 1, deletions_applied 2"
+            in " ".join(breakdown.split()))
     second_run = run_row(demo, "scheduled__2026-11-25T11:00:00+00:00", "crm_to_ctms")
     assert 'class="dq-fail"' in second_run and "too many rows quarantined" in second_run
     assert "data-docs" not in second_run  # no report file, no link
@@ -410,7 +412,8 @@ def test_action_forms_are_refused_from_another_origin(as_user):
         assert answer.status_code == 403, headers
     assert open_row()["resolved_at"] is None
     behind_proxy = editor.post("/quarantine/action", data={"quarantine_id": held["id"], "action": "retry"},
-                               headers={"Origin": "https://airflow.example.org", "X-Forwarded-Host": "airflow.example.org"})
+                               headers={"Origin": "https://airflow.example.org",
+                                        "X-Forwarded-Host": "airflow.example.org"})
     assert behind_proxy.status_code == 303
 
 
@@ -439,7 +442,8 @@ def test_the_page_shows_reconciliation_drift_by_record(story, client):
         {"external_id": "1001_V1A1", "kind": "stale", "source_id": "V1A1",
          "details": {"subject__v": {"expected": "Visit", "actual": "Visti"}}},
         {"external_id": "1001_V1A9", "kind": "missing_deletion_mark", "source_id": "V1A9", "details": {}}])
-    ledger.finish_reconcile(run, "success", summary={"clinical_interaction__v": {"stale": 1, "missing_deletion_mark": 1}})
+    ledger.finish_reconcile(run, "success",
+                            summary={"clinical_interaction__v": {"stale": 1, "missing_deletion_mark": 1}})
     demo = section(client.get("/").text, "demo")
     assert "(ctms_to_crm, report only, success)" in demo
     stale = demo.split('<tr class="drift-stale">')[1].split("</tr>")[0]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -165,7 +164,8 @@ def test_page_inside_the_airflow_ui_shows_runs_quarantine_and_record_lookup(api_
 
         demo = frame.locator('section[data-connection="demo"]')
         assert demo.locator("tr.run").count() == 3
-        first = demo.locator('tr.run[data-dag-run-id="scheduled__2026-11-25T10:00:00+00:00"][data-direction="ctms_to_crm"]')
+        first = demo.locator('tr.run[data-dag-run-id="scheduled__2026-11-25T10:00:00+00:00"]'
+                             '[data-direction="ctms_to_crm"]')
         assert first.locator("td.count-extracted").inner_text() == "4"
         assert first.locator("td.count-loaded").inner_text() == "1"
         assert first.locator(".dq-pass").count() == 1

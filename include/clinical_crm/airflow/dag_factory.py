@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 from datetime import timedelta
+from typing import Any
 
 from airflow.sdk import DAG, CronDataIntervalTimetable, ExceptionRetryPolicy, Param, RetryAction, RetryRule, task
 
@@ -50,7 +51,8 @@ PARAMS = {
     "window_start": Param(None, type=["null", "string"],
                           description="Manual runs: start of the window (ISO 8601, UTC). Empty: the rule."),
     "window_end": Param(None, type=["null", "string"],
-                        description="Manual runs: end of the window (ISO 8601, UTC). Empty: the data interval end, or now."),
+                        description="Manual runs: end of the window (ISO 8601, UTC). "
+                                    "Empty: the data interval end, or now."),
 }
 
 
@@ -123,7 +125,7 @@ def _clients(flow: Flow, cfg, *sides: str):
 
     from clinical_crm.airflow.hooks import VaultHook
 
-    clients = {}
+    clients: dict[str, Any] = {}
 
     def side_by_side(action) -> None:
         with ThreadPoolExecutor(max(1, len(clients))) as pool:
@@ -160,7 +162,8 @@ def _doc(flow: Flow, cfg) -> str:
 {cfg.description}
 
 * Configuration: `{cfg.source_file}` (re-read at every run; `active: false` moves nothing)
-* Vaults: CTMS `{cfg.ctms_conn_id}`, CRM `{cfg.crm_conn_id}` (pools `{pool_name(cfg.ctms_conn_id)}`, `{pool_name(cfg.crm_conn_id)}`)
+* Vaults: CTMS `{cfg.ctms_conn_id}`, CRM `{cfg.crm_conn_id}`
+  (pools `{pool_name(cfg.ctms_conn_id)}`, `{pool_name(cfg.crm_conn_id)}`)
 * Window: from the end of the last successful window minus {cfg.lookback_minutes} min to the run's
   data interval end; manual runs may set params `window_start` / `window_end`.
 * Steps: {"pre-step -> " if flow.pre_step else ""}extract -> validate (Great Expectations; failing rows
@@ -188,10 +191,11 @@ def _dag(flow: Flow, cfg) -> DAG:
 
 # ---------------------------------------------------------------- tasks
 # Module-level TaskFlow tasks, the same for every flow: `source` is the connection file,
-# re-read at run time; `flow_name` names the flow; hand-offs travel as the steps' XCom dicts.
+# re-read at run time; `flow_name` names the flow; hand-offs travel as the steps' XCom dicts,
+# each one XCom (`multiple_outputs=False`: a `-> dict` task would also push every key apart).
 
 
-@task
+@task(multiple_outputs=False)
 def begin(source: str, flow_name: str, **context) -> dict:
     from clinical_crm.engine import runner
 
@@ -205,7 +209,7 @@ def begin(source: str, flow_name: str, **context) -> dict:
     return ctx.to_xcom()
 
 
-@task
+@task(multiple_outputs=False)
 def pre_step(source: str, flow_name: str, run: dict) -> dict:
     from clinical_crm.engine import runner
     from clinical_crm.engine.context import RunContext
@@ -219,7 +223,7 @@ def pre_step(source: str, flow_name: str, run: dict) -> dict:
         return ids
 
 
-@task
+@task(multiple_outputs=False)
 def extract(source: str, flow_name: str, run: dict, pre: dict | None = None) -> dict:
     from clinical_crm.engine import runner
     from clinical_crm.engine.context import RunContext, Staged
@@ -233,7 +237,7 @@ def extract(source: str, flow_name: str, run: dict, pre: dict | None = None) -> 
         return staged
 
 
-@task
+@task(multiple_outputs=False)
 def validate(source: str, flow_name: str, run: dict, staged: dict) -> dict:
     from clinical_crm.engine import runner
     from clinical_crm.engine.context import RunContext, Staged
@@ -246,7 +250,7 @@ def validate(source: str, flow_name: str, run: dict, staged: dict) -> dict:
         return valid
 
 
-@task
+@task(multiple_outputs=False)
 def transform(source: str, flow_name: str, run: dict, staged: dict, validated: dict) -> dict:
     from clinical_crm.engine import runner
     from clinical_crm.engine.context import RunContext, Staged
@@ -259,7 +263,7 @@ def transform(source: str, flow_name: str, run: dict, staged: dict, validated: d
         return records
 
 
-@task
+@task(multiple_outputs=False)
 def load(source: str, flow_name: str, run: dict, staged: dict, records: dict, **context) -> dict:
     from clinical_crm.engine import runner
     from clinical_crm.engine.context import RunContext, Staged
@@ -279,7 +283,7 @@ def load(source: str, flow_name: str, run: dict, staged: dict, records: dict, **
         return counts
 
 
-@task
+@task(multiple_outputs=False)
 def finish(source: str, run: dict, loaded: dict, **context) -> dict:
     from clinical_crm.engine import runner
     from clinical_crm.engine.context import RunContext
@@ -302,13 +306,15 @@ def build_dag(flow: Flow, cfg) -> DAG:
     write_pool = pool_name(flow.conn_id(flow.target_side))
     calls = cfg.load.concurrency
     with _dag(flow, cfg) as dag:
-        run = begin.override(pool=read_pool)(source, flow.name)
+        # each XComArg (typed Any) stands for the XCom dict its task returns, which the next task takes
+        run: Any = begin.override(pool=read_pool)(source, flow.name)
         # the pre-step's task only where this connection file enables it (one task less to run)
-        pre = pre_step.override(task_id=flow.pre_step.task_id, pool=read_pool)(source, flow.name, run) \
+        pre: Any = pre_step.override(task_id=flow.pre_step.task_id, pool=read_pool)(source, flow.name, run) \
             if flow.pre_step else None
-        staged = extract.override(pool=read_pool, pool_slots=calls)(source, flow.name, run, pre)
-        records = transform(source, flow.name, run, staged, validate(source, flow.name, run, staged))
-        loaded = load.override(pool=write_pool, pool_slots=calls, outlets=assets.target_assets(flow, cfg))(
+        staged: Any = extract.override(pool=read_pool, pool_slots=calls)(source, flow.name, run, pre)
+        validated: Any = validate(source, flow.name, run, staged)
+        records: Any = transform(source, flow.name, run, staged, validated)
+        loaded: Any = load.override(pool=write_pool, pool_slots=calls, outlets=assets.target_assets(flow, cfg))(
             source, flow.name, run, staged, records)
         finish(source, run, loaded)
     return dag
@@ -317,7 +323,7 @@ def build_dag(flow: Flow, cfg) -> DAG:
 # ---------------------------------------------------------------- reconciliation
 
 
-@task
+@task(multiple_outputs=False)
 def reconcile(source: str, flow_name: str, **context) -> dict:
     """Compare the target with what the source says it should hold (engine/reconcile.py); repair
     when the param `repair` (or else the file's `reconcile.repair`) says so."""

@@ -32,6 +32,7 @@ import functools
 import io
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
@@ -227,7 +228,7 @@ def health(ledger, connection: dict, now: datetime) -> dict:
     ends = ledger.last_success_ends(connection["connection"])
     return {"last_run": connection["last_run"], "open_quarantine": connection["open_quarantine"],
             "directions": [{"direction": direction, "last_success_end": end,
-                            "lag": (now - _moment(end)).total_seconds()}
+                            "lag": (now - moment).total_seconds() if (moment := _moment(end)) else None}
                            for direction, end in sorted(ends.items())]}
 
 
@@ -350,8 +351,9 @@ def create_backfill(request: Request, dag: str, window_start: datetime, window_e
     import requests
 
     url = f"{request.url.scheme}://{request.url.netloc}{ui_base(request)}/api/v2/backfills"
-    body = {"dag_id": dag, "from_date": window_start.isoformat(), "to_date": window_end.isoformat(),
-            "reprocess_behavior": "failed", "max_active_runs": 1, "run_backwards": False, "dag_run_conf": {}}
+    body: dict[str, Any] = {"dag_id": dag, "from_date": window_start.isoformat(), "to_date": window_end.isoformat(),
+                            "reprocess_behavior": "failed", "max_active_runs": 1, "run_backwards": False,
+                            "dag_run_conf": {}}
     token = airflow_token(request)
     return requests.post(url, json=body, timeout=60,
                          headers={"Authorization": f"Bearer {token}"} if token else {})
@@ -388,7 +390,7 @@ def back_to(path: str, **params) -> RedirectResponse:
 def create_app(require_airflow_login: bool = True) -> FastAPI:
     """The page's app; `require_airflow_login=False` only for tests of the app on its own."""
     dependencies = []
-    current_user = no_login_user
+    current_user: Callable[..., Any] = no_login_user
     if require_airflow_login:
         from airflow.api_fastapi.core_api.security import get_user, requires_authenticated
 
@@ -399,7 +401,8 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
         title="Clinical CRM connection: data engineers' page",
         dependencies=dependencies,
         docs_url=None, redoc_url=None, openapi_url=None,
-        exception_handlers={SQLAlchemyError: ledger_unavailable},
+        # a plain function: Starlette runs it in a thread (FastAPI's annotation names coroutines only)
+        exception_handlers={SQLAlchemyError: ledger_unavailable},  # type: ignore[dict-item]
     )
 
     @app.get("/", response_class=HTMLResponse)

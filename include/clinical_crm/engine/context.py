@@ -18,11 +18,14 @@ class RunContext:
     window_end: str
     active: bool
     run_dir: str             # the run's staging folder (a URL)
-    run_id: int | None = None  # the ledger's run row
+    run_id: int              # the ledger's run row
 
     @property
     def window(self) -> Window:
-        return Window(as_utc(self.window_start), as_utc(self.window_end))
+        start, end = as_utc(self.window_start), as_utc(self.window_end)
+        if start is None or end is None:
+            raise ValueError(f"run {self.dag_run_id} has no window: {self.window_start!r} .. {self.window_end!r}")
+        return Window(start, end)
 
     def to_xcom(self) -> dict:
         return asdict(self)

@@ -17,6 +17,7 @@ import csv
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from clinical_crm import settings
 
@@ -52,7 +53,7 @@ class QuarantineReport:
 
     def add(self, object_name: str, findings: dict[str, list[tuple[str, str]]], new: set[str]) -> None:
         for source_id, found in findings.items():
-            row = {"source_id": source_id, "object": object_name, "rules": [rule for rule, _ in found],
+            row: dict[str, Any] = {"source_id": source_id, "object": object_name, "rules": [rule for rule, _ in found],
                    "reasons": [reason for _, reason in found], "new": source_id in new}
             self._csv.writerow({**row, "rules": "; ".join(row["rules"]), "reasons": "; ".join(row["reasons"])})
             self._json.write(("," if self.rows else "") + "\n  " + json.dumps(row, ensure_ascii=False))

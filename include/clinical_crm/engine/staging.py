@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -89,8 +90,8 @@ class FrameWriter:
         self.url = url
         self.columns = list(columns) if columns is not None else None
         self.rows = 0
-        self._file = None
-        self._writer = None
+        self._file: BinaryIO | None = None
+        self._writer: pq.ParquetWriter | None = None
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
 
@@ -112,6 +113,7 @@ class FrameWriter:
         if self._pending:
             table = self._pending[0] if len(self._pending) == 1 else pa.concat_tables(self._pending)
             self._pending, self._pending_rows = [], 0
+            assert self._writer is not None  # opened by write()
             self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
 
     def _schema(self) -> pa.Schema:
@@ -128,6 +130,7 @@ class FrameWriter:
         """Finish the file (an empty one when nothing was written)."""
         self._open()
         self._flush()
+        assert self._writer is not None and self._file is not None
         self._writer.close()
         self._file.close()
         return StagedFile(self.url, self.rows)

@@ -7,9 +7,13 @@ Vault (CTMS, Medical CRM, or the sandbox) is reached the same way. The client (a
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from clinical_crm.vault.responses import ApiLimits, QueryPage, RecordOutcome, VaultResponse, VaultWarning
 from clinical_crm.vault.vql import Query
+
+if TYPE_CHECKING:  # imported on first use (below); named here for type checkers and linters
+    from clinical_crm.vault.client import VaultClient
 
 __all__ = ["ApiLimits", "Query", "QueryPage", "RecordOutcome", "VaultClient", "VaultResponse", "VaultWarning"]
 

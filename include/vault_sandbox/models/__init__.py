@@ -6,7 +6,7 @@ the standard fields every Vault object carries.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from functools import cached_property, lru_cache
+from functools import cache, cached_property
 from pathlib import Path
 
 import yaml
@@ -121,7 +121,7 @@ def load_model(app: str, vault_id: int | str | None = None) -> VaultModel:
     return model if vault_id is None else replace(model, vault_id=str(vault_id))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load_yaml_model(app: str) -> VaultModel:
     if app not in VAULT_IDS:
         raise ValueError(f"unknown app {app!r}: expected ctms or crm")

@@ -24,7 +24,7 @@ def _config(connection):
     return config
 
 
-def head() -> str:
+def head() -> str | None:
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory.from_config(_config(None)).get_current_head()
