@@ -264,7 +264,7 @@ def mark_deleted(client, mark: DeletionMark, pending: list[dict], batch_size: in
     if changes and expect is not None:
         expect({source: {k: v for k, v in record.items() if k != ID} for source, record in changes})
     written = update(client, target_object, [r for _, r in changes], batch_size, concurrency)
-    for (source, record), result in zip(changes, written):
+    for (source, _record), result in zip(changes, written):
         outcome = "marked_deleted" if result["outcome"] in ("updated", "created") else result["outcome"]
         outcomes.append(result | {"source_id": source, "outcome": outcome})
     missing = {p["source_id"] for g, p in by_global_id.items() if g not in seen}

@@ -5,7 +5,8 @@ to the ledger (`drift`, `reconcile_runs`) and, with repair, the newest version i
 This module owns the comparison, the drift kinds and the repair. It works from the Flow
 declarations only (no direction is named here):
 
-* source: the flow's own reads (engine.plan) over the whole history instead of a window, then the flow's quality checks: a record failing them is expected absent
+* source: the flow's own reads (engine.plan) over the whole history instead of a window, then
+  the flow's quality checks: a record failing them is expected absent
   (quarantined), never drift; the valid rows become target records by `runner.transform`, i.e.
   by each `Target.build` (and `prepare`, as the load sends them);
 * target: every record of the target object (`Target.where`) carrying an external id of this

@@ -402,7 +402,8 @@ def _write(ledger: Ledger, ctx: RunContext, client, cfg, target: Target, chunks,
             if final_attempt:
                 held += transient + [o for o in outcomes if o["outcome"] == "unknown"]
             ledger.quarantine_records(ctx.run_id, ctx.connection, ctx.direction, source_object, {
-                o["source_id"]: [f"{target_object} refused the record: {o.get('error_type')}: {o.get('message') or ''}".rstrip(": ")
+                o["source_id"]: [f"{target_object} refused the record: {o.get('error_type')}: "
+                                 f"{o.get('message') or ''}".rstrip(": ")
                                  if o["outcome"] == "failed" else f"{target_object}: {o.get('message')}"]
                 for o in held})
         _tally_failures(totals, failed, source_object)

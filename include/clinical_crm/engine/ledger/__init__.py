@@ -24,7 +24,7 @@ from clinical_crm.engine.ledger.deletions import Deletions
 from clinical_crm.engine.ledger.quarantine_log import Quarantine
 from clinical_crm.engine.ledger.reconciliation import Reconciliation
 from clinical_crm.engine.ledger.records import Records
-from clinical_crm.engine.ledger.run_log import COMPLETED_STATES, Runs
+from clinical_crm.engine.ledger.run_log import COMPLETED_STATES, Runs  # noqa: F401 (COMPLETED_STATES: re-exported)
 from clinical_crm.engine.ledger.schema import (  # noqa: F401  (the tables: migrations and tests import them from here)
     _ENGINES,
     FLOW_NAME_MAX,
