@@ -131,7 +131,7 @@ def _clients(flow: Flow, cfg, *sides: str):
 
     try:
         for side in sides:
-            clients[side] = VaultHook(flow.conn_id(cfg, side)).get_client()
+            clients[side] = VaultHook(flow.conn_id(cfg, side), connection=cfg.name).get_client()
         if cfg.active and len(clients) > 1:
             side_by_side(lambda client: client.authenticate())
         yield clients
@@ -198,9 +198,12 @@ def begin(source: str, flow_name: str, **context) -> dict:
     dag_run = context.get("dag_run")
     manual = dag_run is not None and str(getattr(dag_run, "run_type", "")).lower().endswith("manual")
     cfg = _config(source)
+    from clinical_crm.vault.reference import run_prefix
+
     ctx = runner.begin(flow_named(flow_name), cfg, context["run_id"], context.get("data_interval_start"),
                        context.get("data_interval_end"), dict(context.get("params") or {}),
-                       triggered_at=context.get("logical_date") if manual else None)
+                       triggered_at=context.get("logical_date") if manual else None,
+                       reference_prefix=run_prefix(cfg.name, context["ti"].dag_id, context["run_id"]))
     notifier.check_begin(cfg, ctx, context)
     return ctx.to_xcom()
 

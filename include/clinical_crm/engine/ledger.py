@@ -81,6 +81,8 @@ runs = Table(
     Column("message", Text),
     Column("started_at", DateTime(timezone=True)),
     Column("ended_at", DateTime(timezone=True)),
+    # the start of every Vault call's X-VaultAPI-ReferenceID in this run (migration 0005)
+    Column("reference_prefix", String(100)),
 )
 
 record_outcomes = Table(
@@ -295,7 +297,8 @@ class Ledger:
     # ------------------------------------------------------------ writing: runs
 
     def start_run(self, connection: str, direction: str, dag_run_id: str,
-                  window_start: datetime | None, window_end: datetime | None, state: str = "running") -> int:
+                  window_start: datetime | None, window_end: datetime | None, state: str = "running",
+                  reference_prefix: str | None = None) -> int:
         """A run row; a retried first task of the same DAG run reuses its row."""
         with self.engine.begin() as db:
             existing = db.execute(
@@ -303,7 +306,7 @@ class Ledger:
                                         runs.c.dag_run_id == dag_run_id)
             ).scalar()
             values = dict(window_start=window_start, window_end=window_end, state=state,
-                          started_at=_now(), ended_at=None, message=None)
+                          started_at=_now(), ended_at=None, message=None, reference_prefix=reference_prefix)
             if existing:
                 db.execute(update(runs).where(runs.c.id == existing).values(**values))
                 return existing
@@ -888,6 +891,7 @@ def _run_dict(row) -> dict:
         "window_end": _iso(row["window_end"]), "state": row["state"], "counts": counts or {},
         "dq_report": row["dq_report"], "message": row["message"],
         "started_at": _iso(row["started_at"]), "ended_at": _iso(row["ended_at"]),
+        "reference_prefix": row.get("reference_prefix"),
     }
 
 
