@@ -150,6 +150,9 @@ def _log_vault_time(side: str, client) -> None:
         log.info("%s vault: %d calls, %.1f s waiting for answers, %.1f s in backoff and pacing "
                  "(%d retries, %d re-authentications, %d burst-delayed answers)", side, calls,
                  c["wait_seconds"], c["sleep_seconds"], c["retry"], c["reauth"], c["delayed_responses"])
+    if c["maintenance_waits"]:
+        log.warning("%s vault: waited %.0f s for Vault maintenance (%d announced windows)", side,
+                    c["maintenance_seconds"], c["maintenance_waits"])
 
 
 def _doc(flow: Flow, cfg) -> str:
