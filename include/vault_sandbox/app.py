@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vault_sandbox.control import (Downtime, FaultConfig, Faults, FixedWindow, Latency, LatencyProfile,
-                                   RequestCounters, Sessions, call_kind, endpoint_key, latency_profile,
+                                   PerKeyWindow, RequestCounters, Sessions, call_kind, endpoint_key, latency_profile,
                                    latency_values)
 from vault_sandbox.db import CREDENTIALS, DELETIONS, Store
 from vault_sandbox.models import VaultModel, load_model, relationship_name
@@ -75,7 +75,7 @@ class Sandbox:
         self.inactive_types = self._object_types_named(options.inactive_object_types)
         self.sessions = Sessions(options.session_idle_seconds, options.session_max_seconds)
         self.burst = FixedWindow(options.burst_limit, options.burst_window_seconds)
-        self.auth_window = FixedWindow(options.auth_limit, options.auth_window_seconds)
+        self.auth_window = PerKeyWindow(options.auth_limit, options.auth_window_seconds)   # per user
         self.downtime = Downtime()
         self.counters = RequestCounters()
         self.faults = Faults(options.fault)
@@ -96,7 +96,7 @@ class Sandbox:
     # -- auth -----------------------------------------------------------------------------
 
     def authenticate(self, username: str, password: str) -> dict:
-        if self.auth_window.hit() < 0:
+        if self.auth_window.hit(username.lower()) < 0:
             return failure("API_LIMIT_EXCEEDED", "You have exceeded the maximum number of authentication API "
                                                  "calls allowed in a one minute period.")
         users = self.store.table("user__sys")

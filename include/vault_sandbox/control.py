@@ -98,6 +98,33 @@ class FixedWindow:
             self._window, self.count = None, 0
 
 
+class PerKeyWindow(FixedWindow):
+    """A FixedWindow per key (Vault's login limit is per user): one limit and length for all."""
+
+    def __init__(self, limit: int, seconds: float):
+        super().__init__(limit, seconds)
+        self._counts: dict[str, int] = {}
+        self._counted_in: int | None = None
+
+    def hit(self, key: str = "") -> int:
+        with self._lock:
+            window = int(time.time() // self.seconds)
+            counts = self._counts if self._counted_in == window else {}
+            self._counts, self._counted_in = counts, window
+            counts[key] = counts.get(key, 0) + 1
+            return self.limit - counts[key]
+
+    def remaining(self, key: str = "") -> int:
+        with self._lock:
+            window = int(time.time() // self.seconds)
+            used = self._counts.get(key, 0) if self._counted_in == window else 0
+            return self.limit - used
+
+    def reset(self) -> None:
+        with self._lock:
+            self._counts, self._counted_in = {}, None
+
+
 @dataclass
 class FaultConfig:
     rate: float = 0.0
