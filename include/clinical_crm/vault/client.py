@@ -49,7 +49,12 @@ from clinical_crm.vault.errors import (
     VaultTransientError,
     error_for,
 )
-from clinical_crm.vault.fields import DELETIONS_LIMIT, MAX_BATCH, VQL_MAX_CHARS, vault_datetime
+from clinical_crm.vault.fields import (
+    DELETIONS_LIMIT,
+    MAX_BATCH,
+    VQL_MAX_CHARS,
+    vault_datetime,
+)
 from clinical_crm.vault.pacing import BurstGate
 from clinical_crm.vault.responses import (
     NO_DATA_CHANGES,
