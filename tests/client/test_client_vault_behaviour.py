@@ -102,6 +102,20 @@ def test_keep_alive_holds_the_session_through_an_idle_gap(ctms, make_client):
         ctms.admin.limits(session_idle_seconds=1200)
 
 
+def test_keep_alive_never_logs_in(ctms, make_client):
+    """A client left open must not hold sessions forever: a keep-alive that finds the session gone
+    drops it, and only the next call logs in."""
+    client = make_client(keep_alive_seconds=0.2)
+    list(client.query(STUDIES))
+    ctms.admin.expire_sessions()
+    ctms.admin.reset_counters()
+    time.sleep(0.8)   # several keep-alive periods
+    seen = counters(ctms)
+    assert seen["endpoints"].get(KEEP_ALIVE, 0) == 1 and seen["auth"] == 0
+    list(client.query(STUDIES))
+    assert counters(ctms)["auth"] == 1 and counters(ctms)["invalid_session"] == 1
+
+
 def test_without_keep_alive_the_idle_session_is_renewed_after_a_failed_call(ctms, make_client):
     """The behaviour keep-alive avoids (the same gap with keep-alive off)."""
     ctms.admin.limits(session_idle_seconds=1.0)

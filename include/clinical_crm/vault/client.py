@@ -272,8 +272,21 @@ class VaultClient:
         return window - time.time() % window + min(1.0, 0.02 * window)
 
     def keep_alive(self) -> None:
-        """`POST /api/{version}/keep-alive`: restarts the session's idle clock."""
-        self._call("POST", "keep-alive", "keep_alive", retry=False)
+        """`POST /api/{version}/keep-alive` with the current session: restarts its idle clock. It
+        never logs in (a client left open must not hold sessions forever): a session found gone
+        is dropped, and the next call logs in again."""
+        shared = self._shared
+        session_id = shared.session_id
+        if session_id is None:
+            return
+        self._count("calls.keep_alive", 1)
+        try:
+            self._send("POST", "keep-alive", session_id=session_id)
+        except VaultAuthenticationError:
+            with shared.lock:
+                if shared.session_id == session_id:
+                    shared.session_id = None
+            raise
 
     def _start_keep_alive(self) -> None:
         with self._counting:
@@ -287,16 +300,20 @@ class VaultClient:
         so only a gap between calls (a long transform or validation) lets the session expire."""
         while True:
             shared = self._shared
-            due = (shared.last_used + self.keep_alive_seconds - time.monotonic() if shared.session_id
+            due = (shared.last_used + self.keep_alive_seconds - time.monotonic() if self._may_keep_alive(shared)
                    else self.keep_alive_seconds)
             if self._closed.wait(max(0.05, due)):
                 return
-            if shared.session_id is None or time.monotonic() - shared.last_used < self.keep_alive_seconds:
+            if not self._may_keep_alive(shared) or time.monotonic() - shared.last_used < self.keep_alive_seconds:
                 continue  # used meanwhile (by any client sharing it)
             try:
                 self.keep_alive()
             except (VaultError, requests.RequestException) as exc:  # the next call logs in again
                 log.info("Keep-alive of the Vault session of %s failed: %s", self.username, exc)
+
+    def _may_keep_alive(self, shared: session.SharedSession) -> bool:
+        """A session to keep: there is one and it is not due for renewal (the next call renews it)."""
+        return shared.session_id is not None and time.monotonic() - shared.created < self.session_renew_after
 
     def _headers(self, session_id: str | None) -> dict[str, str]:
         headers = {"Authorization": session_id} if session_id else {}
