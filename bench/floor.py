@@ -82,6 +82,7 @@ NOW = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0).strf
 BURST = 10_000_000
 VQL_MAX = 50_000
 WRITE_BATCH = 500
+DELETIONS_LIMIT = 5000  # deleted ids per deletions call: the API's largest limit, as the client reads
 CONNECTION = "bench"
 DAG_ID = f"ctms_to_crm__{CONNECTION}"
 
@@ -251,7 +252,8 @@ def plan(cfg, ctms_url: str, crm_url: str, window: tuple[datetime, datetime]) ->
     - CRM Accounts holding the activities' person identifiers: CONTAINS chunks under 50,000
       characters, each a multiple of the page size (so pages = ceil(matches/page) when the
       statements allow), or a full scan if cheaper.
-    - Deleted records of the window: one deletions call per object (activities, studies, sites).
+    - Deleted records of the window: ceil(deleted ids / 5000) deletions calls per object, at
+      least 1 (activities, studies, sites): 5,000 is the deletions API's largest `limit`.
     Writes (500 records a call, by external id): Clinical Studies, Clinical Sites, interactions.
     """
     import pandas as pd
@@ -324,8 +326,8 @@ def plan(cfg, ctms_url: str, crm_url: str, window: tuple[datetime, datetime]) ->
             n_deleted = sum(len(p) for p in ctms.deletions(obj, start, end))
             ops.append({"vault": "ctms", "kind": "deletions", "what": f"deletions of {obj}", "object": obj,
                         "params": {"start_date": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                                   "end_date": end.strftime("%Y-%m-%dT%H:%M:%SZ")},
-                        "calls": _pages(n_deleted, 1000)})
+                                   "end_date": end.strftime("%Y-%m-%dT%H:%M:%SZ"), "limit": DELETIONS_LIMIT},
+                        "calls": _pages(n_deleted, DELETIONS_LIMIT)})
             if n_deleted:
                 raise SystemExit("the floor model assumes a state without deletions (the scale scenario has none)")
 

@@ -11,7 +11,8 @@
 4. Reconcile both flows (engine.reconcile, in this process; with --repair, repairing), counting
    the calls the sandboxes serve by endpoint and the query pages the client reads per object.
 5. The read floor: for each object read, ceil(rows / 1000) pages (the vault's page size), from
-   the rows each side holds; deletions calls (one per object, the last 30 days) apart.
+   the rows each side holds; and for each object whose deletions were read, ceil(deleted ids
+   / 5000) calls, at least 1 (the deletions API's largest `limit`, which the client uses).
 
 Prints the figures (and --json FILE writes them). Auth/logout calls are shown apart.
 """
@@ -26,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -35,6 +36,7 @@ sys.path.insert(0, str(BENCH))
 import floor  # noqa: E402  (bench/floor.py: seeding, servers, the bench connection file)
 
 PAGE = 1000
+DELETIONS_PAGE = 5000  # Vault's largest deletions `limit`, read with by the client
 
 
 def counting_queries(pages: Counter):
@@ -144,6 +146,13 @@ def main(argv=None) -> int:
                                                      repair=args.repair) for f in build_all(cfg)}
         seconds = time.perf_counter() - started
         endpoints = {side: floor.split_counters(s.admin.counters()) for side, s in (("ctms", ctms_s), ("crm", crm_s))}
+        # deletions floor of each object whose deletions reconciliation read (counted after the
+        # snapshot above, so these reads are not in it)
+        until = datetime.now().astimezone()
+        deletions_floor = {
+            f"{side}:{key.rsplit('/', 1)[1]}": math.ceil(sum(len(p) for p in clients[side].deletions(
+                key.rsplit("/", 1)[1], until - timedelta(days=30), until)) / DELETIONS_PAGE) or 1
+            for side, c in endpoints.items() for key in c[2] if "/objects/deletions/" in key}
     read_floor = {obj: math.ceil(n / PAGE) or 1 for side in rows.values() for obj, n in side.items()}
     result = {"n": args.n, "stale_planted": args.stale, "repair": args.repair, "rows": rows,
               "reconcile_seconds": round(seconds, 1),
@@ -151,9 +160,10 @@ def main(argv=None) -> int:
               "seed_and_send_seconds": round(seeded, 1),
               "calls": {side: {"data": c[0], "auth": c[1], "endpoints": c[2]} for side, c in endpoints.items()},
               "pages_by_object": dict(pages), "floor_pages_by_object": read_floor,
+              "floor_deletions_calls": deletions_floor,
               "drift": {f: s["objects"] for f, s in summaries.items()}}
     data_calls = sum(c[0] for c in endpoints.values())
-    floor_calls = sum(read_floor.values())
+    floor_calls = sum(read_floor.values()) + sum(deletions_floor.values())
     result.update(data_calls=data_calls, floor_calls=floor_calls, ratio=round(data_calls / floor_calls, 2))
 
     print(f"reconcile{' with repair' if args.repair else ''}, N = {args.n:,}, {args.stale} stale planted: "
@@ -163,10 +173,12 @@ def main(argv=None) -> int:
         print(f"{obj:28} {n:>8,} {read_floor[obj]:>12} {pages.get(obj, 0):>11}")
     for obj in sorted(set(pages) - set(read_floor)):
         print(f"{obj:28} {'':>8} {'':>12} {pages[obj]:>11}")
+    for obj, calls in sorted(deletions_floor.items()):
+        print(f"{'deletions ' + obj:28} {'':>8} {calls:>12}")
     for side, (data, auth, by_endpoint) in endpoints.items():
-        print(f"{side}: {data} data calls ({auth} auth/logout): "
-              + ", ".join(f"{k} {v}" for k, v in by_endpoint.items()))
-    print(f"total: {data_calls} data calls against a read floor of {floor_calls} pages: x{result['ratio']}")
+        print(f"{side}: {data} data calls ({auth} auth/logout): " + ", ".join(f"{k} {v}" for k, v in by_endpoint.items()))
+    print(f"total: {data_calls} data calls against a read floor of {floor_calls} calls "
+          f"(pages and deletions calls): x{result['ratio']}")
     print("drift:", json.dumps(result["drift"]))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

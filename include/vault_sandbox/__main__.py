@@ -62,7 +62,11 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--burst-window-seconds", type=float, default=300.0)
     serve.add_argument("--burst-delay-ms", type=int, default=500, help="delay per call past the burst limit")
     serve.add_argument("--auth-limit", type=int, default=120, help="auth calls per minute (default 120)")
+    serve.add_argument("--auth-window-seconds", type=float, default=60.0,
+                       help="window of the auth limit (default 60: Vault's one minute)")
     serve.add_argument("--session-idle-seconds", type=float, default=1200.0)
+    serve.add_argument("--session-max-seconds", type=float, default=48 * 3600.0,
+                       help="a session ends this long after its login, whatever the activity (Vault: 48 h)")
     serve.add_argument("--page-size", type=int, default=1000, help="default and maximum VQL page size")
     serve.add_argument("--inactive-object-types", type=_names, default=[],
                        help="comma-separated object types no admin has activated, as object.type "
@@ -122,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(vault_id=args.vault_id, burst_limit=args.burst_limit,
                       burst_window_seconds=args.burst_window_seconds,
                       burst_delay_ms=args.burst_delay_ms, auth_limit=args.auth_limit,
-                      session_idle_seconds=args.session_idle_seconds, page_size=args.page_size,
+                      auth_window_seconds=args.auth_window_seconds, session_idle_seconds=args.session_idle_seconds,
+                      session_max_seconds=args.session_max_seconds, page_size=args.page_size,
                       inactive_object_types=args.inactive_object_types,
                       fault=FaultConfig(rate=args.fault_rate, kinds=args.fault_kinds, seed=args.fault_seed,
                                         slow_seconds=args.slow_seconds),

@@ -18,8 +18,9 @@ from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vault_sandbox.control import (FaultConfig, Faults, FixedWindow, Latency, LatencyProfile, RequestCounters,
-                                   Sessions, call_kind, endpoint_key, latency_profile, latency_values)
+from vault_sandbox.control import (Downtime, FaultConfig, Faults, FixedWindow, Latency, LatencyProfile,
+                                   PerKeyWindow, RequestCounters, Sessions, call_kind, endpoint_key, latency_profile,
+                                   latency_values)
 from vault_sandbox.db import CREDENTIALS, DELETIONS, Store
 from vault_sandbox.models import VaultModel, load_model, relationship_name
 from vault_sandbox.records import MAX_BATCH, Caller, RecordError, Writer, failure, output_value, to_output
@@ -27,6 +28,8 @@ from vault_sandbox.vql import Compiled, VqlError, compile_query, keyset_after, n
 
 API_VERSIONS = ["v24.1", "v24.2", "v24.3", "v25.1", "v25.2"]
 LATEST_VERSION = API_VERSIONS[-1]
+DELETIONS_DEFAULT_LIMIT, DELETIONS_MAX_LIMIT = 1000, 5000   # Vault's deleted-records API
+DOWNTIME_HEADER = "X-VaultAPI-DowntimeExpectedDurationMinutes"
 
 
 @dataclass
@@ -36,7 +39,9 @@ class Options:
     burst_window_seconds: float = 300.0
     burst_delay_ms: int = 500
     auth_limit: int = 120                 # auth calls per minute
+    auth_window_seconds: float = 60.0     # the login limit's window (Vault: one minute; shorter in tests)
     session_idle_seconds: float = 1200.0
+    session_max_seconds: float = Sessions.MAX_AGE_SECONDS   # Vault: 48 hours (shorter in tests)
     page_size: int = 1000                 # default and maximum VQL page size
     inactive_object_types: list[str] = field(default_factory=list)   # "object.type" names not activated
     fault: FaultConfig = field(default_factory=FaultConfig)
@@ -68,9 +73,10 @@ class Sandbox:
                              f"{self.model.vault_id}: serve it with --vault-id {stored}, or reseed it")
         self.options = options
         self.inactive_types = self._object_types_named(options.inactive_object_types)
-        self.sessions = Sessions(options.session_idle_seconds)
+        self.sessions = Sessions(options.session_idle_seconds, options.session_max_seconds)
         self.burst = FixedWindow(options.burst_limit, options.burst_window_seconds)
-        self.auth_window = FixedWindow(options.auth_limit, 60.0)
+        self.auth_window = PerKeyWindow(options.auth_limit, options.auth_window_seconds)   # per user
+        self.downtime = Downtime()
         self.counters = RequestCounters()
         self.faults = Faults(options.fault)
         self.latency = Latency(options.latency, options.latency_seed)
@@ -90,7 +96,7 @@ class Sandbox:
     # -- auth -----------------------------------------------------------------------------
 
     def authenticate(self, username: str, password: str) -> dict:
-        if self.auth_window.hit() < 0:
+        if self.auth_window.hit(username.lower()) < 0:
             return failure("API_LIMIT_EXCEEDED", "You have exceeded the maximum number of authentication API "
                                                  "calls allowed in a one minute period.")
         users = self.store.table("user__sys")
@@ -231,7 +237,7 @@ class Sandbox:
             return failure("INVALID_DATA", f"Object '{object_name}' does not exist")
         table = self.store.table(DELETIONS)
         try:
-            limit = max(1, min(int(params.get("limit", 1000)), 1000))
+            limit = max(1, min(int(params.get("limit", DELETIONS_DEFAULT_LIMIT)), DELETIONS_MAX_LIMIT))
             offset = max(0, int(params.get("offset", 0)))
             start = normalise_datetime(params["start_date"]) if params.get("start_date") else None
             end = normalise_datetime(params["end_date"]) if params.get("end_date") else None
@@ -411,7 +417,16 @@ def create_app(app_name: str, db_path: str, options: Options | None = None) -> F
         is_admin = path.startswith("/sandbox") or (is_auth and "x-sandbox-admin" in request.headers)
         is_public = is_auth or path.rstrip("/") == "/api"
         if not is_admin:
-            sandbox.counters.count(endpoint_key(method, path), is_auth)
+            sandbox.counters.count(endpoint_key(method, path), is_auth,
+                                   request.headers.get("x-vaultapi-referenceid", ""))
+            minutes = sandbox.downtime.minutes_left() if path.rstrip("/") != "/api" else None
+            if minutes is not None:
+                # [U] the status code, error type and X-VaultAPI-Status value: Vault documents the
+                # header, not the exact answer during downtime
+                sandbox.counters.count_maintenance()
+                return JSONResponse(
+                    failure("SERVICE_UNAVAILABLE", "Vault is down for scheduled maintenance"), status_code=503,
+                    headers={DOWNTIME_HEADER: f"{round(minutes, 4):g}", "X-VaultAPI-Status": "DOWN"})
         headers: dict[str, str] = {}
         if not is_admin and not is_public:
             remaining = sandbox.burst.hit()
@@ -443,6 +458,8 @@ def create_app(app_name: str, db_path: str, options: Options | None = None) -> F
             token = token[7:] if token.lower().startswith("bearer ") else token
             session = sandbox.sessions.touch(token.strip())
             if session is None:
+                if not is_admin:
+                    sandbox.counters.count_invalid_session()
                 return envelope(failure("INVALID_SESSION_ID", "Invalid or inactive session"))
             request.state.session = session
             if not is_admin:
@@ -460,6 +477,7 @@ def create_app(app_name: str, db_path: str, options: Options | None = None) -> F
                     return Response(status_code=500)
                 if kind == "session_expiry":
                     sandbox.sessions.end(session.session_id)
+                    sandbox.counters.count_invalid_session()
                     return envelope(failure("INVALID_SESSION_ID", "Invalid or inactive session"))
                 if kind == "slow":
                     await asyncio.sleep(sandbox.faults.config.slow_seconds)
@@ -637,6 +655,22 @@ def create_app(app_name: str, db_path: str, options: Options | None = None) -> F
         sandbox.latency.configure(profile, seed)
         return {"responseStatus": "SUCCESS", **sandbox.latency.describe()}
 
+    @app.get("/sandbox/downtime")
+    async def get_downtime():
+        return {"responseStatus": "SUCCESS", "minutes_left": sandbox.downtime.minutes_left()}
+
+    @app.post("/sandbox/downtime")
+    async def set_downtime(request: Request):
+        """{"minutes": 30} (fractions accepted) or {"seconds": 2} starts a maintenance window now;
+        {"minutes": 0} ends it."""
+        spec = json.loads(await request.body() or b"{}")
+        try:
+            seconds = float(spec["seconds"]) if "seconds" in spec else float(spec.get("minutes", 0)) * 60
+        except (TypeError, ValueError) as exc:
+            return envelope(failure("INVALID_DATA", str(exc)))
+        sandbox.downtime.start(seconds)
+        return {"responseStatus": "SUCCESS", "minutes_left": sandbox.downtime.minutes_left()}
+
     @app.post("/sandbox/sessions/expire")
     async def expire_sessions(request: Request):
         spec = json.loads(await request.body() or b"{}")
@@ -647,7 +681,9 @@ def create_app(app_name: str, db_path: str, options: Options | None = None) -> F
         o = sandbox.options
         return {"responseStatus": "SUCCESS", "burst_limit": sandbox.burst.limit,
                 "burst_window_seconds": sandbox.burst.seconds, "burst_delay_ms": o.burst_delay_ms,
-                "auth_limit": sandbox.auth_window.limit, "session_idle_seconds": sandbox.sessions.idle_seconds,
+                "auth_limit": sandbox.auth_window.limit, "auth_window_seconds": sandbox.auth_window.seconds,
+                "session_idle_seconds": sandbox.sessions.idle_seconds,
+                "session_max_seconds": sandbox.sessions.max_age_seconds,
                 "page_size": o.page_size, "burst_remaining": sandbox.burst.remaining()}
 
     @app.get("/sandbox/limits")
@@ -666,8 +702,12 @@ def create_app(app_name: str, db_path: str, options: Options | None = None) -> F
             o.burst_delay_ms = int(spec["burst_delay_ms"])
         if "auth_limit" in spec:
             sandbox.auth_window.limit = int(spec["auth_limit"])
+        if "auth_window_seconds" in spec:
+            sandbox.auth_window.seconds = float(spec["auth_window_seconds"])
         if "session_idle_seconds" in spec:
             sandbox.sessions.idle_seconds = float(spec["session_idle_seconds"])
+        if "session_max_seconds" in spec:
+            sandbox.sessions.max_age_seconds = float(spec["session_max_seconds"])
         if "page_size" in spec:
             o.page_size = int(spec["page_size"])
         if spec.get("reset_windows"):

@@ -27,10 +27,11 @@ class Session:
 
 
 class Sessions:
-    MAX_AGE_SECONDS = 48 * 3600
+    MAX_AGE_SECONDS = 48 * 3600  # Vault's cap, whatever the activity (shorter in tests)
 
-    def __init__(self, idle_seconds: float):
+    def __init__(self, idle_seconds: float, max_age_seconds: float = MAX_AGE_SECONDS):
         self.idle_seconds = idle_seconds
+        self.max_age_seconds = max_age_seconds
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
@@ -50,7 +51,7 @@ class Sessions:
             session = self._sessions.get(session_id)
             if session is None:
                 return None
-            if now - session.last_used > self.idle_seconds or now - session.created > self.MAX_AGE_SECONDS:
+            if now - session.last_used > self.idle_seconds or now - session.created > self.max_age_seconds:
                 del self._sessions[session_id]
                 return None
             session.last_used = now
@@ -95,6 +96,33 @@ class FixedWindow:
     def reset(self) -> None:
         with self._lock:
             self._window, self.count = None, 0
+
+
+class PerKeyWindow(FixedWindow):
+    """A FixedWindow per key (Vault's login limit is per user): one limit and length for all."""
+
+    def __init__(self, limit: int, seconds: float):
+        super().__init__(limit, seconds)
+        self._counts: dict[str, int] = {}
+        self._counted_in: int | None = None
+
+    def hit(self, key: str = "") -> int:
+        with self._lock:
+            window = int(time.time() // self.seconds)
+            counts = self._counts if self._counted_in == window else {}
+            self._counts, self._counted_in = counts, window
+            counts[key] = counts.get(key, 0) + 1
+            return self.limit - counts[key]
+
+    def remaining(self, key: str = "") -> int:
+        with self._lock:
+            window = int(time.time() // self.seconds)
+            used = self._counts.get(key, 0) if self._counted_in == window else 0
+            return self.limit - used
+
+    def reset(self) -> None:
+        with self._lock:
+            self._counts, self._counted_in = {}, None
 
 
 @dataclass
@@ -203,14 +231,27 @@ class RequestCounters:
             self.auth = 0
             self.total = 0
             self.delayed = 0      # calls delayed past the burst limit (X-VaultAPI-ResponseDelay)
+            self.invalid_session = 0  # calls refused with INVALID_SESSION_ID (expired or unknown)
+            self.maintenance = 0      # calls answered with the downtime error
+            # X-VaultAPI-ReferenceID of each call (auth included) -> calls; "" for calls without
+            self.references: Counter = Counter()
 
-    def count(self, key: str, is_auth: bool) -> None:
+    def count(self, key: str, is_auth: bool, reference_id: str = "") -> None:
         with self._lock:
+            self.references[reference_id] += 1
             if is_auth:
                 self.auth += 1
             else:
                 self.endpoints[key] += 1
                 self.total += 1
+
+    def count_invalid_session(self) -> None:
+        with self._lock:
+            self.invalid_session += 1
+
+    def count_maintenance(self) -> None:
+        with self._lock:
+            self.maintenance += 1
 
     def count_delayed(self) -> None:
         """One call delayed because it came past the burst limit."""
@@ -220,7 +261,28 @@ class RequestCounters:
     def snapshot(self) -> dict:
         with self._lock:
             return {"total": self.total, "auth": self.auth, "delayed": self.delayed,
-                    "endpoints": dict(sorted(self.endpoints.items()))}
+                    "invalid_session": self.invalid_session, "maintenance": self.maintenance,
+                    "endpoints": dict(sorted(self.endpoints.items())),
+                    "references": dict(sorted(self.references.items()))}
+
+
+class Downtime:
+    """A simulated maintenance window: until it ends every API call answers the downtime error
+    with the minutes left in `X-VaultAPI-DowntimeExpectedDurationMinutes`."""
+
+    def __init__(self):
+        self._until = 0.0
+        self._lock = threading.Lock()
+
+    def start(self, seconds: float) -> None:
+        with self._lock:
+            self._until = time.monotonic() + max(0.0, seconds)
+
+    def minutes_left(self) -> float | None:
+        """Minutes left (fractions kept, for tests' short windows), None outside a window."""
+        with self._lock:
+            left = self._until - time.monotonic()
+        return left / 60 if left > 0 else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,6 +77,11 @@ class Admin:
     def limits(self, **spec) -> dict:
         return self.call("POST", "/sandbox/limits", spec) if spec else self.call("GET", "/sandbox/limits")
 
+    def downtime(self, **spec) -> dict:
+        """downtime() reads; downtime(minutes=0.05) or downtime(seconds=2) starts a maintenance
+        window now, downtime(minutes=0) ends it."""
+        return self.call("POST", "/sandbox/downtime", spec) if spec else self.call("GET", "/sandbox/downtime")
+
     def latency(self, **spec) -> dict:
         """latency() reads; latency(profile="vault"), latency(query_ms=400, jitter=0), latency(seed=3) set."""
         return self.call("POST", "/sandbox/latency", spec) if spec else self.call("GET", "/sandbox/latency")

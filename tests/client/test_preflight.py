@@ -210,7 +210,8 @@ def test_provider_registers_the_connection_type():
     assert conn["connection-type"] == "veeva_vault"
     assert conn["hook-class-name"] == "clinical_crm.airflow.hooks.VaultHook"
     assert set(conn["conn-fields"]) == {"api_version", "client_id", "connect_timeout", "read_timeout", "burst_floor",
-                                        "burst_window_seconds", "call_deadline"}
+                                        "burst_window_seconds", "call_deadline", "keep_alive_seconds",
+                                        "login_spacing_seconds", "maintenance_max_wait"}
 
 
 def test_airflow_lists_the_connection_type(tmp_path):

@@ -123,6 +123,9 @@ def test_a_ledger_made_by_the_code_before_alembic_upgrades_in_place(tmp_path):
     assert "ix_id_map_connection" not in {i["name"] for i in inspect(ledger.engine).get_indexes("id_map")}
     [run] = ledger.recent_runs("demo")
     assert run["state"] == "success" and run["counts"] == {"crm_activity__v": {"extracted": 3}}
+    # 0005 added runs.reference_prefix to the old table: empty for the runs recorded before
+    assert "reference_prefix" in {c["name"] for c in inspect(ledger.engine).get_columns("runs")}
+    assert run["reference_prefix"] is None
     history = ledger.record_history("demo", "V1A1")
     assert history["id_map"][0]["target_id"] == "T1" and history["versions"][0]["modified_date"] == T0.isoformat()
     assert [q["source_id"] for q in ledger.open_quarantine("demo")] == ["V1A3"]

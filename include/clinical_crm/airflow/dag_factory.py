@@ -117,10 +117,11 @@ def _step(ctx_xcom: dict | None):
 
 
 @contextlib.contextmanager
-def _clients(flow: Flow, cfg, *sides: str):
+def _clients(flow: Flow, cfg, *sides: str, run: dict | None = None):
     """Vault clients of the given sides ("ctms", "crm"), closed after the step. With two sides
     both sessions are opened, and ended, side by side (a login takes a round trip to each vault);
-    an inactive configuration opens none (a client opens its session on its first call)."""
+    an inactive configuration opens none (a client opens its session on its first call). `run`
+    (the run's context): time waited for Vault maintenance is added to its ledger counts."""
     from concurrent.futures import ThreadPoolExecutor
 
     from clinical_crm.airflow.hooks import VaultHook
@@ -133,7 +134,7 @@ def _clients(flow: Flow, cfg, *sides: str):
 
     try:
         for side in sides:
-            clients[side] = VaultHook(flow.conn_id(side)).get_client()
+            clients[side] = VaultHook(flow.conn_id(side), connection=cfg.name).get_client()
         if cfg.active and len(clients) > 1:
             side_by_side(lambda client: client.authenticate())
         yield clients
@@ -141,7 +142,29 @@ def _clients(flow: Flow, cfg, *sides: str):
         for side, client in clients.items():
             with contextlib.suppress(Exception):  # a log line never keeps a session open
                 _log_vault_time(side, client)
+        with contextlib.suppress(Exception):
+            _record_maintenance(run, clients)
         side_by_side(lambda client: client.close())
+
+
+MAINTENANCE = "vault maintenance"  # the key of a run's counts that says it waited (the page shows it)
+
+
+def _record_maintenance(run: dict | None, clients: dict) -> None:
+    """Maintenance windows the clients waited for, added to the run's ledger counts."""
+    waits = sum(c.counters["maintenance_waits"] for c in clients.values())
+    if not run or not waits:
+        return
+    from clinical_crm.engine.context import RunContext
+    from clinical_crm.engine.ledger import Ledger
+
+    ctx, ledger = RunContext.from_xcom(run), Ledger()
+    counts = ledger.run(ctx.run_id)["counts"] or {}
+    waited = counts.get(MAINTENANCE) or {}
+    counts[MAINTENANCE] = {"windows": waited.get("windows", 0) + waits,
+                           "waited_seconds": round(waited.get("waited_seconds", 0)
+                                                   + sum(c.counters["maintenance_seconds"] for c in clients.values()))}
+    ledger.set_counts(ctx.run_id, counts)
 
 
 def _log_vault_time(side: str, client) -> None:
@@ -152,6 +175,9 @@ def _log_vault_time(side: str, client) -> None:
         log.info("%s vault: %d calls, %.1f s waiting for answers, %.1f s in backoff and pacing "
                  "(%d retries, %d re-authentications, %d burst-delayed answers)", side, calls,
                  c["wait_seconds"], c["sleep_seconds"], c["retry"], c["reauth"], c["delayed_responses"])
+    if c["maintenance_waits"]:
+        log.warning("%s vault: waited %.0f s for Vault maintenance (%d announced windows)", side,
+                    c["maintenance_seconds"], c["maintenance_waits"])
 
 
 def _doc(flow: Flow, cfg) -> str:
@@ -202,9 +228,12 @@ def begin(source: str, flow_name: str, **context) -> dict:
     dag_run = context.get("dag_run")
     manual = dag_run is not None and str(getattr(dag_run, "run_type", "")).lower().endswith("manual")
     cfg = _config(source)
+    from clinical_crm.vault.reference import run_prefix
+
     ctx = runner.begin(build_flow(flow_name, cfg), cfg, context["run_id"], context.get("data_interval_start"),
                        context.get("data_interval_end"), dict(context.get("params") or {}),
-                       triggered_at=context.get("logical_date") if manual else None)
+                       triggered_at=context.get("logical_date") if manual else None,
+                       reference_prefix=run_prefix(cfg.name, context["ti"].dag_id, context["run_id"]))
     notifier.check_begin(cfg, ctx, context)
     return ctx.to_xcom()
 
@@ -217,7 +246,7 @@ def pre_step(source: str, flow_name: str, run: dict) -> dict:
     with _step(run):
         cfg, ctx = _config(source), RunContext.from_xcom(run)
         flow = build_flow(flow_name, cfg)
-        with _clients(flow, cfg, flow.source_side) as clients:
+        with _clients(flow, cfg, flow.source_side, run=run) as clients:
             ids = runner.pre_step(flow, cfg, ctx, clients).to_xcom()
         lineage.report([], lineage.staged_urls(ids))
         return ids
@@ -231,7 +260,7 @@ def extract(source: str, flow_name: str, run: dict, pre: dict | None = None) -> 
     with _step(run):
         cfg, ctx = _config(source), RunContext.from_xcom(run)
         flow = build_flow(flow_name, cfg)
-        with _clients(flow, cfg, "ctms", "crm") as clients:
+        with _clients(flow, cfg, "ctms", "crm", run=run) as clients:
             staged = runner.extract(flow, cfg, ctx, clients, Staged.from_xcom(pre)).to_xcom()
         lineage.report(assets.source_uris(flow, cfg) + lineage.staged_urls(pre), lineage.staged_urls(staged))
         return staged
@@ -273,7 +302,7 @@ def load(source: str, flow_name: str, run: dict, staged: dict, records: dict, **
     with _step(run):
         cfg, ctx = _config(source), RunContext.from_xcom(run)
         flow = build_flow(flow_name, cfg)
-        with _clients(flow, cfg, flow.target_side) as clients:
+        with _clients(flow, cfg, flow.target_side, run=run) as clients:
             counts = runner.load(flow, cfg, ctx, clients[flow.target_side], Staged.from_xcom(staged),
                                  Staged.from_xcom(records), final_attempt=final_attempt)
         extras = assets.event_extras(flow, cfg, ctx, counts)

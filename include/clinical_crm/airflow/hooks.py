@@ -2,7 +2,12 @@
 
 Connection: host = vault base URL (e.g. https://myvault.veevavault.com), login, password; extras
 api_version, client_id, connect_timeout, read_timeout, burst_floor, burst_window_seconds,
-call_deadline. Connections come from Airflow only (UI, AIRFLOW_CONN_* variables, secrets backends).
+call_deadline, keep_alive_seconds, login_spacing_seconds, maintenance_max_wait. Connections come
+from Airflow only (UI, AIRFLOW_CONN_* variables, secrets backends).
+
+Inside a task the client's calls carry `X-VaultAPI-ReferenceID` =
+`{connection}:{dag id}:{run id}:{task id}:{try number}` (vault.reference), from the task's
+context; outside a task (the UI's Test button, a script) none unless one is given.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from typing import Any
 from airflow.sdk import BaseHook
 
 from clinical_crm.airflow.provider import CONN_TYPE, EXTRA_FIELDS, UI_FIELD_BEHAVIOUR
-from clinical_crm.vault import VaultClient
+from clinical_crm.vault import VaultClient, reference
 from clinical_crm.vault.errors import VaultError
 
 _CASTS = {"string": str, "number": float, "integer": int}
@@ -23,9 +28,15 @@ class VaultHook(BaseHook):
     conn_type = CONN_TYPE
     hook_name = "Veeva Vault"
 
-    def __init__(self, vault_conn_id: str = default_conn_name, **kwargs):
+    def __init__(self, vault_conn_id: str = default_conn_name, reference_id: str | None = None,
+                 connection: str | None = None, **kwargs):
+        """`reference_id`: sent on every call instead of the one built from the task context;
+        `connection`: the connection file's name, the reference id's first part (default: the
+        Airflow connection id)."""
         super().__init__(**kwargs)
         self.vault_conn_id = vault_conn_id
+        self.reference_id = reference_id
+        self.connection = connection
         self._client: VaultClient | None = None
 
     @classmethod
@@ -67,7 +78,23 @@ class VaultHook(BaseHook):
             value = extras.get(name, extras.get(f"extra__{CONN_TYPE}__{name}"))
             if value not in (None, ""):
                 arguments[name] = _CASTS[json_type](value)
+        arguments["reference_id"] = self.reference_id or self.task_reference_id()
         return arguments
+
+    def task_reference_id(self) -> str | None:
+        """`{connection}:{dag id}:{run id}:{task id}:{try number}` of the running task, None when
+        no task is running."""
+        try:
+            from airflow.sdk import get_current_context
+
+            context = get_current_context()
+        except (ImportError, RuntimeError):  # no task context: a script, the UI's Test button
+            return None
+        ti = context.get("ti")
+        if ti is None or not context.get("run_id"):
+            return None
+        prefix = reference.run_prefix(self.connection or self.vault_conn_id, ti.dag_id, context["run_id"])
+        return reference.task_reference(prefix, ti.task_id, ti.try_number)
 
     def get_client(self, **overrides) -> VaultClient:
         """A VaultClient for this connection, the one way to build one from Airflow (one per hook;

@@ -25,6 +25,15 @@ EXTRA_FIELDS: dict[str, tuple[str, str, object, str]] = {
                              "Length of Vault's burst window (5 minutes), aligned to the clock"),
     "call_deadline": ("Call deadline (s)", "number", 600,
                       "One API call and all its retries end within this many seconds"),
+    "keep_alive_seconds": ("Keep-alive after idle (s)", "number", 600,
+                           ("A keep-alive is sent once the session has been idle this long; keep it below "
+                            "the vault's session timeout (0: never)")),
+    "login_spacing_seconds": ("Login spacing (s)", "number", 1,
+                              ("Least time between two logins of this vault and user in one process "
+                               "(Vault limits logins per user and minute)")),
+    "maintenance_max_wait": ("Maintenance wait (s)", "number", 1800,
+                             ("Longest wait for a maintenance window Vault announces (once per call); keep it "
+                              "below the task's execution timeout")),
 }
 
 UI_FIELD_BEHAVIOUR = {

@@ -47,9 +47,10 @@ def _active(empty):
 
 def begin(flow: Flow, cfg, dag_run_id: str, data_interval_start: datetime | None,
           data_interval_end: datetime | None, params: dict | None = None, ledger: Ledger | None = None,
-          triggered_at: datetime | None = None) -> RunContext:
+          triggered_at: datetime | None = None, reference_prefix: str | None = None) -> RunContext:
     """Decide the run's window and open its ledger row. `triggered_at`: a manual run's logical
-    date (the moment it was triggered for), which its window reaches (see windows.run_window)."""
+    date (the moment it was triggered for), which its window reaches (see windows.run_window);
+    `reference_prefix`: what every Vault call of the run starts its X-VaultAPI-ReferenceID with."""
     ledger = ledger or Ledger()
     params = params or {}
     # Before the first success the schedule's start date stands for "the end of the last
@@ -61,7 +62,8 @@ def begin(flow: Flow, cfg, dag_run_id: str, data_interval_start: datetime | None
         cfg.lookback_minutes, window_start=params.get("window_start"), window_end=params.get("window_end"),
         first_start=cfg.schedule.start_date, triggered_at=triggered_at)
     state = "running" if cfg.active else "inactive"
-    run_id = ledger.start_run(cfg.name, flow.name, dag_run_id, window.start, window.end, state=state)
+    run_id = ledger.start_run(cfg.name, flow.name, dag_run_id, window.start, window.end, state=state,
+                              reference_prefix=reference_prefix)
     ctx = RunContext(cfg.name, flow.name, dag_run_id, window.start.isoformat(), window.end.isoformat(), cfg.active,
                      staging.run_dir(cfg.name, flow.name, dag_run_id), run_id)
     if not cfg.active:

@@ -21,6 +21,6 @@ __all__ = ["ApiLimits", "Query", "QueryPage", "RecordOutcome", "VaultClient", "V
 def __getattr__(name: str):
     if name == "VaultClient":
         return importlib.import_module("clinical_crm.vault.client").VaultClient
-    if name in ("client", "errors", "fields", "vql", "responses"):
+    if name in ("client", "errors", "fields", "vql", "responses", "reference", "session"):
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(name)

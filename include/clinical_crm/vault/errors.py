@@ -39,6 +39,16 @@ class VaultTransientError(VaultError):
     """A fault worth retrying: EXCEPTION envelopes, 5xx, dropped connections, timeouts."""
 
 
+class VaultMaintenanceError(VaultTransientError):
+    """Vault answered an error announcing downtime (`X-VaultAPI-DowntimeExpectedDurationMinutes`):
+    the client waits that long once instead of spending its retries."""
+
+    def __init__(self, minutes: float, message: str = ""):
+        super().__init__("MAINTENANCE", f"Vault is down for maintenance, expected {minutes:g} min; {message}")
+        self.minutes = minutes
+        self.seconds = minutes * 60
+
+
 class VaultPartialWrite(VaultTransientError):
     """A write that failed transiently after some of its records were settled (e.g. the re-send
     of the records that hit RACE_CONDITION got no answer): `settled` maps input positions to

@@ -17,6 +17,7 @@ CREATED_BY = "created_by__vr"
 MAX_BATCH = 500          # records per write call
 VQL_MAX_CHARS = 50_000   # characters per VQL statement
 DELETIONS_KEPT_DAYS = 30  # the deletions API keeps deleted record ids this long
+DELETIONS_LIMIT = 5_000   # deleted record ids per page: Vault's maximum (its default is 1,000)
 
 
 def relationship(field: str) -> str:

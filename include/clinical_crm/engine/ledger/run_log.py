@@ -29,7 +29,8 @@ class Runs:
     engine: Engine
 
     def start_run(self, connection: str, direction: str, dag_run_id: str,
-                  window_start: datetime | None, window_end: datetime | None, state: str = "running") -> int:
+                  window_start: datetime | None, window_end: datetime | None, state: str = "running",
+                  reference_prefix: str | None = None) -> int:
         """A run row; a retried first task of the same DAG run reuses its row."""
         with self.engine.begin() as db:
             existing = db.execute(
@@ -37,7 +38,7 @@ class Runs:
                                         runs.c.dag_run_id == dag_run_id)
             ).scalar()
             values = dict(window_start=window_start, window_end=window_end, state=state,
-                          started_at=_now(), ended_at=None, message=None)
+                          started_at=_now(), ended_at=None, message=None, reference_prefix=reference_prefix)
             if existing:
                 db.execute(update(runs).where(runs.c.id == existing).values(**values))
                 return existing
@@ -136,4 +137,5 @@ def _run_dict(row) -> dict:
         "window_end": _iso(row["window_end"]), "state": row["state"], "counts": counts or {},
         "dq_report": row["dq_report"], "message": row["message"],
         "started_at": _iso(row["started_at"]), "ended_at": _iso(row["ended_at"]),
+        "reference_prefix": row.get("reference_prefix"),
     }

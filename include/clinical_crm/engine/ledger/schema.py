@@ -66,6 +66,8 @@ runs = Table(
     Column("message", Text),
     Column("started_at", DateTime(timezone=True)),
     Column("ended_at", DateTime(timezone=True)),
+    # the start of every Vault call's X-VaultAPI-ReferenceID in this run (migration 0005)
+    Column("reference_prefix", String(100)),
 )
 
 record_outcomes = Table(
