@@ -38,8 +38,8 @@ def build(cfg: ConnectionConfig) -> Flow:
         name="study_titles", source_side="ctms", target_side="crm",
         conn_ids={"ctms": cfg.ctms_conn_id, "crm": cfg.crm_conn_id},
         description="Sends CTMS Study titles as CRM Clinical Studies (a test flow).",
-        reads=(Windowed(STUDIES, "ctms", study.object, Query.select(study.object, [ID, GLOBAL_ID, MODIFIED_DATE, NAME, title])
-                        .paged(cfg.load.query_page_size)),
+        reads=(Windowed(STUDIES, "ctms", study.object,
+                        Query.select(study.object, [ID, GLOBAL_ID, MODIFIED_DATE, NAME, title]).paged(cfg.load.query_page_size)),
                Deleted(DELETED, "ctms", study.object)),
         validation=Validation(STUDIES, study.object, [rule], check_frame, (), matched_column="clinical_study"),
         targets=(Target("titled_clinical_studies", VALID, study.object, clinical.object, clinical.fields.external_id,

@@ -15,15 +15,18 @@ USER, PASSWORD = "integration@sandbox.example", "sandbox"
 
 
 @pytest.fixture
-def flow_found(monkeypatch):
+def flow_found(monkeypatch, tmp_path):
+    """The third flow found by name; a ledger of its own, so no other test sees its runs."""
     monkeypatch.setenv("CLINICAL_CRM_FLOW_MODULES", "study_titles")
+    monkeypatch.setenv("CLINICAL_CRM_LEDGER_URL", f"sqlite:///{tmp_path / 'ledger.db'}")
 
 
 def studies(client, object_name: str) -> dict[str, dict]:
     return {r["global_id__sys" if object_name == "study__v" else "external_id__v"]: r
-            for page in client.query(f"SELECT id, {'global_id__sys' if object_name == 'study__v' else 'external_id__v'}, "
-                                     f"study_title__v{', vault_clinical_status__v' if object_name != 'study__v' else ''} "
-                                     f"FROM {object_name}") for r in page.records}
+            for page in client.query(
+                f"SELECT id, {'global_id__sys' if object_name == 'study__v' else 'external_id__v'}, "
+                f"study_title__v{', vault_clinical_status__v' if object_name != 'study__v' else ''} "
+                f"FROM {object_name}") for r in page.records}
 
 
 def test_a_flow_module_runs_through_every_step(flow_found, vaults, demo_cfg):

@@ -44,7 +44,7 @@ def frames(client, queries: Iterable[Query | str]) -> Iterator[pd.DataFrame]:
             for page in pages:
                 yield staging.page_frame(page)
         finally:
-            pages.close()  # stops the reading thread now, not when the generator is collected
+            pages.close()  # type: ignore[attr-defined]  # stops the reading thread now, not when the generator is collected
 
 
 def frames_side_by_side(client, queries: Iterable[Query | str], concurrency: int) -> Iterator[pd.DataFrame]:

@@ -132,7 +132,7 @@ def upsert(client, object_name: str, records: Iterable[dict], id_param: str, bat
 
     def not_superseded(batch: list[dict]) -> list[dict]:
         mine = {source_of(r): versions[str(r[id_param])] for r in batch if versions.get(str(r[id_param])) is not None}
-        newer = guard.superseded(mine) if guard is not None else {}
+        newer = guard.superseded(mine) if guard is not None else {}  # type: ignore[arg-type]
         for r in batch:
             if source_of(r) in newer:
                 source = source_of(r)
@@ -140,7 +140,7 @@ def upsert(client, object_name: str, records: Iterable[dict], id_param: str, bat
                     "source_id": source, "target_id": None, "outcome": "superseded", "error_type": None,
                     "external_id": str(r[id_param]),
                     "message": f"a newer version (modified {vault_datetime(newer[source])}) was already sent; "
-                               f"this run's older version (modified {vault_datetime(mine[source])}) was not written"})
+                               f"this run's older version (modified {vault_datetime(mine[source])}) was not written"})  # type: ignore[arg-type]
         return [r for r in batch if source_of(r) not in newer]
 
     def answered(settled: dict[str, tuple[dict, object]]) -> list[dict]:
@@ -149,10 +149,10 @@ def upsert(client, object_name: str, records: Iterable[dict], id_param: str, bat
         for external, (record, result) in settled.items():
             source = source_of(record)
             answers.append(_outcome(result, source) | {"external_id": external})
-            if result.outcome in LOADED and versions.get(external) is not None:
+            if result.outcome in LOADED and versions.get(external) is not None:  # type: ignore[attr-defined]
                 written[source] = versions[external]
         if guard is not None:
-            guard.record(written)
+            guard.record(written)  # type: ignore[arg-type]
         return answers
 
     for batch in _batches(ordered, min(batch_size, MAX_BATCH)):

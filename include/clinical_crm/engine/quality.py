@@ -178,12 +178,12 @@ class Validator:
         with self._locked():
             results = self._run(object_name, checks, rules)
             docs = self._docs() if self.stored else None
-        summaries, failing = [], {rule.name: set() for rule in rules}
+        summaries, failing = [], {rule.name: set() for rule in rules}  # type: ignore[var-annotated]
         for suite_name, result in results:
-            summaries.append({"object": object_name, "suite": suite_name, "success": bool(result.success),
-                              "evaluated": int(result.statistics.get("evaluated_expectations", 0)),
-                              "failed": int(result.statistics.get("unsuccessful_expectations", 0))})
-            for r in result.results:
+            summaries.append({"object": object_name, "suite": suite_name, "success": bool(result.success),  # type: ignore[attr-defined]
+                              "evaluated": int(result.statistics.get("evaluated_expectations", 0)),  # type: ignore[attr-defined]
+                              "failed": int(result.statistics.get("unsuccessful_expectations", 0))})  # type: ignore[attr-defined]
+            for r in result.results:  # type: ignore[attr-defined]
                 found = r.result.get("unexpected_index_list")
                 if not r.success and found is None:  # not evaluated: never let a row pass unchecked
                     raise RuntimeError(f"GX could not evaluate {r.expectation_config.type} on "

@@ -69,7 +69,7 @@ def _whole_history_deletions() -> Iterator[None]:
     history that is expected (reconciliation finds those by absence), so the warning is dropped."""
     logger = logging.getLogger("clinical_crm.engine.extract")
     drop = logging.Filter()
-    drop.filter = lambda record: not str(record.msg).startswith("deletions of %s between")
+    drop.filter = lambda record: not str(record.msg).startswith("deletions of %s between")  # type: ignore[method-assign]
     logger.addFilter(drop)
     try:
         yield
@@ -206,7 +206,7 @@ class TargetCheck:
             mark = self.marks[0] if known and self.marks else None
             row = self.actual[external_id]
             found.append({"kind": "missing_deletion_mark" if mark else "extra", "external_id": external_id,
-                          "source_id": self.source_id(external_id), "details": mark and {"fields": {
+                          "source_id": self.source_id(external_id), "details": mark and {"fields": {  # type: ignore[dict-item]
                               k: {"expected": value(v), "actual": value(row.get(k))}
                               for k, v in mark.change(row).items()}}})
         return found

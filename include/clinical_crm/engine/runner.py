@@ -302,7 +302,7 @@ def load(flow: Flow, cfg, ctx: RunContext, client, staged: Staged, records: Stag
     objects = {t.source_object for t in flow.targets} | {d.source_object for d in flow.deletions}
     earlier = ledger.written_outcomes(ctx.run_id, objects)
     for obj in sorted(objects):
-        ledger.clear_outcomes(ctx.run_id, obj, only=CLEARED_ON_RETRY)  # a retried task starts over
+        ledger.clear_outcomes(ctx.run_id, obj, only=list(CLEARED_ON_RETRY))  # a retried task starts over
     counts: dict[str, dict] = {}
     for target in flow.targets:
         with ledger.exclusive(load_lock_name(ctx.connection, target.target_object)):
@@ -497,7 +497,7 @@ def _apply_deletions(ledger: Ledger, ctx: RunContext, client, cfg, mark, staged:
     deleted = [(i, g) for chunk in staging.read_chunks(staged.path(mark.staged)) for i, g in zip(chunk[ID], chunk[GLOBAL_ID])]
     ledger.queue_deletions(ctx.connection, ctx.direction, source_object, deleted, ctx.run_id)
     pending = ledger.pending_deletions(ctx.connection, ctx.direction, source_object)
-    outcomes, no_target = [], set()
+    outcomes, no_target = [], set()  # type: ignore[var-annotated]
     if pending:
         outcomes, no_target = load.mark_deleted(
             client, mark, pending, cfg.load.batch_size,

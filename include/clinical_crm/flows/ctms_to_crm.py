@@ -172,8 +172,8 @@ def study_information(row: dict, cfg: ConnectionConfig) -> dict:
     crm = cfg.crm
     fields = crm.interaction.fields
     return {
-        f"{relationship(fields.study)}.{crm.clinical_study.fields.external_id}": text(row.get(refs["study"])),
-        f"{relationship(fields.site)}.{crm.clinical_site.fields.external_id}": text(row.get(refs["site"])),
+        f"{relationship(fields.study)}.{crm.clinical_study.fields.external_id}": text(row.get(refs["study"])),  # type: ignore[union-attr]
+        f"{relationship(fields.site)}.{crm.clinical_site.fields.external_id}": text(row.get(refs["site"])),  # type: ignore[union-attr]
         fields.study_country: text(row.get(activity_country_column(cfg))),
     }
 
@@ -181,7 +181,7 @@ def study_information(row: dict, cfg: ConnectionConfig) -> dict:
 def clinical_studies(studies, cfg: ConnectionConfig) -> list[dict]:
     """CTMS Studies -> CRM Clinical Studies (created or updated; marked active)."""
     s = cfg.ctms.study.fields
-    c = cfg.crm.clinical_study.fields
+    c = cfg.crm.clinical_study.fields  # type: ignore[union-attr]
     return target_records(studies, c.external_id, lambda row: {
         NAME: text(row.get(NAME)), c.title: text(row.get(s.title)), c.phase: text(row.get(s.phase)),
         c.therapeutic_area: text(row.get(s.therapeutic_area)),
@@ -191,8 +191,8 @@ def clinical_studies(studies, cfg: ConnectionConfig) -> list[dict]:
 def clinical_sites(sites, cfg: ConnectionConfig) -> list[dict]:
     """CTMS Study Sites -> CRM Clinical Sites, linked to their Clinical Study by external id."""
     s = cfg.ctms.site.fields
-    c = cfg.crm.clinical_site.fields
-    study_ext = cfg.crm.clinical_study.fields.external_id
+    c = cfg.crm.clinical_site.fields  # type: ignore[union-attr]
+    study_ext = cfg.crm.clinical_study.fields.external_id  # type: ignore[union-attr]
     return target_records(sites, c.external_id, lambda row: {
         NAME: text(row.get(NAME)), f"{relationship(c.study)}.{study_ext}": text(row.get(site_study_column(cfg))),
         c.site_name: text(row.get(s.site_name)), c.country: text(row.get(site_country_column(cfg))),
@@ -223,10 +223,10 @@ def reads(cfg: ConnectionConfig) -> list[Read]:
                             (PERSON_IDENTIFIERS,), page_aligned=True))
     if features.studies_and_sites:
         found += [Referenced(STUDY_SITES, "ctms", ctms.site.object, site_query(cfg).paged(page_size),
-                             crm.clinical_site.object, (SITE_REFS,), KNOWN_SITES,
+                             crm.clinical_site.object, (SITE_REFS,), KNOWN_SITES,  # type: ignore[union-attr]
                              collects={SITE_STUDY_REFS: site_study_column(cfg)}),
                   Referenced(STUDIES, "ctms", ctms.study.object, study_query(cfg).paged(page_size),
-                             crm.clinical_study.object, (STUDY_REFS, SITE_STUDY_REFS), KNOWN_STUDIES)]
+                             crm.clinical_study.object, (STUDY_REFS, SITE_STUDY_REFS), KNOWN_STUDIES)]  # type: ignore[union-attr]
     return found
 
 
@@ -275,7 +275,7 @@ def deletion_marks(cfg: ConnectionConfig) -> list[DeletionMark]:
         for staged, source, target in ((DELETED_STUDIES, ctms.study, crm.clinical_study),
                                        (DELETED_SITES, ctms.site, crm.clinical_site)):
             found.append(DeletionMark(staged, source.object, target.object, target.fields.external_id,
-                                      read_fields=[deletion.crm_status_field], change=lambda row, s=status: dict(s),
+                                      read_fields=[deletion.crm_status_field], change=lambda row, s=status: dict(s),  # type: ignore[misc]
                                       already_message="already marked deleted"))
     return found
 

@@ -152,7 +152,7 @@ class VaultClient:
 
     def _count(self, key: str, amount: float = 1) -> None:
         with self._counting:
-            self.counters[key] += amount
+            self.counters[key] += amount  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return f"VaultClient({self.base_url!r}, user={self.username!r})"
@@ -583,7 +583,7 @@ class VaultClient:
             self._count("records_written", len(batch))
             elapsed = max(time.monotonic() - started, 1e-9)
             log.info("%s %s: %d/%d records (%.0f records/s)", operation, object_name, done, len(records), done / elapsed)
-        return outcomes  # type: ignore[return-value]  (every slot is filled)
+        return outcomes  # type: ignore[return-value]  # every slot is filled
 
     def _write_batch(self, method, object_name, records, batch, operation, params, outcomes, retry) -> None:
         """One write call for `batch` (indices into records); records that hit RACE_CONDITION are

@@ -85,7 +85,7 @@ class Quarantine:
             db.execute(insert(quarantine_actions).values(
                 quarantine_id=row["id"], connection=row["connection"], direction=row["direction"],
                 object=row["object"], source_id=row["source_id"], action=action, reason=reason, actor=actor, at=now))
-        return self.quarantine_entry(quarantine_id)
+        return self.quarantine_entry(quarantine_id)  # type: ignore[attr-defined]
 
     def quarantined_ids(self, connection: str, direction: str, object_name: str) -> list[str]:
         """Source ids still quarantined: extraction re-reads them by id every run."""

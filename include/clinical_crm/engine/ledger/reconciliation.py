@@ -18,7 +18,7 @@ class Reconciliation:
 
     def start_reconcile(self, connection: str, flow: str, dag_run_id: str, repair: bool) -> int:
         with self.engine.begin() as db:
-            return db.execute(insert(reconcile_runs).values(
+            return db.execute(insert(reconcile_runs).values(  # type: ignore[index]
                 connection=connection, flow=flow, dag_run_id=dag_run_id, repair=int(repair), state="running",
                 summary={}, started_at=_now())).inserted_primary_key[0]
 

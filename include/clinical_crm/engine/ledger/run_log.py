@@ -42,7 +42,7 @@ class Runs:
             if existing:
                 db.execute(update(runs).where(runs.c.id == existing).values(**values))
                 return existing
-            return db.execute(
+            return db.execute(  # type: ignore[index]
                 insert(runs).values(connection=connection, direction=direction, dag_run_id=dag_run_id,
                                     counts={}, **values)
             ).inserted_primary_key[0]
