@@ -3,5 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --test
+# both pinned sets installed together must be consistent (the image runs pip check on the runtime set)
+.venv/bin/python -m pip check
 mkdir -p test-artifacts
 exec .venv/bin/python -m pytest -ra "$@"
