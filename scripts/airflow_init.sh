@@ -7,12 +7,12 @@
 #   2. admin access (simple auth manager): writes the passwords file for the configured users
 #   3. the Airflow connections of the two vaults (type veeva_vault), overwritten if present
 #   4. the pools that cap concurrent calls to each vault (one per vault of every connection file)
-#   5. the sync ledger's tables (CLINICAL_CRM_LEDGER_URL)
+#   5. the sync ledger's tables (Airflow connection clinical_crm_ledger, else CLINICAL_CRM_LEDGER_URL)
 #
 # Environment (all optional, defaults in brackets):
 #   AIRFLOW_BIN                 airflow command                                   [airflow]
-#   AIRFLOW_ADMIN_PASSWORD      password written for every simple-auth user, when
-#                               AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE is set   [admin]
+#   AIRFLOW_ADMIN_PASSWORD      password written for every simple-auth user; required when
+#                               AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE is set (no default)
 #   CTMS_VAULT_URL / CRM_VAULT_URL   base URLs of the vaults        [http://vault-ctms:8000, http://vault-crm:8000]
 #   CTMS_CONN_ID / CRM_CONN_ID       Airflow connection ids         [vault_ctms_demo, vault_crm_demo]
 #   VAULT_USERNAME / VAULT_PASSWORD  integration user               [integration@sandbox.example / sandbox]
@@ -28,10 +28,11 @@ echo "==> airflow db migrate"
 
 if [ -n "${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE:-}" ]; then
   echo "==> admin access: ${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE}"
+  : "${AIRFLOW_ADMIN_PASSWORD:?AIRFLOW_ADMIN_PASSWORD is not set (docker-compose: scripts/make_env.sh writes it)}"
   "$PYTHON_BIN" - <<'EOF'
 import json, os
 users = os.environ.get("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", "admin:admin")
-password = os.environ.get("AIRFLOW_ADMIN_PASSWORD", "admin")
+password = os.environ["AIRFLOW_ADMIN_PASSWORD"]
 names = [entry.split(":")[0].strip() for entry in users.split(",") if entry.strip()]
 path = os.environ["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]
 os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -1,14 +1,16 @@
 """Audit the pinned requirements against a local copy of the PyPA advisory database (OSV format).
 
-    .venv/bin/python scripts/audit_offline.py --db PATH [--requirements requirements.txt]
+    .venv/bin/python scripts/audit_offline.py --db PATH [--requirements FILE ...]
 
 `pip-audit -r requirements.txt` is the audit of record, but it needs PyPI's JSON API or
 api.osv.dev. Where neither is reachable, this reads the same advisories from a checkout (or
 export) of https://github.com/pypa/advisory-database: PATH is its root or its `vulns` folder.
 Every advisory of a pinned package is matched with the OSV rules (explicit `versions`, or
 `ECOSYSTEM` ranges of introduced / fixed / last_affected events); withdrawn ones are skipped.
+By default both pinned sets are read: requirements.txt (runtime) and requirements-dev.txt (test).
 
-Prints one line per finding. The answer is as fresh as the copy: say which one you used.
+Prints the date of the audit and of the copy (its last commit in a git checkout, else the newest
+advisory in it), then one line per finding. The answer is as fresh as the copy.
 Exit status: 1 when a pinned version has a known vulnerability with a fixed version available,
 0 otherwise (findings without any fix are listed but do not fail).
 """
@@ -16,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -26,6 +30,8 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_REQUIREMENTS = [REPO / "requirements.txt", REPO / "requirements-dev.txt"]
 
 
 @dataclass
@@ -57,6 +63,40 @@ def pinned(requirements: Path) -> dict[str, Version]:
             raise SystemExit(f"{requirements}: {req.name}=={exact[0]} is not a version this audit can compare")
         pins[canonicalize_name(req.name)] = version
     return pins
+
+
+def pinned_sets(files: list[Path]) -> dict[str, Version]:
+    """The pins of several requirements files; a package pinned to two versions is an error (the
+    dev set is compiled with the runtime set as a constraint, so they must agree)."""
+    pins: dict[str, Version] = {}
+    where: dict[str, Path] = {}
+    for path in files:
+        for name, version in pinned(path).items():
+            if name in pins and pins[name] != version:
+                raise SystemExit(f"{name} is pinned to {pins[name]} in {where[name]} and to {version} in {path}")
+            pins[name], where[name] = version, where.get(name, path)
+    return pins
+
+
+def database_date(db: Path, today: date) -> str:
+    """When the copy was made: its last commit's date in a git checkout, else the newest `modified`
+    of its advisories (one advisory of the 2026-07-23 copy is dated 2027: later than today is ignored)."""
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(["git", "-C", str(db), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    top = git("rev-parse", "--show-toplevel")  # the copy's own checkout, not a repository around it
+    if top and Path(top).resolve() in (db.resolve(), db.resolve().parent) and git("log", "-1", "--format=%cs"):
+        return f"{git('log', '-1', '--format=%cs')} (last commit)"
+    newest = None
+    for path in db.rglob("*.yaml"):
+        found = re.search(r"^modified:\s*['\"]?(\d{4}-\d{2}-\d{2})", path.read_text(errors="replace"), flags=re.M)
+        if found and found.group(1) <= today.isoformat() and (newest is None or found.group(1) > newest):
+            newest = found.group(1)
+    return f"{newest} (newest advisory)" if newest else "unknown"
 
 
 def _version(text) -> Version | None:
@@ -134,11 +174,16 @@ def audit(pins: dict[str, Version], db: Path) -> tuple[list[Finding], int]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--db", required=True, type=Path, help="PyPA advisory-database checkout or its vulns folder")
-    parser.add_argument("--requirements", type=Path, default=Path(__file__).resolve().parents[1] / "requirements.txt")
+    parser.add_argument("--requirements", type=Path, action="append",
+                        help="a pinned requirements file (repeatable); default: requirements.txt and requirements-dev.txt")
     args = parser.parse_args(argv)
-    pins = pinned(args.requirements)
+    files = args.requirements or DEFAULT_REQUIREMENTS
+    pins = pinned_sets(files)
     findings, read = audit(pins, args.db)
-    print(f"{len(pins)} pinned packages checked against {read} advisories of theirs in {args.db}")
+    today = datetime.now(timezone.utc).date()
+    print(f"audit of {today.isoformat()}; advisory database {args.db} as of {database_date(args.db, today)}")
+    print(f"{len(pins)} pinned packages ({', '.join(f'{f.name}: {len(pinned(f))}' for f in files)}) "
+          f"checked against {read} advisories of theirs")
     for f in findings:
         fix = ", ".join(f.fixed) if f.fixed else "no fixed version"
         print(f"  {f.package}=={f.version}: {f.advisory} ({', '.join(f.aliases) or 'no aliases'}); "

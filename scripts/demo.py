@@ -48,7 +48,9 @@ def demo_environment(data: Path, ctms_url: str, crm_url: str, api_port: int) -> 
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__CORE__PARALLELISM": "2",
+        # the LocalExecutor starts this many task processes (Airflow's default: 32): one per core,
+        # at least two so both DAGs' runs can go side by side
+        "AIRFLOW__CORE__PARALLELISM": str(max(2, os.cpu_count() or 1)),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__PORT": str(api_port),

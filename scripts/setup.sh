@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv with the pinned requirements and the project. Idempotent and quick when nothing changed.
+# Creates .venv with the pinned requirements (runtime; --test: runtime + test) and the project. Idempotent and quick when nothing changed.
 # Usage: scripts/setup.sh [--test]   (--test also installs Debian's chromium and docker-compose for the browser/compose tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,13 +13,24 @@ if [ ! -x .venv/bin/python ]; then
   echo "==> creating .venv"
   "$PYTHON" -m venv .venv
 fi
+# Two pinned sets (scripts/compile_requirements.sh): requirements.txt (runtime: the demo) and
+# requirements-dev.txt (runtime + test tools: --test). The stamp names the set installed and the
+# hash of its inputs; the dev set includes every runtime pin, so it also serves the demo.
 stamp=.venv/.requirements.sha
-want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "==> installing pinned requirements (a few minutes on a fresh machine)"
+runtime="runtime $(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+dev="dev $(cat requirements.txt requirements-dev.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+have=$(cat "$stamp" 2>/dev/null || true)
+if [ "${1:-}" = "--test" ]; then
+  want=$dev; requirements=requirements-dev.txt
+else
+  want=$runtime; requirements=requirements.txt
+  [ "$have" = "$dev" ] && want=$dev
+fi
+if [ "$have" != "$want" ]; then
+  echo "==> installing pinned $requirements (a few minutes on a fresh machine)"
   log=.venv/pip-install.log
   { .venv/bin/python -m pip install --upgrade pip \
-      && .venv/bin/python -m pip install -r requirements.txt \
+      && .venv/bin/python -m pip install -r "$requirements" \
       && .venv/bin/python -m pip install --no-deps -e . ; } >"$log" 2>&1 \
     || { tail -n 40 "$log" >&2; echo "pip install failed; full log: $log" >&2; exit 1; }
   # setuptools leaves an egg-info beside the packages; Airflow would then load the plugin twice

@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --test
+# both pinned sets installed together must be consistent (the image runs pip check on the runtime set)
+.venv/bin/python -m pip check
 # the lint rules and the type checker's settings: pyproject.toml, [tool.ruff] and [tool.mypy]
 echo "==> ruff check"
 .venv/bin/ruff check .

@@ -9,6 +9,8 @@ root=$(pwd)
 export AIRFLOW_HOME="$root/data/airflow" CLINICAL_CRM_DATA_DIR="$root/data"
 export AIRFLOW__CORE__DAGS_FOLDER="$root/dags" AIRFLOW__CORE__LOAD_EXAMPLES=False
 export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=True
+# standalone's LocalExecutor starts PARALLELISM task processes (default 32): one per core, at least two
+export AIRFLOW__CORE__PARALLELISM="${AIRFLOW__CORE__PARALLELISM:-$(( $(nproc) > 2 ? $(nproc) : 2 ))}"
 export AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS=clinical_crm.settings.AIRFLOW_SQLITE_CONNECT_ARGS
 export AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC=clinical_crm.settings.AIRFLOW_SQLITE_CONNECT_ARGS
 export PATH="$root/.venv/bin:$PATH"

@@ -64,3 +64,38 @@ class PostgresDatabase:
 
     def __exit__(self, *exc) -> None:
         self._admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+class LedgerDatabase:
+    """The ledger's own database and least-privilege role, made by scripts/postgres/init-ledger.sh
+    (the docker-compose postgres service's init script) with unique names; dropped on exit.
+    `airflow_db`: the Airflow metadata database the role must not reach."""
+
+    def __init__(self, airflow_db: str):
+        self.name = self.role = f"ledger_ci_{secrets.token_hex(4)}"
+        self.password = secrets.token_hex(16)
+        self.airflow_db = airflow_db
+
+    @property
+    def conn_uri(self) -> str:
+        """As AIRFLOW_CONN_CLINICAL_CRM_LEDGER (docker-compose.yaml's form)."""
+        return f"postgresql://{self.role}:{self.password}@{PG['host']}:{PG['port']}/{self.name}"
+
+    def __enter__(self) -> LedgerDatabase:
+        import os
+        import subprocess
+
+        env = dict(os.environ, PGHOST=PG["host"], PGPORT=str(PG["port"]), POSTGRES_USER=PG["user"],
+                   POSTGRES_DB=self.airflow_db, LEDGER_DB_USER=self.role, LEDGER_DB_NAME=self.name,
+                   LEDGER_DB_PASSWORD=self.password)
+        result = subprocess.run(["bash", str(REPO / "scripts" / "postgres" / "init-ledger.sh")], env=env,
+                                capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            self.__exit__()
+            raise RuntimeError(f"init-ledger.sh failed:\n{result.stdout}\n{result.stderr}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        admin = PostgresDatabase()._admin
+        admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+        admin(f'DROP ROLE IF EXISTS "{self.role}"')

@@ -15,8 +15,31 @@ def connections_dir() -> Path:
     return Path(os.environ.get("CLINICAL_CRM_CONNECTIONS_DIR", PROJECT_ROOT / "include" / "connections"))
 
 
+# The ledger's database as an Airflow connection, so a secrets backend (or the metadata DB, or an
+# AIRFLOW_CONN_CLINICAL_CRM_LEDGER variable) can hold its password; without it, the environment.
+LEDGER_CONN_ID = "clinical_crm_ledger"
+
+
 def ledger_url() -> str:
-    return os.environ.get("CLINICAL_CRM_LEDGER_URL", f"sqlite:///{data_dir() / 'ledger.db'}")
+    """SQLAlchemy URL of the sync ledger: the Airflow connection `clinical_crm_ledger` when it is
+    defined, else $CLINICAL_CRM_LEDGER_URL, else data/ledger.db (the demo's SQLite file)."""
+    return _ledger_connection_url() or os.environ.get(
+        "CLINICAL_CRM_LEDGER_URL", f"sqlite:///{data_dir() / 'ledger.db'}")
+
+
+def _ledger_connection_url() -> str | None:
+    from airflow.exceptions import AirflowNotFoundException
+    from airflow.sdk import BaseHook
+
+    try:
+        conn = BaseHook.get_connection(LEDGER_CONN_ID)
+    except AirflowNotFoundException:
+        return None
+    if conn.conn_type == "sqlite":  # get_uri() would quote the path's slashes
+        return f"sqlite:///{conn.host or conn.schema}"
+    scheme, rest = conn.get_uri().split("://", 1)
+    # Airflow's `postgres` type; SQLAlchemy 2 knows only `postgresql` (psycopg2 is the pinned driver)
+    return f"postgresql+psycopg2://{rest}" if scheme in ("postgres", "postgresql") else f"{scheme}://{rest}"
 
 
 def staging_url() -> str:

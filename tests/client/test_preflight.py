@@ -1,6 +1,8 @@
 """Preflight against the two sandbox vaults over HTTP; the hook and the CLI with Airflow connections."""
 from __future__ import annotations
 
+import importlib.metadata
+
 import json
 import os
 import subprocess
@@ -212,6 +214,23 @@ def test_provider_registers_the_connection_type():
     assert set(conn["conn-fields"]) == {"api_version", "client_id", "connect_timeout", "read_timeout", "burst_floor",
                                         "burst_window_seconds", "call_deadline", "keep_alive_seconds",
                                         "login_spacing_seconds", "maintenance_max_wait"}
+    assert info["versions"] == [importlib.metadata.version("clinical-crm-connection")]  # not written twice
+
+
+def test_the_connection_form_is_declared_not_built_by_the_hook():
+    """Airflow 3.2+ reads the form from the provider info; the hook's WTForms methods are deprecated."""
+    from airflow.providers_manager import ProvidersManager
+
+    from clinical_crm.airflow.hooks import VaultHook
+
+    assert "get_connection_form_widgets" not in VaultHook.__dict__
+    assert "get_ui_field_behaviour" not in VaultHook.__dict__
+    manager = ProvidersManager()
+    widgets = manager.connection_form_widgets
+    assert widgets["extra__veeva_vault__burst_floor"].field["schema"]["title"] == "Burst reserve"
+    assert widgets["extra__veeva_vault__api_version"].field["value"] == "v25.2"
+    behaviour = manager.field_behaviours["veeva_vault"]
+    assert behaviour["hidden_fields"] == ["schema", "port"] and behaviour["relabeling"]["host"] == "Vault URL"
 
 
 def test_airflow_lists_the_connection_type(tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 import requests
 
 from clinical_crm.settings import airflow_sqlite_env
-from support import PostgresDatabase  # noqa: F401  (test_celery imports it from here)
+from support import LedgerDatabase, PostgresDatabase  # noqa: F401  (test_celery imports them from here)
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

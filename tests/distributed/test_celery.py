@@ -1,7 +1,9 @@
 """The distributed path, without a Docker engine: Airflow with the CeleryExecutor on this machine.
 
-A fresh PostgreSQL database (Airflow metadata, Celery results and the sync ledger) and a Redis
-database of its own (the broker); `scripts/airflow_init.sh` (the docker-compose init service)
+A fresh PostgreSQL database (Airflow metadata, Celery results), the sync ledger's own database and
+role made by the compose postgres service's init script and reached through the Airflow connection
+`clinical_crm_ledger` (as docker-compose.yaml does), and a Redis database of its own (the broker);
+`scripts/airflow_init.sh` (the docker-compose init service)
 migrates the database and creates the vault connections and pools; then the api-server,
 dag-processor, scheduler and a Celery worker run as separate processes, two sandbox vaults serve the
 demo data, and a manual run of `ctms_to_crm__demo` must succeed and leave its records in the CRM
@@ -19,7 +21,7 @@ import pytest
 import redis
 import requests
 
-from airflow_cluster import REDIS_URL, AirflowCluster, PostgresDatabase
+from airflow_cluster import REDIS_URL, AirflowCluster, LedgerDatabase, PostgresDatabase
 
 pytestmark = [pytest.mark.celery, pytest.mark.timeout(600)]
 
@@ -87,13 +89,13 @@ def test_connection_dag_runs_on_celery_workers(tmp_path, broker):
     shutil.copytree(REPO / "include" / "connections", connections)
     cfg = load_connection(connections / "demo.yaml")
 
-    with PostgresDatabase() as database, \
+    with PostgresDatabase() as database, LedgerDatabase(database.name) as ledger_db, \
             SandboxServer("ctms", tmp_path / "ctms.db", seed="demo") as ctms, \
             SandboxServer("crm", tmp_path / "crm.db", seed="demo") as crm:
         assert interactions_from_ctms(crm.url, cfg) == [], "the CRM vault must start without CTMS interactions"
 
         cluster = AirflowCluster(home, database.url, broker, REPO / "dags", {
-            "CLINICAL_CRM_LEDGER_URL": database.url,
+            "AIRFLOW_CONN_CLINICAL_CRM_LEDGER": ledger_db.conn_uri,  # workers and the api-server read it
             "CLINICAL_CRM_DATA_DIR": str(data),
             "CLINICAL_CRM_CONNECTIONS_DIR": str(connections),
             "CTMS_VAULT_URL": ctms.url,
@@ -101,6 +103,7 @@ def test_connection_dag_runs_on_celery_workers(tmp_path, broker):
             # only the run triggered below: no scheduled runs racing it
             "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
         })
+        cluster.env.pop("CLINICAL_CRM_LEDGER_URL", None)
         try:
             cluster.init()
             cluster.start_all()
@@ -125,7 +128,7 @@ def test_connection_dag_runs_on_celery_workers(tmp_path, broker):
             cluster.stop()
             print(cluster.all_logs())  # shown by pytest when the test fails (or with -rP)
 
-        ledger = Ledger(database.url)
+        ledger = Ledger(f"postgresql+psycopg2://{ledger_db.role}@127.0.0.1:5432/{ledger_db.name}")
         runs = [r for r in ledger.recent_runs("demo") if r["dag_run_id"] == run_id]
         assert len(runs) == 1 and runs[0]["state"] == "success", runs
         counts = runs[0]["counts"]

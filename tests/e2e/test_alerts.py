@@ -167,6 +167,24 @@ def test_failed_run_alert(vaults, inbox, connection_file, monkeypatch):
     assert_no_personal_data(failed, personal_emails(vaults))
 
 
+def test_failed_reconciliation_alert(vaults, inbox, connection_file, monkeypatch):
+    from clinical_crm.airflow.dag_factory import build_dags
+
+    ctms, _ = vaults
+    monkeypatch.setenv("AIRFLOW_CONN_VAULT_CTMS_DEMO", vault_conn(ctms.url, password="wrong-password"))
+    connection_file()
+    dr = build_dags()["reconcile__alerts"].test(logical_date=datetime.now(timezone.utc))
+    assert dr.state == "failed"
+    sent = inbox.take()
+    assert sorted(m["subject"] for m in sent) == [  # each flow's task reads both vaults
+        "[clinical-crm] reconcile__alerts: run failed in task reconcile_crm_to_ctms",
+        "[clinical-crm] reconcile__alerts: run failed in task reconcile_ctms_to_crm"]
+    for message in sent:
+        assert f"Run: {dr.run_id}" in message["body"] and "Reason: VaultAuthenticationError" in message["body"]
+        assert f"Airflow: {BASE_URL}/dags/reconcile__alerts/runs/" in message["body"]
+        assert "wrong-password" not in message["raw"]
+
+
 @pytest.fixture
 def slack(monkeypatch):
     """A local stand-in for Slack's incoming webhook: keeps the JSON bodies posted to it."""

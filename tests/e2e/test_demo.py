@@ -48,3 +48,17 @@ def _environ(process) -> dict:
         return process.environ()
     except (psutil.Error, OSError):
         return {}
+
+
+def test_demo_sizes_the_executor_to_the_machine(tmp_path, monkeypatch):
+    """The LocalExecutor starts PARALLELISM task processes (Airflow's default 32): one per core."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_script", REPO / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    for cores, expected in ((2, "2"), (8, "8"), (1, "2"), (None, "2")):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        env = demo.demo_environment(tmp_path, "http://ctms", "http://crm", 8080)
+        assert env["AIRFLOW__CORE__PARALLELISM"] == expected, cores
+    assert "AIRFLOW__CORE__PARALLELISM" in (REPO / "scripts" / "ui.sh").read_text()  # airflow standalone too

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,46 @@ def test_an_advisory_with_several_entries_for_a_package_is_reported_once(tmp_pat
     requirements.write_text("requests==2.0\n")
     assert audit_offline.main(["--db", str(tmp_path), "--requirements", str(requirements)]) == 1
     assert capsys.readouterr().out.count("PYSEC-9") == 1
+
+
+def test_both_pinned_sets_are_audited_and_the_dates_printed(tmp_path, capsys):
+    (tmp_path / "vulns" / "requests").mkdir(parents=True)
+    (tmp_path / "vulns" / "requests" / "PYSEC-7.yaml").write_text(yaml.safe_dump({
+        "id": "PYSEC-7", "modified": "2026-07-23T10:00:00Z",
+        "affected": [{"package": {"name": "requests", "ecosystem": "PyPI"},
+                      "ranges": [{"type": "ECOSYSTEM", "events": [{"introduced": "0"}, {"fixed": "1.0"}]}]}]}))
+    (tmp_path / "vulns" / "requests" / "PYSEC-8.yaml").write_text("id: PYSEC-8\nmodified: '2099-01-01T00:00:00Z'\n")
+    assert audit_offline.main(["--db", str(tmp_path)]) == 0  # the project's own two files
+    out = capsys.readouterr().out
+    runtime = audit_offline.pinned(REPO / "requirements.txt")
+    dev = audit_offline.pinned(REPO / "requirements-dev.txt")
+    assert runtime.keys() < dev.keys() and "pytest" in dev and "pytest" not in runtime
+    assert (f"{len(dev)} pinned packages (requirements.txt: {len(runtime)}, requirements-dev.txt: {len(dev)})"
+            in out)
+    today = datetime.now(timezone.utc).date().isoformat()
+    # a date later than today (one advisory of a real copy has one) is not the copy's date
+    assert f"audit of {today}; advisory database {tmp_path} as of 2026-07-23 (newest advisory)" in out
+
+
+def test_a_git_checkout_is_dated_by_its_last_commit(tmp_path):
+    import subprocess
+
+    (tmp_path / "vulns").mkdir()
+    (tmp_path / "vulns" / "x.yaml").write_text("id: X\nmodified: 2020-01-01T00:00:00Z\n")
+    env = {"GIT_AUTHOR_DATE": "2026-07-23T12:00:00Z", "GIT_COMMITTER_DATE": "2026-07-23T12:00:00Z",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.test", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.test", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "copy"]):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, env=env)
+    today = datetime.now(timezone.utc).date()
+    assert audit_offline.database_date(tmp_path, today) == "2026-07-23 (last commit)"
+    assert audit_offline.database_date(tmp_path / "vulns", today) == "2026-07-23 (last commit)"
+
+
+def test_two_different_pins_of_one_package_are_an_error(tmp_path):
+    (tmp_path / "a.txt").write_text("requests==2.31.0\n")
+    (tmp_path / "b.txt").write_text("requests==2.32.0\npytest==9.0\n")
+    with pytest.raises(SystemExit, match="requests is pinned to 2.31.0 in .*a.txt and to 2.32.0 in .*b.txt"):
+        audit_offline.pinned_sets([tmp_path / "a.txt", tmp_path / "b.txt"])
+    (tmp_path / "b.txt").write_text("requests==2.31.0\npytest==9.0\n")
+    assert set(audit_offline.pinned_sets([tmp_path / "a.txt", tmp_path / "b.txt"])) == {"requests", "pytest"}

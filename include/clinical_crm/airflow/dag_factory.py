@@ -391,7 +391,7 @@ in the ledger; with `repair` (param, else `reconcile.repair` in `{cfg.source_fil
         is_paused_upon_creation=not cfg.active,
         params={"repair": Param(None, type=["null", "boolean"],
                                 description="Re-send what drifted. Empty: the file's reconcile.repair.")},
-        default_args=task_defaults(),
+        default_args=notifier.with_alerts(task_defaults(), cfg),  # a failed reconciliation alerts too
         tags=["clinical-crm", cfg.name, "reconcile"],
     ) as dag:
         for flow in build_all(cfg):

@@ -8,6 +8,9 @@ from Airflow only (UI, AIRFLOW_CONN_* variables, secrets backends).
 Inside a task the client's calls carry `X-VaultAPI-ReferenceID` =
 `{connection}:{dag id}:{run id}:{task id}:{try number}` (vault.reference), from the task's
 context; outside a task (the UI's Test button, a script) none unless one is given.
+The connection form (extra fields, labels, hidden fields) is declared in provider.py's
+`conn-fields` / `ui-field-behaviour`, which Airflow 3.2+ reads without importing this module.
+
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import Any
 
 from airflow.sdk import BaseHook
 
-from clinical_crm.airflow.provider import CONN_TYPE, EXTRA_FIELDS, UI_FIELD_BEHAVIOUR
+from clinical_crm.airflow.provider import CONN_TYPE, EXTRA_FIELDS
 from clinical_crm.vault import VaultClient, reference
 from clinical_crm.vault.errors import VaultError
 
@@ -38,30 +41,6 @@ class VaultHook(BaseHook):
         self.reference_id = reference_id
         self.connection = connection
         self._client: VaultClient | None = None
-
-    @classmethod
-    def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        """The form's behaviour (Airflow 3.2+ reads the same from the provider's ui-field-behaviour)."""
-        return {
-            "hidden_fields": UI_FIELD_BEHAVIOUR["hidden-fields"],
-            "relabeling": UI_FIELD_BEHAVIOUR["relabeling"],
-            "placeholders": UI_FIELD_BEHAVIOUR["placeholders"],
-        }
-
-    @classmethod
-    def get_connection_form_widgets(cls) -> dict[str, Any]:
-        """Extra form fields for Airflow UIs that still build WTForms (Airflow 3.2+ uses the
-        provider's declarative conn-fields instead and never calls this)."""
-        try:
-            from flask_babel import lazy_gettext
-            from wtforms import IntegerField, StringField
-        except ImportError:
-            return {}
-        field_class = {"string": StringField, "number": StringField, "integer": IntegerField}
-        return {
-            name: field_class[json_type](lazy_gettext(label), description=description, default=default)
-            for name, (label, json_type, default, description) in EXTRA_FIELDS.items()
-        }
 
     def client_arguments(self) -> dict[str, Any]:
         """VaultClient arguments from the Airflow connection (without logging the password)."""

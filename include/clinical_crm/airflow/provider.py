@@ -3,10 +3,14 @@ Asset URI scheme with its OpenLineage converter (airflow/lineage.py).
 
 pyproject.toml declares `apache_airflow_provider = clinical_crm.airflow.provider:get_provider_info`.
 Airflow 3.2+ reads the connection form declaratively from `conn-fields` and
-`ui-field-behaviour` here (the hook methods `get_connection_form_widgets` /
-`get_ui_field_behaviour` are deprecated there), so the form is defined once, in this file.
+`ui-field-behaviour` here (it deprecated the hook methods `get_connection_form_widgets` /
+`get_ui_field_behaviour`, which the hook no longer has), so the form is defined once, in this file.
 """
 from __future__ import annotations
+
+from importlib.metadata import version
+
+PACKAGE = "clinical-crm-connection"  # pyproject.toml's project name: its version is the provider's
 
 CONN_TYPE = "veeva_vault"
 HOOK_CLASS = "clinical_crm.airflow.hooks.VaultHook"
@@ -59,10 +63,10 @@ def conn_fields() -> dict:
 
 def get_provider_info() -> dict:
     return {
-        "package-name": "clinical-crm-connection",
+        "package-name": PACKAGE,
         "name": "Clinical Operations to Medical CRM connection",
         "description": "Veeva Vault REST API hook and connection type for the CTMS <-> Medical CRM DAGs.",
-        "versions": ["0.1.0"],
+        "versions": [version(PACKAGE)],
         "hooks": [{"integration-name": "Veeva Vault", "python-modules": ["clinical_crm.airflow.hooks"]}],
         # Assets vault://<connection>/<object> (airflow/assets.py) and their OpenLineage datasets
         "asset-uris": [{"schemes": ["vault"], "handler": "clinical_crm.airflow.lineage.sanitize_uri",
