@@ -68,6 +68,8 @@ runs = Table(
     Column("ended_at", DateTime(timezone=True)),
     # the start of every Vault call's X-VaultAPI-ReferenceID in this run (migration 0005)
     Column("reference_prefix", String(100)),
+    # the latest progress of a running run's long step (migration 0006; engine/progress)
+    Column("progress", JSON),
 )
 
 record_outcomes = Table(
