@@ -12,7 +12,7 @@ from __future__ import annotations
 from clinical_crm import rules
 from clinical_crm.checks import (MAPPING_COMPLETENESS, Rule, add_match, check_frame, channel_rule, column_of, date_rule,
                                  identifier_rule, in_set, match_rule, not_null)
-from clinical_crm.config import ConnectionConfig
+from clinical_crm.config import ClinicalSiteObject, ClinicalStudyObject, ConnectionConfig
 from clinical_crm.flows import automated_activities
 from clinical_crm.flows.base import (VALID, Deleted, DeletionMark, Flow, Lookup, Read, Referenced, Target, Validation,
                                      Windowed, known_ids, target_records)
@@ -165,15 +165,24 @@ def clinical_interactions(activities, cfg: ConnectionConfig) -> list[dict]:
     return target_records(activities, i.external_id, fields)
 
 
+def study_targets(cfg: ConnectionConfig) -> tuple[ClinicalStudyObject, ClinicalSiteObject]:
+    """The CRM objects receiving Studies and Sites (the configuration requires both when
+    features.studies_and_sites is on)."""
+    study, site = cfg.crm.clinical_study, cfg.crm.clinical_site
+    if study is None or site is None:
+        raise ValueError(f"{cfg.source_file}: crm.clinical_study and crm.clinical_site are needed for studies and sites")
+    return study, site
+
+
 def study_information(row: dict, cfg: ConnectionConfig) -> dict:
     """Study / site / country of an activity, as CRM interaction fields. References are set
     through the CRM record's unique external id (the CTMS global id), so no CRM id lookup is needed."""
     refs = study_reference_columns(cfg)
-    crm = cfg.crm
-    fields = crm.interaction.fields
+    study, site = study_targets(cfg)
+    fields = cfg.crm.interaction.fields
     return {
-        f"{relationship(fields.study)}.{crm.clinical_study.fields.external_id}": text(row.get(refs["study"])),  # type: ignore[union-attr]
-        f"{relationship(fields.site)}.{crm.clinical_site.fields.external_id}": text(row.get(refs["site"])),  # type: ignore[union-attr]
+        f"{relationship(fields.study)}.{study.fields.external_id}": text(row.get(refs["study"])),
+        f"{relationship(fields.site)}.{site.fields.external_id}": text(row.get(refs["site"])),
         fields.study_country: text(row.get(activity_country_column(cfg))),
     }
 
@@ -181,7 +190,7 @@ def study_information(row: dict, cfg: ConnectionConfig) -> dict:
 def clinical_studies(studies, cfg: ConnectionConfig) -> list[dict]:
     """CTMS Studies -> CRM Clinical Studies (created or updated; marked active)."""
     s = cfg.ctms.study.fields
-    c = cfg.crm.clinical_study.fields  # type: ignore[union-attr]
+    c = study_targets(cfg)[0].fields
     return target_records(studies, c.external_id, lambda row: {
         NAME: text(row.get(NAME)), c.title: text(row.get(s.title)), c.phase: text(row.get(s.phase)),
         c.therapeutic_area: text(row.get(s.therapeutic_area)),
@@ -191,8 +200,8 @@ def clinical_studies(studies, cfg: ConnectionConfig) -> list[dict]:
 def clinical_sites(sites, cfg: ConnectionConfig) -> list[dict]:
     """CTMS Study Sites -> CRM Clinical Sites, linked to their Clinical Study by external id."""
     s = cfg.ctms.site.fields
-    c = cfg.crm.clinical_site.fields  # type: ignore[union-attr]
-    study_ext = cfg.crm.clinical_study.fields.external_id  # type: ignore[union-attr]
+    study, site = study_targets(cfg)
+    c, study_ext = site.fields, study.fields.external_id
     return target_records(sites, c.external_id, lambda row: {
         NAME: text(row.get(NAME)), f"{relationship(c.study)}.{study_ext}": text(row.get(site_study_column(cfg))),
         c.site_name: text(row.get(s.site_name)), c.country: text(row.get(site_country_column(cfg))),
@@ -205,7 +214,7 @@ def reads(cfg: ConnectionConfig) -> list[Read]:
     Studies (sites refer to studies too), changed in the window or referenced by the activities
     and not yet in CRM."""
     page_size = cfg.load.query_page_size
-    ctms, crm, features = cfg.ctms, cfg.crm, cfg.features
+    ctms, features = cfg.ctms, cfg.features
     found: list[Read] = []
     if features.clinical_activities:
         collects = {PERSON_IDENTIFIERS: person_identifier_column(cfg)}
@@ -216,17 +225,17 @@ def reads(cfg: ConnectionConfig) -> list[Read]:
                            collects=collects),
                   Deleted(DELETED_ACTIVITIES, "ctms", ctms.activity.object)]
     if features.studies_and_sites:
-        assert crm.clinical_site is not None and crm.clinical_study is not None  # the config requires them
         found += [Deleted(DELETED_STUDIES, "ctms", ctms.study.object), Deleted(DELETED_SITES, "ctms", ctms.site.object)]
     if features.clinical_activities:
         found.append(Lookup(ACCOUNTS, "crm", account_query(cfg).paged(page_size), cfg.identifiers.crm_account_field,
                             (PERSON_IDENTIFIERS,), page_aligned=True))
     if features.studies_and_sites:
+        clinical_study, clinical_site = study_targets(cfg)
         found += [Referenced(STUDY_SITES, "ctms", ctms.site.object, site_query(cfg).paged(page_size),
-                             crm.clinical_site.object, (SITE_REFS,), KNOWN_SITES,  # type: ignore[union-attr]
+                             clinical_site.object, (SITE_REFS,), KNOWN_SITES,
                              collects={SITE_STUDY_REFS: site_study_column(cfg)}),
                   Referenced(STUDIES, "ctms", ctms.study.object, study_query(cfg).paged(page_size),
-                             crm.clinical_study.object, (STUDY_REFS, SITE_STUDY_REFS), KNOWN_STUDIES)]  # type: ignore[union-attr]
+                             clinical_study.object, (STUDY_REFS, SITE_STUDY_REFS), KNOWN_STUDIES)]
     return found
 
 
@@ -245,11 +254,11 @@ def targets(cfg: ConnectionConfig) -> list[Target]:
     ctms, crm = cfg.ctms, cfg.crm
     found = []
     if cfg.features.studies_and_sites:
-        assert crm.clinical_site is not None and crm.clinical_study is not None
-        found += [Target("clinical_studies", STUDIES, ctms.study.object, crm.clinical_study.object,
-                         crm.clinical_study.fields.external_id, lambda rows: clinical_studies(rows, cfg)),
-                  Target("clinical_sites", STUDY_SITES, ctms.site.object, crm.clinical_site.object,
-                         crm.clinical_site.fields.external_id, lambda rows: clinical_sites(rows, cfg))]
+        study, site = study_targets(cfg)
+        found += [Target("clinical_studies", STUDIES, ctms.study.object, study.object, study.fields.external_id,
+                         lambda rows: clinical_studies(rows, cfg)),
+                  Target("clinical_sites", STUDY_SITES, ctms.site.object, site.object, site.fields.external_id,
+                         lambda rows: clinical_sites(rows, cfg))]
     if cfg.features.clinical_activities:
         found.append(Target("clinical_interactions", VALID, ctms.activity.object, crm.interaction.object,
                             crm.interaction.fields.external_id, lambda rows: clinical_interactions(rows, cfg),
@@ -270,13 +279,17 @@ def deletion_marks(cfg: ConnectionConfig) -> list[DeletionMark]:
             already_message="subject already marked deleted",
             carried=lambda row: (text(row.get(subject)) or "").endswith(deletion.subject_suffix)))
     if cfg.features.studies_and_sites:
-        assert crm.clinical_site is not None and crm.clinical_study is not None
         status = {deletion.crm_status_field: deletion.crm_deleted_status}
-        for staged, source, target in ((DELETED_STUDIES, ctms.study, crm.clinical_study),
-                                       (DELETED_SITES, ctms.site, crm.clinical_site)):
-            found.append(DeletionMark(staged, source.object, target.object, target.fields.external_id,
-                                      read_fields=[deletion.crm_status_field], change=lambda row, s=status: dict(s),  # type: ignore[misc]
-                                      already_message="already marked deleted"))
+
+        def deleted_status(row: dict) -> dict:
+            return dict(status)
+
+        clinical_study, clinical_site = study_targets(cfg)
+        for staged, source, external_id, target in (
+                (DELETED_STUDIES, ctms.study.object, clinical_study.fields.external_id, clinical_study.object),
+                (DELETED_SITES, ctms.site.object, clinical_site.fields.external_id, clinical_site.object)):
+            found.append(DeletionMark(staged, source, target, external_id, read_fields=[deletion.crm_status_field],
+                                      change=deleted_status, already_message="already marked deleted"))
     return found
 
 

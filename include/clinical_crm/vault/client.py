@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from datetime import date, datetime
-from typing import Any
+from typing import Any, cast
 
 import requests
 import tenacity
@@ -148,11 +148,11 @@ class VaultClient:
         # "delayed_responses", "response_delay_ms", "warnings.<type>", "wait_seconds" (time in HTTP
         # requests), "sleep_seconds" (backoff and pacing), "session_renewed" (before the 48-hour
         # cap), "login_spaced", "login_limited", "maintenance_waits", "maintenance_seconds".
-        self.counters: Counter = Counter()
+        self.counters: Counter[str] = Counter()  # counts, and seconds (floats)
 
     def _count(self, key: str, amount: float = 1) -> None:
         with self._counting:
-            self.counters[key] += amount  # type: ignore[assignment]
+            self.counters[key] += amount  # type: ignore[assignment]  # Counter is typed int; seconds are floats
 
     def __repr__(self) -> str:
         return f"VaultClient({self.base_url!r}, user={self.username!r})"
@@ -217,7 +217,9 @@ class VaultClient:
                 shared.session_id = None
             if shared.session_id is None:
                 self._authenticate_once()
-            return shared.session_id  # type: ignore[return-value]
+            if shared.session_id is None:  # _authenticate_once raises when Vault gives no session
+                raise VaultAuthenticationError("NO_SESSION", "Vault answered the login without a session id")
+            return shared.session_id
 
     def close(self) -> None:
         """Stop the keep-alive, end the Vault session (best effort) when no other client of this
@@ -583,7 +585,10 @@ class VaultClient:
             self._count("records_written", len(batch))
             elapsed = max(time.monotonic() - started, 1e-9)
             log.info("%s %s: %d/%d records (%.0f records/s)", operation, object_name, done, len(records), done / elapsed)
-        return outcomes  # type: ignore[return-value]  # every slot is filled
+        missing = [i for i, o in enumerate(outcomes) if o is None]
+        if missing:  # each batch fills its slots or raises: a gap is a bug, never a silent drop
+            raise RuntimeError(f"{object_name}: no outcome for records {missing[:5]}")
+        return cast(list[RecordOutcome], outcomes)
 
     def _write_batch(self, method, object_name, records, batch, operation, params, outcomes, retry) -> None:
         """One write call for `batch` (indices into records); records that hit RACE_CONDITION are

@@ -27,7 +27,7 @@ class Deletions:
             return 0
         now = _now()
         with self.engine.begin() as db:
-            known = set()  # type: ignore[var-annotated]
+            known: set[str] = set()
             ids = sorted(rows)
             for start in range(0, len(ids), 500):
                 known.update(db.execute(select(deletion_queue.c.source_id).where(

@@ -2,7 +2,7 @@
 every run until they go through; and a data engineer's decisions about them (retry / ignore)."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine
@@ -15,6 +15,7 @@ from clinical_crm.times import now as _now
 
 class Quarantine:
     engine: Engine
+    quarantine_entry: Callable[[int], dict | None]  # ledger/triage.py (the same Ledger)
 
     def quarantine_records(self, run_id: int, connection: str, direction: str, object_name: str,
                            reasons_by_id: dict[str, list[str]]) -> None:
@@ -85,7 +86,10 @@ class Quarantine:
             db.execute(insert(quarantine_actions).values(
                 quarantine_id=row["id"], connection=row["connection"], direction=row["direction"],
                 object=row["object"], source_id=row["source_id"], action=action, reason=reason, actor=actor, at=now))
-        return self.quarantine_entry(quarantine_id)  # type: ignore[attr-defined]
+        entry = self.quarantine_entry(quarantine_id)
+        if entry is None:  # read above in the same call: only a concurrent delete gets here
+            raise KeyError(f"quarantine entry {quarantine_id} is gone")
+        return entry
 
     def quarantined_ids(self, connection: str, direction: str, object_name: str) -> list[str]:
         """Source ids still quarantined: extraction re-reads them by id every run."""

@@ -18,9 +18,10 @@ class Reconciliation:
 
     def start_reconcile(self, connection: str, flow: str, dag_run_id: str, repair: bool) -> int:
         with self.engine.begin() as db:
-            return db.execute(insert(reconcile_runs).values(  # type: ignore[index]
+            key = db.execute(insert(reconcile_runs).values(
                 connection=connection, flow=flow, dag_run_id=dag_run_id, repair=int(repair), state="running",
-                summary={}, started_at=_now())).inserted_primary_key[0]
+                summary={}, started_at=_now())).inserted_primary_key
+            return int(key[0]) if key else 0
 
     def finish_reconcile(self, run_id: int, state: str, summary: dict | None = None, message: str | None = None) -> None:
         values: dict[str, Any] = dict(state=state, ended_at=_now(), message=message)

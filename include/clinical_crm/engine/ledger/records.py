@@ -71,22 +71,22 @@ class Records:
 
     def map_ids(self, connection: str, object_name: str, rows: Iterable[RecordResult | dict]) -> None:
         """Remember source id -> target id / external id (rows: source_id, target_id, external_id)."""
-        rows = [_fields(r) for r in rows]
-        if not rows:
+        fields = [_fields(r) for r in rows]
+        if not fields:
             return
         now = _now()
         with self.engine.begin() as db:
-            known = {}  # type: ignore[var-annotated]
-            ids = [str(r["source_id"]) for r in rows]  # type: ignore[index]
+            known: dict[str, int] = {}
+            ids = [str(r["source_id"]) for r in fields]
             for start in range(0, len(ids), 500):
                 known.update(db.execute(select(id_map.c.source_id, id_map.c.id).where(
                     id_map.c.connection == connection, id_map.c.object == object_name,
                     id_map.c.source_id.in_(ids[start:start + 500]))).all())
             # one executemany per kind instead of a statement per row (10,000 rows: 4.2 s -> ~0.2 s)
             updates, inserts = [], []
-            for r in rows:
-                source = str(r["source_id"])  # type: ignore[index]
-                values = dict(target_id=r.get("target_id"), external_id=r.get("external_id"), updated_at=now)  # type: ignore[union-attr]
+            for r in fields:
+                source = str(r["source_id"])
+                values = dict(target_id=r.get("target_id"), external_id=r.get("external_id"), updated_at=now)
                 if source in known:
                     updates.append({"row_id": known[source], "new_target": values["target_id"],
                                     "new_external": values["external_id"], "new_at": now})

@@ -42,10 +42,9 @@ class Runs:
             if existing:
                 db.execute(update(runs).where(runs.c.id == existing).values(**values))
                 return existing
-            return db.execute(  # type: ignore[index]
-                insert(runs).values(connection=connection, direction=direction, dag_run_id=dag_run_id,
-                                    counts={}, **values)
-            ).inserted_primary_key[0]
+            key = db.execute(insert(runs).values(connection=connection, direction=direction, dag_run_id=dag_run_id,
+                                                 counts={}, **values)).inserted_primary_key
+            return int(key[0]) if key else 0
 
     def finish_run(self, run_id: int, state: str, counts: dict | None = None,
                    dq_report: str | None = None, message: str | None = None) -> None:

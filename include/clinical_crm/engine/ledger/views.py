@@ -26,7 +26,7 @@ class Views:
         with self.engine.connect() as db:
             rows = db.execute(select(runs.c.direction, func.max(runs.c.window_end)).where(
                 runs.c.connection == connection, runs.c.state.in_(COMPLETED_STATES)).group_by(runs.c.direction)).all()
-        return {direction: _iso(end) for direction, end in rows}  # type: ignore[misc]
+        return {direction: iso for direction, end in rows if (iso := _iso(end)) is not None}
 
     def record_history(self, connection: str, source_id: str) -> dict:
         """What happened to record X, and when: outcomes per run (with windows), quarantine, id map."""
