@@ -16,7 +16,10 @@ from pydantic import BaseModel
 
 from clinical_crm.vault import VaultClient
 from clinical_crm.config import ConnectionConfig
+from clinical_crm.flows import build_all
 from clinical_crm.flows.automated_activities import channel_field
+from clinical_crm.flows.base import Flow
+from clinical_crm.vault import Query
 from clinical_crm.vault.errors import VaultAuthenticationError, VaultError, VaultTransientError
 
 
@@ -270,22 +273,16 @@ def check_ctms(cfg: ConnectionConfig, catalog: VaultCatalog) -> list[Check]:
         side.field_ok("identifiers.ctms_person_field", ctms.person.object, cfg.identifiers.ctms_person_field,
                       "identifier")
 
-    read_only: list[Section] = [ctms.user, ctms.person, ctms.study, ctms.study_country, ctms.site, ctms.study_person]
-    if features.automated_activities:
-        read_only += [s for s in (ctms.monitoring_event, ctms.communication_log) if s is not None]
-    for section in read_only:
-        side.permissions(section.object, {"read"})
-    activity_rights = {"read"}
+    # object types of the Activity object: which types the flows read and write
     type_rights: dict[str, set[str]] = {}
     if features.clinical_activities:
         type_rights[activity.clinical_type] = {"read"}
     if features.automated_activities:
-        activity_rights |= {"create", "edit"}
         type_rights[activity.clinical_type] = {"read", "create", "edit"}
     if features.medical_activities:
-        activity_rights |= {"create", "edit"}
         type_rights[activity.medical_type] = {"read", "create", "edit"}
-    side.permissions(activity.object, activity_rights, type_rights)
+    for object_name, rights in flow_permissions(build_all(cfg), "ctms", catalog).items():
+        side.permissions(object_name, rights, type_rights if object_name == activity.object else None)
     return side.checks
 
 
@@ -319,16 +316,58 @@ def check_crm(cfg: ConnectionConfig, catalog: VaultCatalog) -> list[Check]:
                                         cfg.deletion.crm_status_field,
                                         [cfg.deletion.crm_deleted_status, cfg.deletion.crm_active_status])
 
-    for section in (crm.user, crm.account):
-        side.permissions(section.object, {"read"})
-    side.permissions(crm.call.object, {"read"})
-    if features.clinical_activities:
-        side.permissions(crm.interaction.object, {"read", "create", "edit"})
-    if features.studies_and_sites:
-        for written in (crm.clinical_study, crm.clinical_site):
-            if written is not None:
-                side.permissions(written.object, {"read", "create", "edit"})
+    for object_name, rights in flow_permissions(build_all(cfg), "crm", catalog).items():
+        side.permissions(object_name, rights)
     return side.checks
+
+
+def flow_permissions(flows: list[Flow], side: str, catalog: VaultCatalog) -> dict[str, set[str]]:
+    """{object: rights} the integration user of one vault needs, derived from what the flows
+    declare: read what they read (and the objects their queries reach through relationship
+    fields, as the metadata says), read and edit what they mark deleted, read, create and edit
+    what they write; a pre-step also edits its source records (it clears their flags)."""
+    need: dict[str, set[str]] = {}
+
+    def add(object_name: str, *rights: str) -> None:
+        need.setdefault(object_name, set()).update(rights)
+
+    for flow in flows:
+        for read in flow.reads:
+            if read.side != side:
+                continue
+            query = getattr(read, "query", None)
+            object_name = query.object if query is not None else getattr(read, "object", None)
+            if object_name:
+                add(object_name, "read")
+            for related in _related_objects(catalog, query) if query is not None else ():
+                add(related, "read")
+        if flow.target_side == side:
+            for target in flow.targets:
+                add(target.target_object, "read", "create", "edit")
+            for mark in flow.deletions:
+                add(mark.target_object, "read", "edit")
+        if flow.pre_step is not None and flow.source_side == side:
+            for object_name in flow.pre_step.source_objects:
+                add(object_name, "read", "edit")
+            add(flow.pre_step.object, "read", "create", "edit")
+    return need
+
+
+def _related_objects(catalog: VaultCatalog, query: Query) -> set[str]:
+    """The objects a query reads through relationship fields (`person__vr.email__sys`: the object
+    that `person__v` refers to), as the vault's metadata says; none where it does not know them."""
+    found: set[str] = set()
+    if not _object_known(catalog, query.object):
+        return found
+    for name in query.fields:
+        if "." not in name:
+            continue
+        field = catalog.field(query.object, name.split(".", 1)[0].removesuffix("r")) or {}
+        target = field.get("object")
+        target_name = target.get("name") if isinstance(target, dict) else target
+        if target_name:
+            found.add(str(target_name))
+    return found
 
 
 def _object_known(catalog: VaultCatalog, object_name: str) -> bool:

@@ -240,3 +240,30 @@ def test_airflow_lists_the_connection_type(tmp_path):
     hooks = {h["connection_type"]: h for h in json.loads(listed.stdout[listed.stdout.index("["):])}
     assert hooks["veeva_vault"]["class"] == "clinical_crm.airflow.hooks.VaultHook"
     assert hooks["veeva_vault"]["package_name"] == "clinical-crm-connection"
+
+
+def test_permissions_are_derived_from_what_the_flows_declare(demo_cfg):
+    """Reads need read (also on the objects reached through relationship fields), targets read,
+    create and edit, deletion marks read and edit, the pre-step edits its source records."""
+    from clinical_crm.flows import build_all
+    from clinical_crm.preflight import flow_permissions
+
+    class Catalog:  # the metadata of the relationship fields the demo's queries use
+        refers = {"person__v": "person__sys", "created_by__v": "user__sys", "study__v": "study__v",
+                  "site__v": "site__v", "study_country__v": "study_country__v", "account__v": "account__v"}
+
+        def object(self, name):
+            return {"name": name}
+
+        def field(self, object_name, field_name):
+            target = self.refers.get(field_name)
+            return {"name": field_name, "object": {"name": target}} if target else None
+
+    flows = build_all(demo_cfg)
+    ctms = flow_permissions(flows, "ctms", Catalog())
+    crm = flow_permissions(flows, "crm", Catalog())
+    assert ctms["crm_activity__v"] == {"read", "create", "edit"}  # read, written by crm_to_ctms and the pre-step
+    assert ctms["monitoring_event__ctms"] == ctms["study_communication_log__ctms"] == {"read", "edit"}  # flags cleared
+    assert ctms["person__sys"] == ctms["user__sys"] == ctms["study_country__v"] == {"read"}  # via relationships
+    assert crm["clinical_interaction__v"] == crm["clinical_study__v"] == {"read", "create", "edit"}
+    assert crm["account__v"] == crm["call2__v"] == crm["user__sys"] == {"read"}

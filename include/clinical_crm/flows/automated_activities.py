@@ -95,4 +95,5 @@ def plan(cfg: ConnectionConfig, ctms) -> Writes:
 
 def pre_step(cfg: ConnectionConfig) -> PreStep:
     return PreStep("automate_activities", plan=lambda ctms: plan(cfg, ctms),
-                   source_objects=tuple(getattr(cfg.ctms, s).object for s in SOURCES))
+                   source_objects=tuple(getattr(cfg.ctms, s).object for s in SOURCES),
+                   object=cfg.ctms.activity.object)

@@ -208,6 +208,7 @@ class PreStep:
     task_id: str
     plan: Callable[[Any], Writes]
     source_objects: tuple[str, ...]
+    object: str  # what its Writes upsert (preflight checks the user may create and edit it)
 
 
 @dataclass(frozen=True)
