@@ -651,3 +651,12 @@ def test_bulk_actions_need_edit_permission_a_reason_and_the_pages_origin(as_user
         from clinical_crm.engine.ledger import quarantine_actions
 
         assert db.execute(quarantine_actions.select()).first() is None
+
+
+def test_the_filter_form_with_an_empty_age_filters_nothing(client, many_held):
+    """A browser sends the empty number field as `min_age_days=`: no age filter, not a 422."""
+    page = client.get("/quarantine", params={"connection": "demo", "object": "", "rule": "fax", "min_age_days": ""})
+    assert page.status_code == 200 and '<span id="quarantine-total">30</span>' in page.text
+    assert client.get("/quarantine.csv", params={"connection": "demo", "min_age_days": ""}).status_code == 200
+    assert client.get("/quarantine", params={"connection": "demo", "min_age_days": "x"}).status_code == 422
+    assert client.get("/quarantine", params={"connection": "demo", "min_age_days": "3651"}).status_code == 422

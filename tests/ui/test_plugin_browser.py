@@ -304,6 +304,7 @@ def test_quarantine_triage_retry_all_the_filter_shows(api_server, browser):
         frame.wait_for_selector("#quarantine-total", timeout=30_000)
         frame.fill("#filter-rule", "no CRM account")
         frame.click("#filter-submit")
+        frame.wait_for_url("**rule=no+CRM+account**", timeout=30_000)
         frame.wait_for_selector("#retry-all", timeout=30_000)
         assert frame.locator("#retry-all").inner_text() == "Retry all 3 in the next run"
         frame.click("#retry-all")

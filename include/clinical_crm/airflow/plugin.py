@@ -487,6 +487,17 @@ def ledger_unavailable(request: Request, error: SQLAlchemyError) -> HTMLResponse
                   error=f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
 
 
+def age_days(value: str | None) -> int | None:
+    """The triage filter's age (days, 0 to 3650); blank (the browser sends the empty field) is
+    no filter."""
+    if not value:
+        return None
+    days = int(value)
+    if days > 3650:
+        raise HTTPException(status_code=422, detail="min_age_days: at most 3650")
+    return days
+
+
 def back_to(path: str, **params) -> RedirectResponse:
     """After a POST, back to a page of this app (relative, so it stays under the mount)."""
     query = urlencode({k: v for k, v in params.items() if v not in (None, "")})
@@ -547,11 +558,13 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
     def quarantine(connection: Annotated[str, Query(min_length=1, max_length=100)],
                    object_name: Annotated[str | None, Query(alias="object", max_length=100)] = None,
                    rule: Annotated[str | None, Query(max_length=200)] = None,
-                   min_age_days: Annotated[int | None, Query(ge=0, le=3650)] = None,
+                   min_age: Annotated[str | None, Query(alias="min_age_days", max_length=4,
+                                                        pattern="^[0-9]*$")] = None,
                    page: Annotated[int, Query(ge=1)] = 1,
                    notice: Annotated[str | None, Query(max_length=300)] = None,
                    user: Any = user_dependency) -> HTMLResponse:
         ledger = _ledger()
+        min_age_days = age_days(min_age)
         filters = {"object_name": object_name or None, "rule": rule or None, "min_age_days": min_age_days or None}
         total = ledger.count_quarantine(connection, **filters)
         rows = ledger.quarantine_page(connection, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE, **filters)
@@ -571,7 +584,9 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
     def quarantine_csv(connection: Annotated[str, Query(min_length=1, max_length=100)],
                        object_name: Annotated[str | None, Query(alias="object", max_length=100)] = None,
                        rule: Annotated[str | None, Query(max_length=200)] = None,
-                       min_age_days: Annotated[int | None, Query(ge=0, le=3650)] = None) -> StreamingResponse:
+                       min_age: Annotated[str | None, Query(alias="min_age_days", max_length=4,
+                                                            pattern="^[0-9]*$")] = None) -> StreamingResponse:
+        min_age_days = age_days(min_age)
         rows = _ledger().iter_quarantine(connection, object_name=object_name or None, rule=rule or None,
                                          min_age_days=min_age_days or None)
 
@@ -617,7 +632,7 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
                         expected: Annotated[int, Form(ge=0)],
                         object_name: Annotated[str, Form(alias="object", max_length=100)] = "",
                         rule: Annotated[str, Form(max_length=200)] = "",
-                        min_age_days: Annotated[str, Form(max_length=5, pattern="^[0-9]*$")] = "",
+                        min_age_days: Annotated[str, Form(max_length=4, pattern="^[0-9]*$")] = "",
                         reason: Annotated[str, Form(max_length=1000)] = "",
                         user: Any = user_dependency):
         """Retry or ignore every open quarantine row the filter matches, each recorded as its
@@ -625,7 +640,7 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
         every direction among them; `expected` (the count the page showed) must still match,
         so rows quarantined since the page was shown are not decided unseen."""
         ledger = _ledger()
-        age = int(min_age_days) if min_age_days else None
+        age = age_days(min_age_days)
         filters = {"object_name": object_name or None, "rule": rule or None, "min_age_days": age or None}
         rows = ledger.quarantine_ids(connection, **filters)
         for direction in sorted({d for _, d in rows}):
