@@ -81,10 +81,32 @@ def run_logged(cmd: list[str], env: dict, log_path: Path) -> int:
         return subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
 
 
-def summary(since_run_id: int) -> int:
-    """Print a table per run recorded by this demo; returns the number of failed runs."""
+def counts_tables(run: dict) -> str:
+    """A run's counts as the demo prints them: what went to the target vault (loaded = created +
+    updated), then, apart, what the pre-step wrote to the source vault (engine.run_counts)."""
     from tabulate import tabulate
 
+    from clinical_crm.engine import run_counts
+
+    target, pre_step = run_counts.split(run["counts"])
+    source_side, target_side = (run["direction"].split("_to_") + [""])[:2]
+    rows = [[obj, c.get("extracted", 0), c.get("created", 0) + c.get("updated", 0), c.get("unchanged", 0),
+             c.get("quarantined", 0), c.get("failed", 0), c.get("deletions_applied", 0)]
+            for obj, c in sorted(target.items()) if isinstance(c, dict)]
+    text = tabulate(rows, headers=["object", "extracted", f"loaded to {target_side.upper()}", "unchanged",
+                                   "quarantined", "failed", "deletions"],
+                    tablefmt="simple") if rows else "  (nothing moved)"
+    if pre_step:
+        rows = [[obj, c.get("created", 0) + c.get("updated", 0), c.get("unchanged", 0), c.get("failed", 0),
+                 c.get("flagged", 0), c.get("needs_person", 0)] for obj, c in sorted(pre_step.items())]
+        text += (f"\n  pre-step: written to {source_side.upper()} (the source vault), not in the loaded column\n"
+                 + tabulate(rows, headers=["from object", f"written to {source_side.upper()}", "unchanged", "failed",
+                                           "flagged", "needs person"], tablefmt="simple"))
+    return text
+
+
+def summary(since_run_id: int) -> int:
+    """Print a table per run recorded by this demo; returns the number of failed runs."""
     from clinical_crm.engine.ledger import Ledger
     from clinical_crm.engine.quarantine_report import run_file
 
@@ -95,13 +117,7 @@ def summary(since_run_id: int) -> int:
         failed += run["state"] != "success"
         print(f"\n{run['direction']}  window {run['window_start']} -> {run['window_end']}  "
               f"state: {run['state']}  ({run['dag_run_id']})")
-        rows = []
-        for obj, c in sorted(run["counts"].items()):
-            rows.append([obj, c.get("extracted", 0), c.get("created", 0) + c.get("updated", 0),
-                         c.get("unchanged", 0), c.get("quarantined", 0), c.get("failed", 0),
-                         c.get("deletions_applied", 0)])
-        print(tabulate(rows, headers=["object", "extracted", "loaded", "unchanged", "quarantined", "failed",
-                                      "deletions"], tablefmt="simple") if rows else "  (nothing moved)")
+        print(counts_tables(run))
         if run["dq_report"]:
             print(f"  data-quality report: {run['dq_report']}")
         quarantine = run_file("demo", run["direction"], run["dag_run_id"], ".quarantine.csv")

@@ -130,6 +130,15 @@ def test_ctms_to_crm_sends_every_rule(clients, story):
                       f"WHERE id = {vql.quote(no_person.id)}")
     assert flag == [{"activity_update_required__ctms": True}]
     assert [o["outcome"] for o in Ledger().record_history("demo", no_person.id)["outcomes"]] == ["needs_person"]
+    # the pre-step's writes to CTMS are counted apart from what went to CRM (issue 20)
+    pre = run["counts"]["pre_step"]
+    assert pre["monitoring_event__ctms"]["created"] >= 1 and pre["monitoring_event__ctms"]["needs_person"] >= 1
+    assert not any("flagged" in c for k, c in run["counts"].items() if k != "pre_step" and isinstance(c, dict))
+    # every long step left its last progress in the run's row (kept when the run ends)
+    steps = Ledger().progress(run["run_id"])
+    assert any(s.startswith("extract ") for s in steps) and any(s.startswith("load ") for s in steps), steps
+    assert all(f["state"] == "done" and f["done"] == (f["total"] if f["total"] is not None else f["done"])
+               for f in steps.values() if f["what"].startswith("load ")), steps
 
     # Clinical Activities -> Vault Clinical Interactions, rule by rule.
     accounts = rows(crm, "SELECT id, veeva_network_id__v FROM account__v")

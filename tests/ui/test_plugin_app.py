@@ -449,3 +449,214 @@ def test_the_page_shows_reconciliation_drift_by_record(story, client):
     stale = demo.split('<tr class="drift-stale">')[1].split("</tr>")[0]
     assert "1001_V1A1" in stale and "Visti" in stale and 'href="record?connection=demo&amp;source_id=V1A1"' in stale
     assert '<tr class="drift-missing_deletion_mark">' in demo
+
+
+# ---------------------------------------------------------------- issue 20: counts, progress, triage
+
+
+def add_run(counts: dict, dag_run_id: str = "manual__2026-11-26T08:00:00+00:00", state: str = "success",
+            progress: dict | None = None) -> int:
+    from datetime import datetime, timezone
+
+    from clinical_crm.engine.ledger import Ledger
+    from clinical_crm.settings import ledger_url
+
+    ledger = Ledger(ledger_url())
+    run = ledger.start_run("demo", "ctms_to_crm", dag_run_id, datetime(2026, 11, 26, 7, tzinfo=timezone.utc),
+                           datetime(2026, 11, 26, 8, tzinfo=timezone.utc))
+    for step, figures in (progress or {}).items():
+        ledger.set_progress(run, step, figures)
+    if state == "running":
+        ledger.set_counts(run, counts)
+    else:
+        ledger.finish_run(run, state, counts=counts)
+    return run
+
+
+# the demo's first ctms_to_crm run, as the runner now stores it: 66 extracted and written to CRM,
+# 9 Clinical Activities written to CTMS by the pre-step (before: "extracted 66, loaded 75")
+FIRST_RUN = {
+    "crm_activity__v": {"extracted": 66, "created": 66, "updated": 0, "unchanged": 0, "loaded": 66},
+    "pre_step": {"monitoring_event__ctms": {"created": 6, "updated": 0, "loaded": 6, "flagged": 7,
+                                            "needs_person": 1},
+                 "communication_log__ctms": {"created": 3, "loaded": 3, "flagged": 3, "needs_person": 0}},
+}
+
+
+def test_the_pre_steps_writes_to_the_source_vault_are_shown_apart_from_loaded(client):
+    add_run(FIRST_RUN)
+    demo = section(client.get("/").text, "demo")
+    row = run_row(demo, "manual__2026-11-26T08:00:00+00:00", with_breakdown=True)
+    counts = counts_of(row)
+    assert counts["extracted"] == 66 and counts["loaded"] == 66  # CRM's writes only, not 75
+    pre = re.search(r'<td class="num pre-step" data-written="(\d+)">(.*?)</td>', row, re.S)
+    assert pre and pre.group(1) == "9"
+    assert "to CTMS" in pre.group(2)
+    assert 'data-object="monitoring_event__ctms">from monitoring_event__ctms created=6 flagged=7 needs_person=1' \
+        in pre.group(2)
+    # the per-object breakdown (the row's sums) holds the target's objects only
+    assert set(breakdown_of(row)) == {"crm_activity__v"}
+    assert "Pre-step (source vault)" in demo
+    # a run without a pre-step: a dash
+    assert 'data-written="0"><span class="muted">&ndash;</span>' in run_row(demo, TEN)
+
+
+def test_runs_stored_before_the_section_keep_their_pre_step_apart(client):
+    """Earlier runs stored the pre-step's objects beside the others: told by its own counts."""
+    legacy = {"crm_activity__v": FIRST_RUN["crm_activity__v"], **FIRST_RUN["pre_step"]}
+    add_run(legacy)
+    row = run_row(section(client.get("/").text, "demo"), "manual__2026-11-26T08:00:00+00:00", with_breakdown=True)
+    assert counts_of(row)["loaded"] == 66 and 'data-written="9"' in row
+
+
+def test_the_demos_table_shows_the_pre_step_apart():
+    import importlib.util
+
+    from support import REPO
+
+    spec = importlib.util.spec_from_file_location("demo_script", REPO / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    text = demo.counts_tables({"direction": "ctms_to_crm", "counts": FIRST_RUN})
+    target, pre = text.split("pre-step: written to CTMS (the source vault), not in the loaded column")
+    assert "loaded to CRM" in target and "crm_activity__v" in target and "monitoring_event" not in target
+    assert re.search(r"crm_activity__v\s+66\s+66\s", target)
+    assert re.search(r"monitoring_event__ctms\s+6\s+0\s+0\s+7\s+1", pre)
+    assert re.search(r"communication_log__ctms\s+3\s+0\s+0\s+3\s+0", pre)
+    assert "pre-step" not in demo.counts_tables({"direction": "crm_to_ctms", "counts": {
+        "call2__v": {"extracted": 1, "created": 1}}})
+
+
+def test_a_running_runs_row_shows_its_latest_progress(client):
+    figures = {"what": "load clinical_interaction__v", "done": 1200, "total": 5000, "share": 0.24, "rate": 40.0,
+               "elapsed_seconds": 30.0, "eta_seconds": 95.0, "burst_remaining": 812, "state": "running"}
+    add_run({"clinical_interaction__v": {"extracted": 5000}}, state="running",
+            progress={"load clinical_interaction__v": figures,
+                      "extract interactions": figures | {"what": "extract interactions", "done": 5000,
+                                                         "state": "done"}})
+    row = run_row(section(client.get("/").text, "demo"), "manual__2026-11-26T08:00:00+00:00")
+    assert ('<div class="progress progress-running" data-step="load clinical_interaction__v" data-done="1200" '
+            'data-total="5000" data-burst-remaining="812">') in row
+    assert ("load clinical_interaction__v: 1200 of 5000 records (24%), 40.0/s, elapsed 30 s, ETA 1 min 35 s, "
+            "812 calls left in the burst window") in row
+    assert "extract interactions: 5000 of 5000" in row  # a step done, while the run still runs
+
+
+def test_a_finished_run_shows_no_progress_and_a_failed_one_where_it_stopped(client):
+    figures = {"what": "load x", "done": 10, "total": 50, "state": "failed", "elapsed_seconds": 3}
+    add_run({}, progress={"load x": figures})
+    add_run({}, dag_run_id="manual__failed", state="failed", progress={"load x": figures})
+    demo = section(client.get("/").text, "demo")
+    assert 'class="progress' not in run_row(demo, "manual__2026-11-26T08:00:00+00:00")
+    assert "stopped: load x: 10 of 50 records, elapsed 3 s, failed" in run_row(demo, "manual__failed")
+
+
+@pytest.fixture
+def vault_hosts(monkeypatch):
+    from support import vault_conn
+
+    monkeypatch.setenv("AIRFLOW_CONN_VAULT_CTMS_DEMO", vault_conn("https://ctms.example.veevavault.com/"))
+    monkeypatch.setenv("AIRFLOW_CONN_VAULT_CRM_DEMO", vault_conn("crm.example.veevavault.com"))
+    plugin._source_vault_hosts.cache_clear()
+    yield
+    plugin._source_vault_hosts.cache_clear()
+
+
+def vault_link_of(html: str, source_id: str) -> str | None:
+    row = html.split(f'data-source-id="{source_id}"')[1].split("</tr>")[0] if f'data-source-id="{source_id}"' in html \
+        else html.split(f"{source_id}</a>")[1].split("</tr>")[0]
+    found = re.search(r'<a class="vault-link" href="([^"]+)"', row)
+    return found.group(1) if found else None
+
+
+def test_each_quarantined_record_links_to_its_source_vaults_ui(client, many_held, vault_hosts):
+    triage = client.get("/quarantine", params={"connection": "demo", "page": 3}).text
+    # crm_to_ctms: the record is in the CRM vault (a bare host gets https)
+    assert vault_link_of(triage, "D0001") == "https://crm.example.veevavault.com/ui/#object/call2__v/D0001"
+    interactions = client.get("/quarantine", params={"connection": "demo", "object": "clinical_interaction__v"}).text
+    assert vault_link_of(interactions, "V1A0000000000004") == \
+        "https://ctms.example.veevavault.com/ui/#object/clinical_interaction__v/V1A0000000000004"
+    assert 'target="_blank" rel="noopener noreferrer"' in interactions
+    overview = section(client.get("/").text, "demo")
+    assert "https://ctms.example.veevavault.com/ui/#object/clinical_interaction__v/V1A0000000000004" in overview
+    record = client.get("/record", params={"connection": "demo", "source_id": "V1A0000000000004"}).text
+    assert 'href="https://ctms.example.veevavault.com/ui/#object/clinical_interaction__v/V1A0000000000004"' in record
+
+
+def test_without_the_airflow_connection_there_is_no_vault_link(client, many_held, monkeypatch):
+    monkeypatch.delenv("AIRFLOW_CONN_VAULT_CRM_DEMO", raising=False)
+    plugin._source_vault_hosts.cache_clear()
+    triage = client.get("/quarantine", params={"connection": "demo", "rule": "fax"}).text
+    assert held_ids(triage) and 'class="vault-link"' not in triage
+
+
+def test_the_record_url_pattern_escapes_and_can_be_replaced(monkeypatch):
+    assert plugin.vault_record_url("https://v.example/", "obj__c", "A/B C") == "https://v.example/ui/#object/obj__c/A%2FB%20C"
+    assert plugin.vault_record_url(None, "obj__c", "A") is None
+    monkeypatch.setenv("CLINICAL_CRM_VAULT_RECORD_URL", "{host}/r/{object}/{id}")
+    assert plugin.vault_record_url("https://v.example", "o", "1") == "https://v.example/r/o/1"
+
+
+def bulk(client, action: str, expected: int, **filters) -> object:
+    data = {"connection": "demo", "action": action, "expected": expected, "object": "", "rule": "",
+            "min_age_days": "", **filters}
+    return client.post("/quarantine/bulk", headers=SAME_ORIGIN, data=data)
+
+
+def test_ignore_all_records_a_filter_shows_recorded_per_record(as_user, many_held):
+    from clinical_crm.engine.ledger import quarantine_actions
+
+    editor = as_user("erin", "user")
+    triage = editor.get("/quarantine", params={"connection": "demo", "rule": "channel fax"}).text
+    assert 'id="ignore-all"' in triage and "Ignore all 30" in triage and 'name="expected" value="30"' in triage
+    assert '<input type="hidden" name="rule" value="channel fax">' in triage
+    answer = bulk(editor, "ignore", 30, rule="channel fax", reason="fax is retired")
+    assert answer.status_code == 303, answer.text
+    assert answer.headers["location"].startswith("../quarantine?connection=demo&rule=channel+fax")
+    assert "30+records+ignored+for+good" in answer.headers["location"]
+    open_ids = set(many_held.quarantined_ids("demo", "crm_to_ctms", "call2__v"))
+    assert len(open_ids) == 100 and not any(i.startswith("D") for i in open_ids)  # the others untouched
+    with many_held.engine.connect() as db:
+        actions = db.execute(quarantine_actions.select()).mappings().all()
+    assert len(actions) == 30 and {a["source_id"] for a in actions} == {f"D{i:04d}" for i in range(30)}
+    assert {(a["action"], a["actor"], a["reason"]) for a in actions} == {("ignore", "erin", "fax is retired")}
+    history = many_held.record_history("demo", "D0007")["actions"]
+    assert [(a["action"], a["actor"]) for a in history] == [("ignore", "erin")]
+
+    again = bulk(editor, "retry", 0, rule="channel fax")  # nothing open matches now: a no-op
+    assert again.status_code == 303 and "0+records" in again.headers["location"]
+
+
+def test_retry_all_reopens_nothing_unseen_and_keeps_records_open(as_user, many_held):
+    editor = as_user("erin", "user")
+    stale = bulk(editor, "retry", 99, object="call2__v", rule="CTMS site")  # the page showed 99, 100 match now
+    assert stale.status_code == 409 and "matches 100 records, not the 99 shown" in stale.text
+    answer = bulk(editor, "retry", 100, object="call2__v", rule="CTMS site")
+    assert answer.status_code == 303
+    assert len(many_held.quarantined_ids("demo", "crm_to_ctms", "call2__v")) == 130  # still open: re-read
+    assert [a["action"] for a in many_held.record_history("demo", "C0042")["actions"]] == ["retry"]
+
+
+def test_bulk_actions_need_edit_permission_a_reason_and_the_pages_origin(as_user, many_held):
+    viewer = as_user("vic", "viewer")
+    assert bulk(viewer, "ignore", 30, rule="fax", reason="no").status_code == 403
+    triage = viewer.get("/quarantine", params={"connection": "demo", "rule": "fax"}).text
+    assert 'id="ignore-all"' not in triage and 'id="bulk-no-edit"' in triage
+    editor = as_user("erin", "user")
+    assert bulk(editor, "ignore", 30, rule="fax", reason="  ").status_code == 422
+    data = {"connection": "demo", "action": "retry", "expected": 30, "rule": "fax"}
+    assert editor.post("/quarantine/bulk", data=data, headers={"Origin": "https://evil.example"}).status_code == 403
+    assert len(many_held.quarantined_ids("demo", "crm_to_ctms", "call2__v")) == 130
+    with many_held.engine.connect() as db:
+        from clinical_crm.engine.ledger import quarantine_actions
+
+        assert db.execute(quarantine_actions.select()).first() is None
+
+
+def test_the_filter_form_with_an_empty_age_filters_nothing(client, many_held):
+    """A browser sends the empty number field as `min_age_days=`: no age filter, not a 422."""
+    page = client.get("/quarantine", params={"connection": "demo", "object": "", "rule": "fax", "min_age_days": ""})
+    assert page.status_code == 200 and '<span id="quarantine-total">30</span>' in page.text
+    assert client.get("/quarantine.csv", params={"connection": "demo", "min_age_days": ""}).status_code == 200
+    assert client.get("/quarantine", params={"connection": "demo", "min_age_days": "x"}).status_code == 422
+    assert client.get("/quarantine", params={"connection": "demo", "min_age_days": "3651"}).status_code == 422

@@ -34,6 +34,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
+LEDGER: dict[str, str] = {}  # the api-server's ledger (tests add rows to it)
 JWT_SECRET = secrets.token_urlsafe(32)  # the api-server's; the test signs tokens of other users with it
 
 
@@ -67,6 +68,7 @@ def api_server(tmp_path_factory):
     reports.mkdir()
     ledger_url = f"sqlite:///{home / 'ledger.db'}"
     fill_ledger(ledger_url, reports)
+    LEDGER["url"] = ledger_url
     port = free_port()
     env = {
         **os.environ,
@@ -283,6 +285,37 @@ def test_quarantine_triage_ignore_with_a_reason(api_server, browser):
         page.screenshot(path=str(ARTIFACTS / "console-record-decision.png"), full_page=True)
     finally:
         page.close()
+
+
+def test_quarantine_triage_retry_all_the_filter_shows(api_server, browser):
+    """The bulk form through the real api-server (its login, the same-origin check): every record
+    the filter shows gets a decision of its own, and a retry keeps them quarantined."""
+    from clinical_crm.engine.ledger import Ledger
+
+    ledger = Ledger(LEDGER["url"])
+    run = ledger.recent_runs("trial", limit=1)[0]["run_id"]
+    ledger.quarantine_records(run, "trial", "ctms_to_crm", "clinical_interaction__v",
+                              {f"T{i}": ["no CRM account for person"] for i in range(3)})
+    ledger.quarantine_records(run, "trial", "ctms_to_crm", "clinical_interaction__v", {"U1": ["missing channel"]})
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    try:
+        frame = console_frame(page, api_server)
+        frame.locator('section[data-connection="trial"] a.triage').click()
+        frame.wait_for_selector("#quarantine-total", timeout=30_000)
+        frame.fill("#filter-rule", "no CRM account")
+        frame.click("#filter-submit")
+        frame.wait_for_url("**rule=no+CRM+account**", timeout=30_000)
+        frame.wait_for_selector("#retry-all", timeout=30_000)
+        assert frame.locator("#retry-all").inner_text() == "Retry all 3 in the next run"
+        frame.click("#retry-all")
+        frame.wait_for_selector("#notice", timeout=30_000)
+        assert "3 records will be read again in the next run" in frame.locator("#notice").inner_text()
+        assert frame.locator("#quarantine-total").inner_text() == "3"  # still held: read again
+        assert frame.locator("#filter-rule").input_value() == "no CRM account"  # back to the same filter
+    finally:
+        page.close()
+    decided = {s: [a["action"] for a in ledger.record_history("trial", s)["actions"]] for s in ("T0", "T1", "T2", "U1")}
+    assert decided == {"T0": ["retry"], "T1": ["retry"], "T2": ["retry"], "U1": []}
 
 
 def token_for(name: str, role: str, monkeypatch) -> str:

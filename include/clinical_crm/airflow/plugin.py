@@ -4,7 +4,9 @@ A small FastAPI app, mounted by the api-server under ``/clinical-crm``, renders 
 from the sync ledger's read API. This module owns, per part of the page:
 
 - counts: a run's row and its per-object breakdown from the same numbers; "Loaded" is what was
-  written (created + updated), "Unchanged" stands apart (the ledger's `loaded` includes it);
+  written to the target (created + updated), "Unchanged" stands apart (the ledger's `loaded`
+  includes it); the pre-step's writes to the SOURCE vault have a column of their own
+  (engine.run_counts), never in Loaded;
 - data quality: pass/fail and the Data Docs pages of the run's own `dq_summaries` rows (their
   objects and report site only, never another direction's suites of the same DAG run id);
 - health: per connection the last successful window end and lag per direction, the last run's
@@ -15,8 +17,11 @@ from the sync ledger's read API. This module owns, per part of the page:
   runs, are marked with "Backfill this window", which creates an Airflow backfill through
   Airflow's REST API as the current user;
 - quarantine triage: filters (object, reason text, age), paging in SQL, a streamed CSV export,
-  and the actions "retry in the next run" / "ignore, with a reason", recorded with the Airflow
-  user.
+  the actions "retry in the next run" / "ignore, with a reason", per record or for all the
+  records a filter shows in one action (recorded per record), with the Airflow user; each
+  record links to its page in its source vault's UI (`VAULT_RECORD_URL`, from the Airflow
+  connection's host);
+- progress: a running run's row shows the latest progress of its long steps (engine.progress).
 
 Actions and backfills need Airflow's edit permission on the DAG (`<direction>__<connection>`),
 asked of Airflow's auth manager; their POST forms are accepted from the page's own origin only
@@ -116,9 +121,27 @@ def object_row(counts: dict) -> dict[str, int]:
     return row
 
 
+def pre_step_counts(counts: dict) -> dict:
+    """What the pre-step wrote to the SOURCE vault (e.g. the Clinical Activities a ctms_to_crm
+    run creates in CTMS), apart from the target's Loaded: {"written": created + updated,
+    "failed", "objects": {source object: its non-zero counts}}; written 0 and no objects when
+    the run had no pre-step."""
+    from clinical_crm.engine import run_counts as where
+
+    objects = {obj: {k: v for k, v in values.items() if v and k != "loaded"}
+               for obj, values in sorted(where.split(counts)[1].items())}
+    written = sum(int(c.get(k) or 0) for c in objects.values() for k in WRITTEN)
+    failed = sum(int(c.get("failed") or 0) for c in objects.values())
+    return {"written": written, "failed": failed, "objects": objects}
+
+
 def run_counts(counts: dict) -> tuple[dict[str, int], dict[str, dict]]:
     """A run's row (totals) and its per-object breakdown, computed from the same numbers so they
-    agree: {object: {"columns": page columns, "other": the object's other non-zero counts}}."""
+    agree: {object: {"columns": page columns, "other": the object's other non-zero counts}}. The
+    pre-step's writes to the source vault are not in them (`pre_step_counts`)."""
+    from clinical_crm.engine import run_counts as where
+
+    counts = where.split(counts)[0]
     nested = {key: value for key, value in (counts or {}).items() if isinstance(value, dict)}
     flat = {key: value for key, value in (counts or {}).items() if not isinstance(value, dict)}
     if flat and nested:
@@ -130,6 +153,26 @@ def run_counts(counts: dict) -> tuple[dict[str, int], dict[str, dict]]:
     rows = [o["columns"] for o in objects.values()] or [object_row(flat)]
     totals = {name: sum(row[name] for row in rows) for name in COUNT_COLUMNS}
     return totals, objects
+
+
+def progress_lines(run: dict) -> list[dict]:
+    """The latest progress of a running run's long steps (engine.progress), as lines for its row;
+    for a failed run, where its unfinished steps stopped. None for other runs."""
+    from clinical_crm.engine.progress import line
+
+    if run["state"] not in ("running", "failed"):
+        return []
+    steps = run.get("progress") or {}
+    shown = []
+    for step, figures in steps.items():
+        if not isinstance(figures, dict) or "done" not in figures:
+            continue
+        if run["state"] == "failed" and figures.get("state") == "done":
+            continue
+        shown.append({"step": step, "done": figures.get("done"), "total": figures.get("total"),
+                      "state": figures.get("state"), "burst_remaining": figures.get("burst_remaining"),
+                      "text": line(figures)})
+    return shown
 
 
 # ---------------------------------------------------------------- data quality
@@ -288,6 +331,69 @@ def mark_gaps(runs: list[dict]) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------- links to the vaults' UI
+
+# [U] Vault's UI shows an object record at `{host}/ui/#object/{object}/{id}` (the vault's base
+# URL, the object's API name, the record id): a reasonable default, NOT confirmed against Vault's
+# documentation (see REFERENCE.md). $CLINICAL_CRM_VAULT_RECORD_URL replaces it, with the same
+# placeholders, should a vault show records elsewhere.
+VAULT_RECORD_URL = "{host}/ui/#object/{object}/{id}"
+
+
+def vault_record_url(host: str | None, object_name: str, record_id: str) -> str | None:
+    """The record's page in its vault's UI (None without a host)."""
+    import os
+
+    if not host or not object_name or not record_id:
+        return None
+    pattern = os.environ.get("CLINICAL_CRM_VAULT_RECORD_URL") or VAULT_RECORD_URL
+    return pattern.format(host=host.rstrip("/"), object=quote(object_name, safe=""), id=quote(record_id, safe=""))
+
+
+def source_vault_hosts(connection: str) -> dict[str, str]:
+    """{direction: the base URL of its SOURCE vault} of a connection: the host of the Airflow
+    connection the connection file names for that side (ctms_conn_id / crm_conn_id), where the
+    quarantined records live. Directions whose Airflow connection is missing are left out."""
+    return dict(_source_vault_hosts(connection, int(time.monotonic() // 60)))
+
+
+@functools.lru_cache(maxsize=64)
+def _source_vault_hosts(connection: str, minute: int) -> tuple[tuple[str, str], ...]:
+    """Kept a minute (`minute`): a page of many rows asks Airflow for each connection once."""
+    from clinical_crm import config
+
+    try:
+        cfg = next((c for c in config.load_connections() if c.name == connection), None)
+    except Exception:  # a broken connection file: no links, the page still shows
+        return ()
+    if cfg is None:
+        return ()
+    from clinical_crm.airflow.hooks import _base_url
+
+    hosts = []
+    for direction, side in (("ctms_to_crm", "ctms"), ("crm_to_ctms", "crm")):
+        try:
+            from airflow.sdk import BaseHook
+
+            conn = BaseHook.get_connection(getattr(cfg, f"{side}_conn_id"))
+        except Exception:  # not defined (yet) in Airflow: no link
+            continue
+        if conn.host:
+            hosts.append((direction, _base_url(conn.host, conn.port, conn.schema)))
+    return tuple(hosts)
+
+
+def vault_links(connection: str, held: list[dict]) -> dict[int, str]:
+    """{quarantine row id: the record's page in its source vault's UI}."""
+    hosts = source_vault_hosts(connection) if held else {}
+    links = {}
+    for h in held:
+        url = vault_record_url(hosts.get(h["direction"]), h["object"], h["source_id"])
+        if url:
+            links[h["id"]] = url
+    return links
+
+
 # ---------------------------------------------------------------- users, permissions, forms
 
 
@@ -381,6 +487,17 @@ def ledger_unavailable(request: Request, error: SQLAlchemyError) -> HTMLResponse
                   error=f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
 
 
+def age_days(value: str | None) -> int | None:
+    """The triage filter's age (days, 0 to 3650); blank (the browser sends the empty field) is
+    no filter."""
+    if not value:
+        return None
+    days = int(value)
+    if days > 3650:
+        raise HTTPException(status_code=422, detail="min_age_days: at most 3650")
+    return days
+
+
 def back_to(path: str, **params) -> RedirectResponse:
     """After a POST, back to a page of this app (relative, so it stays under the mount)."""
     query = urlencode({k: v for k, v in params.items() if v not in (None, "")})
@@ -420,6 +537,9 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
                 totals, objects = run_counts(run.get("counts"))
                 started, ended = _moment(run["started_at"]), _moment(run["ended_at"])
                 runs.append({**run, "totals": totals, "objects": objects,
+                             "pre_step": pre_step_counts(run.get("counts")),
+                             "source_side": run["direction"].split("_to_")[0],
+                             "progress_lines": progress_lines(run),
                              "duration": (ended - started).total_seconds() if started and ended else None,
                              "dq": data_quality(ledger, run, pages_by_site),
                              "airflow": airflow_links(ui_base(request), run)})
@@ -427,7 +547,8 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
                              "health": health(ledger, connection, now),
                              "may_backfill": {d for d in {r["direction"] for r in runs}
                                               if may_edit_dag(user, dag_id(d, name), runs=True)},
-                             "quarantine": ledger.quarantine_page(name, limit=OVERVIEW_QUARANTINE),
+                             "quarantine": (held := ledger.quarantine_page(name, limit=OVERVIEW_QUARANTINE)),
+                             "vault_links": vault_links(name, held),
                              "reconcile": ledger.reconcile_runs(name, limit=1),
                              "drift": ledger.drift(name, limit=OVERVIEW_QUARANTINE)})
         return render("overview.html", sections=sections, connections=[s["name"] for s in sections],
@@ -437,27 +558,35 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
     def quarantine(connection: Annotated[str, Query(min_length=1, max_length=100)],
                    object_name: Annotated[str | None, Query(alias="object", max_length=100)] = None,
                    rule: Annotated[str | None, Query(max_length=200)] = None,
-                   min_age_days: Annotated[int | None, Query(ge=0, le=3650)] = None,
+                   min_age: Annotated[str | None, Query(alias="min_age_days", max_length=4,
+                                                        pattern="^[0-9]*$")] = None,
                    page: Annotated[int, Query(ge=1)] = 1,
                    notice: Annotated[str | None, Query(max_length=300)] = None,
                    user: Any = user_dependency) -> HTMLResponse:
         ledger = _ledger()
+        min_age_days = age_days(min_age)
         filters = {"object_name": object_name or None, "rule": rule or None, "min_age_days": min_age_days or None}
         total = ledger.count_quarantine(connection, **filters)
         rows = ledger.quarantine_page(connection, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE, **filters)
         query = {"connection": connection, "object": object_name or "", "rule": rule or "",
                  "min_age_days": min_age_days or ""}
+        directions = ledger.quarantine_directions(connection, **filters) if total else set()
         return render("quarantine.html", connections=[c["connection"] for c in ledger.connections()],
                       connection=connection, rows=rows, total=total, page=page, page_size=PAGE_SIZE,
                       pages=max((total + PAGE_SIZE - 1) // PAGE_SIZE, 1), query=query,
                       objects=ledger.quarantine_objects(connection), notice=notice,
-                      editable=editable_directions(user, connection, rows))
+                      editable=editable_directions(user, connection, rows),
+                      may_act_on_all=bool(directions) and all(
+                          may_edit_dag(user, dag_id(d, connection)) for d in sorted(directions)),
+                      vault_links=vault_links(connection, rows))
 
     @app.get("/quarantine.csv")
     def quarantine_csv(connection: Annotated[str, Query(min_length=1, max_length=100)],
                        object_name: Annotated[str | None, Query(alias="object", max_length=100)] = None,
                        rule: Annotated[str | None, Query(max_length=200)] = None,
-                       min_age_days: Annotated[int | None, Query(ge=0, le=3650)] = None) -> StreamingResponse:
+                       min_age: Annotated[str | None, Query(alias="min_age_days", max_length=4,
+                                                            pattern="^[0-9]*$")] = None) -> StreamingResponse:
+        min_age_days = age_days(min_age)
         rows = _ledger().iter_quarantine(connection, object_name=object_name or None, rule=rule or None,
                                          min_age_days=min_age_days or None)
 
@@ -497,6 +626,35 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
             return back_to("../record", connection=held["connection"], source_id=held["source_id"], notice=notice)
         return back_to("../quarantine", connection=held["connection"], notice=notice)
 
+    @app.post("/quarantine/bulk", dependencies=[Depends(same_origin)])
+    def quarantine_bulk(connection: Annotated[str, Form(min_length=1, max_length=100)],
+                        action: Annotated[str, Form(pattern="^(retry|ignore)$")],
+                        expected: Annotated[int, Form(ge=0)],
+                        object_name: Annotated[str, Form(alias="object", max_length=100)] = "",
+                        rule: Annotated[str, Form(max_length=200)] = "",
+                        min_age_days: Annotated[str, Form(max_length=4, pattern="^[0-9]*$")] = "",
+                        reason: Annotated[str, Form(max_length=1000)] = "",
+                        user: Any = user_dependency):
+        """Retry or ignore every open quarantine row the filter matches, each recorded as its
+        own decision (as the per-record forms record one). Needs edit permission on the DAG of
+        every direction among them; `expected` (the count the page showed) must still match,
+        so rows quarantined since the page was shown are not decided unseen."""
+        ledger = _ledger()
+        age = age_days(min_age_days)
+        filters = {"object_name": object_name or None, "rule": rule or None, "min_age_days": age or None}
+        rows = ledger.quarantine_ids(connection, **filters)
+        for direction in sorted({d for _, d in rows}):
+            require_edit(user, dag_id(direction, connection))
+        if action == "ignore" and not reason.strip():
+            raise HTTPException(status_code=422, detail="ignoring records needs a reason")
+        if len(rows) != expected:
+            raise HTTPException(status_code=409, detail=f"the filter now matches {len(rows)} records, not the "
+                                                        f"{expected} shown: look at them again, then decide")
+        done = ledger.act_on_quarantine_rows([i for i, _ in rows], action, user.get_name(), reason.strip() or None)
+        what = "will be read again in the next run" if action == "retry" else "ignored for good"
+        return back_to("../quarantine", connection=connection, object=object_name, rule=rule,
+                       min_age_days=min_age_days, notice=f"{done} records {what}")
+
     @app.post("/backfill", dependencies=[Depends(same_origin)])
     def backfill(request: Request, connection: Annotated[str, Form(max_length=100)],
                  direction: Annotated[str, Form(max_length=20)],
@@ -522,7 +680,8 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
         history = ledger.record_history(connection, source_id.strip())
         found = bool(history["outcomes"] or history["quarantine"] or history["id_map"] or history.get("versions"))
         return render("record.html", history=history, found=found, connections=connections, notice=notice,
-                      editable=editable_directions(user, connection, history["quarantine"]))
+                      editable=editable_directions(user, connection, history["quarantine"]),
+                      vault_links=vault_links(connection, history["quarantine"]))
 
     @app.get("/reports/{path:path}")
     def reports(path: str) -> FileResponse:

@@ -36,29 +36,53 @@ DELETIONS_MARGIN = timedelta(minutes=10)
 DELETED_COLUMNS = [ID, GLOBAL_ID]
 
 
-def frames(client, queries: Iterable[Query | str]) -> Iterator[pd.DataFrame]:
-    """Every page of every query, as frames (the next page requested while this one is staged)."""
+def counted(pages: Iterable, progress=None) -> Iterator:
+    """Pass the pages of ONE query through, counting them in `progress` (engine.progress): the
+    first page's total (responseDetails.total) adds to the work known, each page's records to
+    the work done."""
+    first = True
+    for page in pages:
+        if progress is not None:
+            if first:
+                progress.add_total(getattr(page, "total", None))
+            progress.advance(len(page))
+        first = False
+        yield page
+
+
+def counted_frames(frames_: Iterable[pd.DataFrame], progress=None) -> Iterator[pd.DataFrame]:
+    """Pass frames through, counting their rows as done in `progress` (no total: e.g. a custom read)."""
+    for frame in frames_:
+        if progress is not None:
+            progress.advance(len(frame))
+        yield frame
+
+
+def frames(client, queries: Iterable[Query | str], progress=None) -> Iterator[pd.DataFrame]:
+    """Every page of every query, as frames (the next page requested while this one is staged);
+    `progress` counts them (engine.progress)."""
     for query in queries:
         pages = prefetched(client.query(query))
         try:
-            for page in pages:
+            for page in counted(pages, progress):
                 yield staging.page_frame(page)
         finally:
             pages.close()  # type: ignore[attr-defined]  # stops the reading thread now, not when the generator is collected
 
 
-def frames_side_by_side(client, queries: Iterable[Query | str], concurrency: int) -> Iterator[pd.DataFrame]:
+def frames_side_by_side(client, queries: Iterable[Query | str], concurrency: int,
+                        progress=None) -> Iterator[pd.DataFrame]:
     """Every page of independent queries (e.g. the CONTAINS chunks of one lookup), `concurrency`
     queries at a time, each query's pages in order; the frames in the order of the queries. A
     query's pages are held until its turn, and at most `concurrency` queries are read ahead of
     the one whose pages go out (lookups: small queries), so memory follows the concurrency."""
     queries = list(queries)
     if concurrency <= 1 or len(queries) <= 1:
-        yield from frames(client, queries)
+        yield from frames(client, queries, progress)
         return
 
     def read(query) -> list[pd.DataFrame]:
-        return [staging.page_frame(p) for p in client.query(query)]
+        return [staging.page_frame(p) for p in counted(client.query(query), progress)]
 
     pool = ThreadPoolExecutor(min(concurrency, len(queries)), thread_name_prefix="extract-lookup")
     ahead: deque = deque()
@@ -157,7 +181,8 @@ def changed_or_referenced(query: Query, window: Window, global_ids: set[str]) ->
     return queries
 
 
-def deleted_global_ids(client, object_name: str, window: Window, now: datetime | None = None) -> Iterator[pd.DataFrame]:
+def deleted_global_ids(client, object_name: str, window: Window, now: datetime | None = None,
+                       progress=None) -> Iterator[pd.DataFrame]:
     """Deleted record ids in the window, with the global id their target records carry.
 
     A window reaching back past what Vault keeps (a backfill of old windows, a first run from an
@@ -171,7 +196,7 @@ def deleted_global_ids(client, object_name: str, window: Window, now: datetime |
                     object_name, window.start.isoformat(), start.isoformat(), DELETIONS_KEPT.days)
     if start >= window.end:
         return  # nothing of this window is still kept: no call (Vault refuses older start dates)
-    for page in client.deletions(object_name, start, window.end):
+    for page in counted(client.deletions(object_name, start, window.end), progress):
         if not page.records:
             continue
         ids = [str(r[ID]) for r in page.records]

@@ -91,14 +91,16 @@ class Reading:
 
     `reread`: ids the Windowed reads read again whatever their modification time
     ({object: ids}); `known(target object, global ids)`: those the target already holds (the
-    ledger's id map)."""
+    ledger's id map); `progress`: where each read's progress goes (engine.progress: a writer,
+    e.g. `for_run(ledger, run_id)`; every read logs its progress as `extract <name>` either way)."""
 
     def __init__(self, reads: Iterable[Read], clients: dict, window: Window, run_dir: str, concurrency: int,
-                 reread: dict[str, list[str]], known, page_size: int):
+                 reread: dict[str, list[str]], known, page_size: int, progress=None):
         self.reads = list(reads)
         self.clients, self.window, self.run_dir = clients, window, run_dir
         self.concurrency = max(1, concurrency)
         self.reread, self.known, self.page_size = reread, known, page_size
+        self.progress_writer = progress
         self.values: dict[str, set[str]] = {v: set() for r in self.reads for v in getattr(r, "collects", {})}
         self.staged: dict[str, StagedFile] = {}
 
@@ -137,28 +139,41 @@ class Reading:
         return set().union(*(self.values.get(n, set()) for n in names))
 
     def _stage(self, read: Read, calls: int) -> None:
+        from clinical_crm.engine.progress import Progress
+
         client = self.clients[read.side]
+        progress = Progress(f"extract {read.name}", writer=self.progress_writer,
+                            burst=lambda: getattr(client, "burst_remaining", None))
+        try:
+            self._stage_counted(read, calls, client, progress)
+        except BaseException:
+            progress.finish("failed")
+            raise
+        progress.finish()
+
+    def _stage_counted(self, read: Read, calls: int, client, progress) -> None:
         if isinstance(read, Windowed):
             reread = self.reread.get(read.object, []) if read.reread else []
-            pages = extract.frames(client, extract.changed_or_by_id(read.query, self.window, reread))
+            pages = extract.frames(client, extract.changed_or_by_id(read.query, self.window, reread), progress)
             self.staged[read.name] = staging.write_frames(self._file(read.name), self._collected(read, pages),
                                                           read.query.columns)
         elif isinstance(read, Deleted):
             self.staged[read.name] = staging.write_frames(
-                self._file(read.name), extract.deleted_global_ids(client, read.object, self.window),
+                self._file(read.name), extract.deleted_global_ids(client, read.object, self.window, progress=progress),
                 extract.DELETED_COLUMNS)
         elif isinstance(read, Lookup):
             chunks = read.query.contains(read.field, self._looked_up(read.values), page_aligned=read.page_aligned)
             self.staged[read.name] = staging.write_frames(
-                self._file(read.name), extract.frames_side_by_side(client, chunks, calls), read.query.columns)
+                self._file(read.name), extract.frames_side_by_side(client, chunks, calls, progress), read.query.columns)
         elif isinstance(read, Referenced):
-            self._stage_referenced(read, client)
+            self._stage_referenced(read, client, progress)
         else:
             values = {n: self.values.get(n, set()) for n in read.needs}
+            frames = extract.counted_frames(read.read(client, self.window, values), progress)
             self.staged[read.name] = staging.write_frames(
-                self._file(read.name), self._collected(read, read.read(client, self.window, values)), read.columns)
+                self._file(read.name), self._collected(read, frames), read.columns)
 
-    def _stage_referenced(self, read: Referenced, client) -> None:
+    def _stage_referenced(self, read: Referenced, client, progress=None) -> None:
         """Changed in the window, plus those referenced that the target does not have yet (never
         sent: e.g. unchanged since before the first run), so every reference resolves."""
         missing = {v for v in self._looked_up(read.references) if v}
@@ -167,7 +182,7 @@ class Reading:
             known = set(self.known(read.target_object, missing))
             missing -= known
         queries = extract.changed_or_referenced(read.query, self.window, missing)
-        pages = extract.collect(extract.frames(client, queries), known, GLOBAL_ID)
+        pages = extract.collect(extract.frames(client, queries, progress), known, GLOBAL_ID)
         self.staged[read.name] = staging.write_frames(self._file(read.name), self._collected(read, pages))
         self.staged[read.known] = staging.write_frames(
             self._file(read.known), [pd.DataFrame({"external_id": sorted(known)})], ["external_id"])

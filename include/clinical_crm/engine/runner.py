@@ -20,6 +20,7 @@ from datetime import datetime
 from clinical_crm.engine import staging, windows
 from clinical_crm.engine.context import RunContext, Staged
 from clinical_crm.engine.ledger import Ledger
+from clinical_crm.engine.run_counts import PRE_STEP_COUNTS  # the pre-step's writes (to the source vault), apart
 from clinical_crm.outcomes import CLEARED_ON_RETRY, LOAD_OUTCOMES  # noqa: F401 (LOAD_OUTCOMES: the runner's vocabulary)
 from clinical_crm.flows.base import SOURCE_ID, SOURCE_OBJECT, VALID, Flow, Target, Writes
 
@@ -75,7 +76,8 @@ def begin(flow: Flow, cfg, dag_run_id: str, data_interval_start: datetime | None
 
 
 def add_counts(ledger: Ledger, ctx: RunContext, counts: dict[str, dict], dq_report: str | None = None) -> dict:
-    """Merge per-object counts into the run's ledger row."""
+    """Merge per-object counts into the run's ledger row (a section such as PRE_STEP_COUNTS
+    merges object by object too)."""
     current = ledger.run(ctx.run_id)["counts"] or {}
     for obj, values in counts.items():
         current[obj] = {**current.get(obj, {}), **values}
@@ -96,7 +98,7 @@ def finish(ctx: RunContext, ledger: Ledger | None = None) -> dict:
     if not ctx.active:
         return ledger.run(ctx.run_id)
     left = {obj: c["deletions_failed"] for obj, c in (ledger.run(ctx.run_id)["counts"] or {}).items()
-            if isinstance(c, dict) and c.get("deletions_failed")}
+            if isinstance(c, dict) and obj != PRE_STEP_COUNTS and c.get("deletions_failed")}
     if left:
         ledger.finish_run(ctx.run_id, "partial", message=f"deletion marks refused by the target vault, still queued "
                           f"and tried again by every later run: {left}")
@@ -127,7 +129,7 @@ def pre_step(flow: Flow, cfg, ctx: RunContext, clients: dict, ledger: Ledger | N
         writes = flow.pre_step.plan(client)
         ids, counts = _write_pre_step(ledger, ctx, client, cfg, writes)
         obj = writes.object
-        add_counts(ledger, ctx, counts)
+        add_counts(ledger, ctx, {PRE_STEP_COUNTS: counts})  # apart: these went to the source vault
     return Staged({PRE_STEP_IDS: staging.write_frames(f"{ctx.run_dir}/{PRE_STEP_IDS}.parquet",
                                                       [pd.DataFrame({"id": ids, "object": [obj] * len(ids)})],
                                                       ["id", "object"])})
@@ -143,7 +145,8 @@ def _write_pre_step(ledger: Ledger, ctx: RunContext, client, cfg, writes: Writes
     spec = Target("pre_step", "pre_step", writes.object, writes.object, writes.id_param, build=lambda rows: [])
     outcomes: list[dict] = []
     with ledger.exclusive(load.lock_name(ctx.connection, writes.object)):
-        _write(ledger, ctx, client, cfg, spec, [records] if records else [], object_of=object_of, collect=outcomes)
+        _write(ledger, ctx, client, cfg, spec, [records] if records else [], object_of=object_of, collect=outcomes,
+               total=len(records), step=f"pre-step {writes.object}")
     written: dict[str, list[str]] = {}
     for o in outcomes:
         if o["outcome"] in load.LOADED:
@@ -169,6 +172,7 @@ def extract(flow: Flow, cfg, ctx: RunContext, clients: dict, pre: Staged | None 
     """Stage what the flow reads (engine.plan); records quarantined before and those the
     pre-step wrote are read again by id whatever their modification time."""
     from clinical_crm.engine.plan import Reading, counts
+    from clinical_crm.engine.progress import for_run
 
     ledger = ledger or Ledger()
     reread: dict[str, list[str]] = {}
@@ -180,7 +184,7 @@ def extract(flow: Flow, cfg, ctx: RunContext, clients: dict, pre: Staged | None 
                 reread.setdefault(str(obj), []).append(str(record_id))
     files = Reading(flow.reads, clients, ctx.window, ctx.run_dir, cfg.load.concurrency, reread,
                     known=lambda obj, ids: ledger.known_external_ids(cfg.name, obj, ids),
-                    page_size=cfg.load.query_page_size).run()
+                    page_size=cfg.load.query_page_size, progress=for_run(ledger, ctx.run_id)).run()
     staged = Staged(files)
     add_counts(ledger, ctx, counts(flow.reads, files))
     log.info("extracted %s", {name: f.rows for name, f in staged.files.items()})
@@ -307,7 +311,8 @@ def load(flow: Flow, cfg, ctx: RunContext, client, staged: Staged, records: Stag
     for target in flow.targets:
         with ledger.exclusive(load_lock_name(ctx.connection, target.target_object)):
             counts[target.source_object] = _load_target(
-                ledger, ctx, client, cfg, target, records.path(target.records), earlier, final_attempt)
+                ledger, ctx, client, cfg, target, records.path(target.records), earlier, final_attempt,
+                total=records.rows(target.records))
     for mark in flow.deletions:
         totals = counts.setdefault(mark.source_object, {})
         for key, value in _apply_deletions(ledger, ctx, client, cfg, mark, staged, earlier).items():
@@ -334,8 +339,10 @@ def _as_counted(outcomes: list[dict], earlier: dict[str, str]) -> list[dict]:
 
 
 def _load_target(ledger: Ledger, ctx: RunContext, client, cfg, target: Target, path: str | None,
-                 earlier: dict[str, dict[str, str]] | None = None, final_attempt: bool = True) -> dict:
-    """Upsert one staged records file chunk by chunk (memory follows the chunk, not the file)."""
+                 earlier: dict[str, dict[str, str]] | None = None, final_attempt: bool = True,
+                 total: int | None = None) -> dict:
+    """Upsert one staged records file chunk by chunk (memory follows the chunk, not the file);
+    `total`: its rows (the progress lines' total)."""
     from clinical_crm.vault.fields import MAX_BATCH
 
     batch_size = min(cfg.load.batch_size, MAX_BATCH)
@@ -345,12 +352,13 @@ def _load_target(ledger: Ledger, ctx: RunContext, client, cfg, target: Target, p
             batch = staging.records(chunk)
             yield [target.prepare(r) for r in batch] if target.prepare is not None else batch
 
-    return _write(ledger, ctx, client, cfg, target, batches(), earlier, final_attempt)
+    return _write(ledger, ctx, client, cfg, target, batches(), earlier, final_attempt, total=total)
 
 
 def _write(ledger: Ledger, ctx: RunContext, client, cfg, target: Target, chunks,
            earlier: dict[str, dict[str, str]] | None = None, final_attempt: bool = True,
-           object_of: dict[str, str] | None = None, collect: list | None = None) -> dict:
+           object_of: dict[str, str] | None = None, collect: list | None = None,
+           total: int | None = None, step: str | None = None) -> dict:
     """The load path of every write: upsert the records of `chunks` (lists of records) by the
     target's id_param; record outcomes, the id map and (for the validated object) the quarantine
     they leave. `object_of`: {source id: source object} when the records come from several
@@ -365,8 +373,12 @@ def _write(ledger: Ledger, ctx: RunContext, client, cfg, target: Target, chunks,
     threads send them, and one ledger thread records their outcomes in the order they were sent;
     at most 2 x concurrency batches wait, so memory follows the concurrency, not the file. When a
     write fails, the calls still in flight are answered and recorded before the error goes up:
-    the ledger then holds what reached the vault, one outcome per record."""
+    the ledger then holds what reached the vault, one outcome per record.
+
+    Progress (engine.progress): records answered of `total`, logged about every 30 s or 5 % and
+    kept in the run's ledger row under `step` (default `load <target object>`)."""
     from clinical_crm.engine import load
+    from clinical_crm.engine.progress import Progress, for_run
     from clinical_crm.vault.fields import MAX_BATCH
 
     source_object, target_object = target.source_object, target.target_object
@@ -377,6 +389,8 @@ def _write(ledger: Ledger, ctx: RunContext, client, cfg, target: Target, chunks,
     # the run's ledger row (add_counts merges key by key), never mix with them
     totals: dict[str, int] = dict.fromkeys(("created", "updated", "unchanged", "failed", "superseded", "unknown",
                                             "loaded", "transient_failed", "permission_denied"), 0)
+    what = step or f"load {target_object}"
+    progress = Progress(what, total, writer=for_run(ledger, ctx.run_id), burst=_burst_of(client), logger=log)
 
     def record(outcomes: list[dict] | None) -> None:
         if outcomes is None:  # a batch not sent (a write before it failed)
@@ -411,6 +425,7 @@ def _write(ledger: Ledger, ctx: RunContext, client, cfg, target: Target, chunks,
         _tally_failures(totals, failed, source_object)
         for key, value in load.tally(outcomes).items():
             totals[key] = totals.get(key, 0) + value
+        progress.advance(len(outcomes))
 
     # the version check runs in the writer threads, per batch right before each send of its call
     # (the smallest window between the check and the write)
@@ -448,8 +463,15 @@ def _write(ledger: Ledger, ctx: RunContext, client, cfg, target: Target, chunks,
         except BaseException as error:
             failed.set()
             _record_the_rest(error, sent, recorded, record)
+            progress.finish("failed")
             raise
+    progress.finish()
     return totals
+
+
+def _burst_of(client):
+    """The calls left in the client's burst window, as last seen (None when it does not say)."""
+    return lambda: getattr(client, "burst_remaining", None)
 
 
 def _record_the_rest(error: BaseException, sent, recorded, record) -> None:

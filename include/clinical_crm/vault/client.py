@@ -510,7 +510,7 @@ class VaultClient:
             pages += 1
             rows += len(records)
             page = QueryPage(records, list(columns) if columns is not None else list(records[0]) if records else [],
-                             response.warnings)
+                             response.warnings, response.total)
             next_page = response.next_page
             del response  # hold one page only
             if pages % 10 == 0 or not next_page:

@@ -60,6 +60,15 @@ class VaultResponse:
         return self.body.get("data")
 
     @property
+    def total(self) -> int | None:
+        """responseDetails.total: the records the query matches (None when not given)."""
+        value = (self.body.get("responseDetails") or {}).get("total")
+        try:
+            return int(value) if value is not None else None
+        except (TypeError, ValueError):
+            return None
+
+    @property
     def next_page(self) -> str | None:
         return (self.body.get("responseDetails") or {}).get("next_page")
 
@@ -72,6 +81,9 @@ class QueryPage:
     records: list[dict]
     columns: list[str]
     warnings: tuple[VaultWarning, ...] = ()
+    # the records the whole query (or deletions request) matches, as its responseDetails say
+    # (None when they do not): what progress lines count against
+    total: int | None = None
 
     def __len__(self) -> int:
         return len(self.records)

@@ -69,27 +69,33 @@ class Quarantine:
         """
         if action not in QUARANTINE_ACTIONS:
             raise ValueError(f"unknown quarantine action {action!r}")
-        now = _now()
         with self.engine.begin() as db:
             row = db.execute(select(quarantine).where(quarantine.c.id == quarantine_id)).mappings().first()
             if row is None:
                 raise KeyError(quarantine_id)
-            if row["resolved_at"] is None or action == "retry":
-                # one open row per record: a retry of an old row reopens nothing if a newer one is open
-                newer_open = db.execute(select(quarantine.c.id).where(
-                    quarantine.c.connection == row["connection"], quarantine.c.direction == row["direction"],
-                    quarantine.c.object == row["object"], quarantine.c.source_id == row["source_id"],
-                    quarantine.c.resolved_at.is_(None), quarantine.c.id != row["id"])).scalar()
-                resolved_at = now if action == "ignore" else None
-                if newer_open is None:
-                    db.execute(update(quarantine).where(quarantine.c.id == row["id"]).values(resolved_at=resolved_at))
-            db.execute(insert(quarantine_actions).values(
-                quarantine_id=row["id"], connection=row["connection"], direction=row["direction"],
-                object=row["object"], source_id=row["source_id"], action=action, reason=reason, actor=actor, at=now))
+            _act(db, row, action, actor, reason, _now())
         entry = self.quarantine_entry(quarantine_id)
         if entry is None:  # read above in the same call: only a concurrent delete gets here
             raise KeyError(f"quarantine entry {quarantine_id} is gone")
         return entry
+
+    def act_on_quarantine_rows(self, quarantine_ids: Iterable[int], action: str, actor: str,
+                               reason: str | None = None, chunk: int = 500) -> int:
+        """The same decision about many quarantine rows (the triage page's "all records this
+        filter shows"), recorded per record exactly as `act_on_quarantine` records one, `chunk`
+        rows a transaction; unknown ids are skipped. Returns the rows acted on."""
+        if action not in QUARANTINE_ACTIONS:
+            raise ValueError(f"unknown quarantine action {action!r}")
+        ids = [int(i) for i in quarantine_ids]
+        done = 0
+        for start in range(0, len(ids), chunk):
+            now = _now()
+            with self.engine.begin() as db:
+                for row in db.execute(select(quarantine).where(
+                        quarantine.c.id.in_(ids[start:start + chunk])).order_by(quarantine.c.id)).mappings().all():
+                    _act(db, row, action, actor, reason, now)
+                    done += 1
+        return done
 
     def quarantined_ids(self, connection: str, direction: str, object_name: str) -> list[str]:
         """Source ids still quarantined: extraction re-reads them by id every run."""
@@ -116,3 +122,19 @@ class Quarantine:
                 .where(quarantine.c.connection == connection, quarantine.c.direction == direction,
                        quarantine.c.object == object_name, quarantine.c.resolved_at.is_(None))
             ).scalars())
+
+
+def _act(db, row, action: str, actor: str, reason: str | None, now) -> None:
+    """One decision about one quarantine row, in the caller's transaction (see act_on_quarantine)."""
+    if row["resolved_at"] is None or action == "retry":
+        # one open row per record: a retry of an old row reopens nothing if a newer one is open
+        newer_open = db.execute(select(quarantine.c.id).where(
+            quarantine.c.connection == row["connection"], quarantine.c.direction == row["direction"],
+            quarantine.c.object == row["object"], quarantine.c.source_id == row["source_id"],
+            quarantine.c.resolved_at.is_(None), quarantine.c.id != row["id"])).scalar()
+        resolved_at = now if action == "ignore" else None
+        if newer_open is None:
+            db.execute(update(quarantine).where(quarantine.c.id == row["id"]).values(resolved_at=resolved_at))
+    db.execute(insert(quarantine_actions).values(
+        quarantine_id=row["id"], connection=row["connection"], direction=row["direction"],
+        object=row["object"], source_id=row["source_id"], action=action, reason=reason, actor=actor, at=now))

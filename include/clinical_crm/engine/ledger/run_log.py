@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 
 # Run states whose window counts as done: success, and partial (deletion marks left queued)
 COMPLETED_STATES = ("success", "partial")
+# the read-modify-write of runs.progress: the reads of one extraction report from several threads
+_PROGRESS_LOCK = threading.Lock()
 
 
 class Runs:
@@ -38,7 +41,8 @@ class Runs:
                                         runs.c.dag_run_id == dag_run_id)
             ).scalar()
             values = dict(window_start=window_start, window_end=window_end, state=state,
-                          started_at=_now(), ended_at=None, message=None, reference_prefix=reference_prefix)
+                          started_at=_now(), ended_at=None, message=None, reference_prefix=reference_prefix,
+                          progress=None)
             if existing:
                 db.execute(update(runs).where(runs.c.id == existing).values(**values))
                 return existing
@@ -64,6 +68,32 @@ class Runs:
             values["dq_report"] = dq_report
         with self.engine.begin() as db:
             db.execute(update(runs).where(runs.c.id == run_id).values(**values))
+
+    def set_progress(self, run_id: int, key: str, figures: dict | None) -> None:
+        """Keep the latest progress of one long step of a running run (`runs.progress[key]`,
+        engine.progress); None removes that step's entry. Kept when the run finishes: the page
+        shows it on a running run's row, and where a failed run's steps stopped."""
+        with _PROGRESS_LOCK, self.engine.begin() as db:
+            current = db.execute(select(runs.c.progress).where(runs.c.id == run_id)).scalar()
+            if isinstance(current, str):
+                current = json.loads(current)
+            current = dict(current or {})
+            if figures is None:
+                current.pop(key, None)
+            else:
+                current[key] = figures
+            db.execute(update(runs).where(runs.c.id == run_id).values(progress=current or None))
+
+    def progress(self, run_id: int) -> dict:
+        """The latest progress of the run's long steps, {step: figures} ({} when none)."""
+        with self.engine.connect() as db:
+            value = db.execute(select(runs.c.progress).where(runs.c.id == run_id)).scalar()
+        return (json.loads(value) if isinstance(value, str) else value) or {}
+
+    def clear_progress(self, run_id: int) -> None:
+        """Forget the run's progress (a retried first task starts over)."""
+        with _PROGRESS_LOCK, self.engine.begin() as db:
+            db.execute(update(runs).where(runs.c.id == run_id).values(progress=None))
 
     def run(self, run_id: int) -> dict:
         with self.engine.connect() as db:
@@ -137,4 +167,5 @@ def _run_dict(row) -> dict:
         "dq_report": row["dq_report"], "message": row["message"],
         "started_at": _iso(row["started_at"]), "ended_at": _iso(row["ended_at"]),
         "reference_prefix": row.get("reference_prefix"),
+        "progress": (json.loads(progress) if isinstance(progress := row.get("progress"), str) else progress) or {},
     }

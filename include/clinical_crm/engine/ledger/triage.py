@@ -64,6 +64,24 @@ class Triage:
                 return
             after = rows[-1]["id"]
 
+    def quarantine_ids(self, connection: str, object_name: str | None = None, rule: str | None = None,
+                       min_age_days: int | None = None) -> list[tuple[int, str]]:
+        """(id, direction) of every open quarantine row matching the filters of `quarantine_page`,
+        oldest first (a bulk action's rows: two small columns, not the rows)."""
+        query = (select(quarantine.c.id, quarantine.c.direction)
+                 .where(*_quarantine_filter(connection, object_name, rule, min_age_days)).order_by(quarantine.c.id))
+        with self.engine.connect() as db:
+            return [(int(i), str(d)) for i, d in db.execute(query)]
+
+    def quarantine_directions(self, connection: str, object_name: str | None = None, rule: str | None = None,
+                              min_age_days: int | None = None) -> set[str]:
+        """The directions of the open quarantine rows matching the filters (whose DAGs a bulk
+        action needs edit permission on)."""
+        query = select(quarantine.c.direction).distinct().where(
+            *_quarantine_filter(connection, object_name, rule, min_age_days))
+        with self.engine.connect() as db:
+            return set(db.execute(query).scalars())
+
     def quarantine_objects(self, connection: str) -> list[str]:
         """The objects with open quarantine rows in a connection (the triage filter's choices)."""
         with self.engine.connect() as db:
