@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 from clinical_crm.flows.base import SOURCE_ID, SOURCE_VERSION, DeletionMark
-from clinical_crm.outcomes import LOADED
+from clinical_crm.outcomes import LOADED, RecordResult
 from clinical_crm.times import as_utc
 from clinical_crm.values import text
 from clinical_crm.vault import Query
@@ -66,18 +66,18 @@ class VersionGuard:
     just written (the newest per record is kept)."""
 
     def __init__(self, ledger, connection: str, direction: str, source_object: str, run_id: int | None = None):
-        self.ledger, self.connection, self.direction = ledger, connection, direction
-        self.source_object, self.run_id = source_object, run_id
+        self.records = ledger.scope(connection, direction, source_object)
+        self.run_id = run_id
 
     def superseded(self, versions: dict[str, datetime]) -> dict[str, datetime]:
         if not versions:
             return {}
-        loaded = self.ledger.loaded_versions(self.connection, self.direction, self.source_object, versions)
+        loaded = self.records.loaded_versions(versions)
         return {s: loaded[s] for s, v in versions.items() if s in loaded and loaded[s] > v}
 
     def record(self, versions: dict[str, datetime]) -> None:
         if versions:
-            self.ledger.record_versions(self.connection, self.direction, self.source_object, versions, self.run_id)
+            self.records.record_versions(versions, self.run_id)
 
 
 def lock_name(connection: str, target_object: str) -> str:
@@ -207,6 +207,14 @@ def update(client, object_name: str, records: list[dict], batch_size: int, concu
         return [o for answers in pool.map(send, batches) for o in answers]
     finally:
         pool.shutdown(cancel_futures=True)  # after a failed call, the calls not started are not made
+
+
+def record_written(id_map, outcomes: list[dict]) -> list[dict]:
+    """Remember the target record of each outcome written (or found holding the values) in the id
+    map (`ledger.id_map(connection, target object)`); returns those outcomes."""
+    loaded = [o for o in outcomes if o["outcome"] in LOADED]
+    id_map.map_ids([RecordResult.from_dict(o) for o in loaded])
+    return loaded
 
 
 def tally(outcomes: Iterable[dict]) -> dict[str, int]:

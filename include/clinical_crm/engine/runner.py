@@ -21,7 +21,7 @@ from clinical_crm.engine import staging, windows
 from clinical_crm.engine.context import RunContext, Staged
 from clinical_crm.engine.ledger import Ledger
 from clinical_crm.engine.run_counts import PRE_STEP_COUNTS  # the pre-step's writes (to the source vault), apart
-from clinical_crm.outcomes import CLEARED_ON_RETRY, LOAD_OUTCOMES  # noqa: F401 (LOAD_OUTCOMES: the runner's vocabulary)
+from clinical_crm.outcomes import CLEARED_ON_RETRY, LOAD_OUTCOMES, VALIDATION_OUTCOMES, Outcome, RecordResult  # noqa: F401 (LOAD_OUTCOMES: the runner's vocabulary)
 from clinical_crm.flows.base import SOURCE_ID, SOURCE_OBJECT, VALID, Flow, Target, Writes
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def _write_pre_step(ledger: Ledger, ctx: RunContext, client, cfg, writes: Writes
         updates = writes.then({obj: written.get(obj, [])}).get(obj, [])
         report += [o | {"message": f"flag not cleared: {o.get('message')}"}
                    for o in load.update(client, obj, updates, cfg.load.batch_size) if o["outcome"] == "failed"]
-        ledger.add_outcomes(ctx.run_id, ctx.connection, ctx.direction, obj, report)
+        ledger.scope(ctx.connection, ctx.direction, obj).add_outcomes(ctx.run_id, report)
         counts[obj] = load.tally(mine) | {"flagged": flagged, "needs_person": len(notes)}
         log.info("pre-step writes from %s: %s", obj, counts[obj])
     ids = [o["target_id"] for o in outcomes if o["outcome"] in load.LOADED and o["target_id"]]
@@ -177,7 +177,7 @@ def extract(flow: Flow, cfg, ctx: RunContext, clients: dict, pre: Staged | None 
     ledger = ledger or Ledger()
     reread: dict[str, list[str]] = {}
     if flow.validation is not None:
-        reread[flow.validation.object] = ledger.quarantined_ids(cfg.name, flow.name, flow.validation.object)
+        reread[flow.validation.object] = ledger.scope(cfg.name, flow.name, flow.validation.object).quarantined_ids()
     if pre is not None and PRE_STEP_IDS in pre:
         for chunk in staging.read_chunks(pre.path(PRE_STEP_IDS)):
             for record_id, obj in zip(chunk["id"], chunk["object"]):
@@ -209,13 +209,14 @@ def validate(flow: Flow, cfg, ctx: RunContext, staged: Staged, ledger: Ledger | 
     if v is None:  # the connection file sends nothing this flow would check
         return Staged()
     object_name = v.object
+    mine = ledger.scope(cfg.name, flow.name, object_name)  # this flow's records of the validated object
     reference = references(v, staged)
     # Records quarantined by earlier runs are re-checked every run (held_before). While they still
     # fail, those a successful run already accepted are known open items, not new defects of this
     # window: the failing share that can fail the run counts the other rows only.
-    held_before = set(ledger.quarantined_ids(cfg.name, flow.name, object_name))
-    accepted = ledger.accepted_quarantine_ids(cfg.name, flow.name, object_name)
-    ledger.clear_outcomes(ctx.run_id, object_name, only=["quarantined", "source_deleted"])  # a retry starts over
+    held_before = set(mine.quarantined_ids())
+    accepted = mine.accepted_quarantine_ids()
+    ledger.clear_outcomes(ctx.run_id, object_name, only=list(VALIDATION_OUTCOMES))  # a retry starts over
     checked = quality.CheckedRows(staged.path(v.read), v.matched_column)
     verdict = checked.judge(quality.Validator(cfg.name, ctx.dag_run_id), object_name, v.rules,
                             lambda chunk: v.checks(chunk, reference))
@@ -230,20 +231,19 @@ def validate(flow: Flow, cfg, ctx: RunContext, staged: Staged, ledger: Ledger | 
         new_failing += int((bad & new).sum())
         findings = {str(i): verdict.findings[i] for i in chunk["id"][bad]}
         held = {s: [reason for _, reason in found] for s, found in findings.items()}
-        ledger.quarantine_records(ctx.run_id, cfg.name, flow.name, object_name, held)
+        mine.quarantine_records(ctx.run_id, held)
         quarantine.add(object_name, findings, new=set(held) - held_before)
-        ledger.add_outcomes(ctx.run_id, cfg.name, flow.name, object_name,
-                            [{"source_id": s, "outcome": "quarantined", "message": "; ".join(r)}
-                             for s, r in held.items()])
+        mine.add_outcomes(ctx.run_id, [RecordResult(s, Outcome.QUARANTINED, message="; ".join(r))
+                                       for s, r in held.items()])
         good.write(chunk[~bad])
     good_file = good.close()
     quarantined = quarantine.close()
     gone = sorted(checked.seen.missing(held_before))
     if gone:  # read again by id and not found: deleted in the source, nothing left to send
-        ledger.resolve_quarantine(cfg.name, flow.name, object_name, gone)
-        ledger.add_outcomes(ctx.run_id, cfg.name, flow.name, object_name,
-                            [{"source_id": s, "outcome": "source_deleted",
-                              "message": "quarantined record no longer exists in the source vault"} for s in gone])
+        mine.resolve_quarantine(gone)
+        mine.add_outcomes(ctx.run_id, [RecordResult(s, Outcome.SOURCE_DELETED,
+                                                    message="quarantined record no longer exists in the source vault")
+                                       for s in gone])
         log.info("%d quarantined %s records no longer exist in the source: quarantine closed", len(gone), object_name)
     report, reason_counts = verdict.data_docs, verdict.per_rule
     passed = not new_failing or new_failing / new_rows <= cfg.quality.max_failing_share
@@ -254,7 +254,7 @@ def validate(flow: Flow, cfg, ctx: RunContext, staged: Staged, ledger: Ledger | 
                "quarantine_csv": quarantined["csv"], "quarantine_json": quarantined["json"],
                "max_failing_share": cfg.quality.max_failing_share, "passed": passed, "data_docs": report}
     summary_path = quality.write_summary(cfg.name, flow.name, ctx.dag_run_id, summary)
-    ledger.add_dq_summary(ctx.run_id, cfg.name, flow.name, object_name, rows, failing, reason_counts, passed, report)
+    mine.add_dq_summary(ctx.run_id, rows, failing, reason_counts, passed, report)
     add_counts(ledger, ctx, {object_name: {"quarantined": failing, "valid": rows - failing}}, dq_report=report)
     log.info("data quality of %s: %d rows, %d quarantined %s; Data Docs: %s; summary: %s",
              object_name, rows, failing, reason_counts, report, summary_path)
@@ -389,6 +389,7 @@ def _write(ledger: Ledger, ctx: RunContext, client, cfg, target: Target, chunks,
     # the run's ledger row (add_counts merges key by key), never mix with them
     totals: dict[str, int] = dict.fromkeys(("created", "updated", "unchanged", "failed", "superseded", "unknown",
                                             "loaded", "transient_failed", "permission_denied"), 0)
+    records = ledger.scope(ctx.connection, ctx.direction, source_object)  # the target's source records
     what = step or f"load {target_object}"
     progress = Progress(what, total, writer=for_run(ledger, ctx.run_id), burst=_burst_of(client), logger=log)
 
@@ -399,25 +400,22 @@ def _write(ledger: Ledger, ctx: RunContext, client, cfg, target: Target, chunks,
         if collect is not None:
             collect.extend(outcomes)
         if object_of is None:
-            ledger.add_outcomes(ctx.run_id, ctx.connection, ctx.direction, source_object, outcomes)
+            records.add_outcomes(ctx.run_id, outcomes)
         else:
             for obj in sorted({object_of[o["source_id"]] for o in outcomes}):
-                ledger.add_outcomes(ctx.run_id, ctx.connection, ctx.direction, obj,
-                                    [o for o in outcomes if object_of[o["source_id"]] == obj])
-        loaded = [o for o in outcomes if o["outcome"] in load.LOADED]
-        ledger.map_ids(ctx.connection, target_object,
-                       [{"source_id": o["source_id"], "target_id": o["target_id"], "external_id": o["external_id"]}
-                        for o in loaded])
+                ledger.scope(ctx.connection, ctx.direction, obj).add_outcomes(
+                    ctx.run_id, [o for o in outcomes if object_of[o["source_id"]] == obj])
+        loaded = load.record_written(ledger.id_map(ctx.connection, target_object), outcomes)
         failed = [o for o in outcomes if o["outcome"] == "failed"]
         transient = [o for o in failed if o.get("error_type") in TRANSIENT_RECORD_ERRORS]
         if target.holds_quarantine:
-            ledger.resolve_quarantine(ctx.connection, ctx.direction, source_object, [o["source_id"] for o in loaded])
+            records.resolve_quarantine([o["source_id"] for o in loaded])
             # a record the target vault refuses stays visible and is tried again by every run; a
             # transient refusal or an unanswered write too, once no task retry is left
             held = [o for o in failed if o not in transient]
             if final_attempt:
                 held += transient + [o for o in outcomes if o["outcome"] == "unknown"]
-            ledger.quarantine_records(ctx.run_id, ctx.connection, ctx.direction, source_object, {
+            records.quarantine_records(ctx.run_id, {
                 o["source_id"]: [f"{target_object} refused the record: {o.get('error_type')}: "
                                  f"{o.get('message') or ''}".rstrip(": ")
                                  if o["outcome"] == "failed" else f"{target_object}: {o.get('message')}"]
@@ -517,17 +515,17 @@ def _apply_deletions(ledger: Ledger, ctx: RunContext, client, cfg, mark, staged:
 
     source_object = mark.source_object
     deleted = [(i, g) for chunk in staging.read_chunks(staged.path(mark.staged)) for i, g in zip(chunk[ID], chunk[GLOBAL_ID])]
-    ledger.queue_deletions(ctx.connection, ctx.direction, source_object, deleted, ctx.run_id)
-    pending = ledger.pending_deletions(ctx.connection, ctx.direction, source_object)
-    outcomes, no_target = [], set()  # type: ignore[var-annotated]
+    queue = ledger.scope(ctx.connection, ctx.direction, source_object)
+    queue.queue_deletions(deleted, ctx.run_id)
+    pending = queue.pending_deletions()
+    outcomes: list[dict] = []
+    no_target: set[str] = set()
     if pending:
-        outcomes, no_target = load.mark_deleted(
-            client, mark, pending, cfg.load.batch_size,
-            expect=lambda changes: ledger.expect_deletions(ctx.connection, ctx.direction, source_object, changes),
-            concurrency=cfg.load.concurrency)
+        outcomes, no_target = load.mark_deleted(client, mark, pending, cfg.load.batch_size,
+                                                expect=queue.expect_deletions, concurrency=cfg.load.concurrency)
     outcomes = _as_counted(outcomes, (earlier or {}).get(source_object, {}))
-    ledger.add_outcomes(ctx.run_id, ctx.connection, ctx.direction, source_object, outcomes)
-    ledger.settle_deletions(ctx.connection, ctx.direction, source_object, outcomes, no_target, ctx.run_id)
+    queue.add_outcomes(ctx.run_id, outcomes)
+    queue.settle_deletions(outcomes, no_target, ctx.run_id)
     failed = [o for o in outcomes if o["outcome"] == "failed"]
     # applied: by any attempt of this run (an earlier attempt's marks are not redone, see
     # CLEARED_ON_RETRY); every key always present, so a retry's counts replace the attempt's
