@@ -1,5 +1,5 @@
 """The validate step's verdict alone, at scale: N staged Clinical Activities (the scale
-scenario's shape: N/20 Persons, each with one CRM Account, N/1000+1 Studies with 2 Sites each;
+scenario's shape: N/20 Persons taken in turn, each with one CRM Account, N/1000+1 Studies with 2 Sites each;
 a share of them defective) through the engine's one GX verdict per suite, as runner.validate
 judges them (quality.CheckedRows: every chunk's check frame kept compact, validated at once,
 then the rows read again). No vaults, no Airflow.
@@ -38,7 +38,7 @@ def current_mib() -> float:
 
 def activities(start: int, rows: int, n: int, defects: float, rng: np.random.Generator) -> pd.DataFrame:
     index = np.arange(start, start + rows)
-    person = index // 20
+    person = index % max(1, n // 20)  # as seed_scale: each chunk of 20,000 rows names 20,000 Persons
     study = index % (n // 1000 + 1)
     text = lambda prefix, values: pd.Series(np.char.add(prefix, values.astype(str)), dtype=object)  # noqa: E731
     frame = pd.DataFrame({
