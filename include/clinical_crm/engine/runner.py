@@ -213,8 +213,8 @@ def validate(flow: Flow, cfg, ctx: RunContext, staged: Staged, ledger: Ledger | 
     accepted = ledger.accepted_quarantine_ids(cfg.name, flow.name, object_name)
     ledger.clear_outcomes(ctx.run_id, object_name, only=["quarantined", "source_deleted"])  # a retry starts over
     checked = quality.CheckedRows(staged.path(v.read), v.matched_column)
-    verdict = checked.judge(quality.Validator(cfg.name, ctx.dag_run_id), object_name, v.rules,
-                            lambda chunk: v.checks(chunk, reference))
+    validator = quality.Validator(cfg.name, ctx.dag_run_id, keep_runs=cfg.retention.data_docs_runs)
+    verdict = checked.judge(validator, object_name, v.rules, lambda chunk: v.checks(chunk, reference))
     good = staging.FrameWriter(f"{ctx.run_dir}/{v.read}.valid.parquet")
     quarantine = QuarantineReport(cfg.name, flow.name, ctx.dag_run_id)
     rows = failing = new_rows = new_failing = 0
