@@ -136,7 +136,7 @@ def test_retention_removes_old_history_and_nothing_still_needed(places, demo_cfg
     archived = quality.archive_dir(gx) / "results" / "demo" / OBJECT / "completeness"
     assert sorted(p.name for p in archived.iterdir()) == ["run2"]
     assert removed["record outcomes"] == 2 and removed["run files"] == 6 and removed["staged runs"] == 1
-    assert removed["archived GX run results"] == 2 and removed["drift rows"] == 1
+    assert removed["archived GX results folders"] == 2 and removed["drift rows"] == 1
 
     assert housekeeping.housekeep(cfg, ledger) == {"bytes": 0}  # a second pass finds nothing more
 

@@ -116,7 +116,7 @@ def gx_history(connection: str, keep_runs: int, days: int, now_ts: float, remove
                 if _newest_mtime(run) < cutoff:
                     size = _size(run)
                     shutil.rmtree(run, ignore_errors=True)
-                    removed.add(f"archived GX run {part}", 1, size)
+                    removed.add(f"archived GX {part} folders", 1, size)
 
 
 def run_files(connection: str, days: int, now_ts: float, removed: Removed) -> None:
@@ -153,7 +153,7 @@ def staged_leftovers(connection: str, hours: int, now_ts: float, removed: Remove
     """Delete the staged folders <staging>/<connection>/<flow>/<run> in which nothing changed for
     `hours` (a successful run removes its own at its end: these are crashed or failed runs', kept
     meanwhile for inspection and for the retries)."""
-    import fsspec
+    import fsspec  # type: ignore[import-untyped]
 
     fs, root = fsspec.core.url_to_fs(f"{settings.staging_url().rstrip('/')}/{connection}")
     if not fs.exists(root):
