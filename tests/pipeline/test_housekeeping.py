@@ -76,8 +76,13 @@ def test_retention_removes_old_history_and_nothing_still_needed(places, demo_cfg
     scope.queue_deletions([("marked", "G1")], run_id=old)
     ledger.id_map("demo", "call2__v").map_ids([{"source_id": "loaded", "target_id": "T1", "external_id": "X1"}])
     scope.record_versions({"loaded": datetime.now(timezone.utc) - timedelta(days=200)}, run_id=old)
-    scope.add_outcomes(recent, [{"source_id": "new", "outcome": "created", "target_id": "T2"}])
-    assert scope.accepted_quarantine_ids() == {"held"}
+    # held for months and read again by every run: only its recent outcome is needed
+    scope.add_outcomes(old, [{"source_id": "long held", "outcome": "quarantined"}])
+    scope.quarantine_records(old, {"long held": ["missing subject"]})
+    scope.add_outcomes(recent, [{"source_id": "new", "outcome": "created", "target_id": "T2"},
+                                {"source_id": "long held", "outcome": "quarantined"}])
+    scope.quarantine_records(recent, {"long held": ["missing subject"]})
+    assert scope.accepted_quarantine_ids() == {"held", "long held"}
     last_end = ledger.last_success_end("demo", FLOW)
     # two old reconciliations of the flow: the latest one's drift stays, whatever its age
     reconciles = []
@@ -112,13 +117,13 @@ def test_retention_removes_old_history_and_nothing_still_needed(places, demo_cfg
 
     # outcomes of the old run: only those no open quarantine row or queued mark needs are gone
     with ledger.engine.connect() as db:
-        kept = set(db.execute(select(record_outcomes.c.source_id)).scalars())
-    assert kept == {"held", "marked", "new"}
-    assert scope.accepted_quarantine_ids() == {"held"}  # the next run still knows it as a known open item
-    assert scope.quarantined_ids() == ["held"]
+        kept = sorted(db.execute(select(record_outcomes.c.source_id, record_outcomes.c.run_id)).all())
+    assert kept == [("held", old), ("long held", recent), ("marked", old), ("new", recent)]
+    assert scope.accepted_quarantine_ids() == {"held", "long held"}  # the next run still knows them as known open items
+    assert sorted(scope.quarantined_ids()) == ["held", "long held"]
     assert [d["source_id"] for d in scope.pending_deletions()] == ["marked"]
     assert _count(ledger, id_map) == 1 and _count(ledger, source_versions) == 1
-    assert _count(ledger, quarantine) == 2 and _count(ledger, deletion_queue) == 1 and _count(ledger, runs) == 2
+    assert _count(ledger, quarantine) == 3 and _count(ledger, deletion_queue) == 1 and _count(ledger, runs) == 2
     assert _count(ledger, dq_summaries) == 0
     assert ledger.last_success_end("demo", FLOW) == last_end
     with ledger.engine.connect() as db:
@@ -135,7 +140,7 @@ def test_retention_removes_old_history_and_nothing_still_needed(places, demo_cfg
         ["run3", "run4", "run5"]
     archived = quality.archive_dir(gx) / "results" / "demo" / OBJECT / "completeness"
     assert sorted(p.name for p in archived.iterdir()) == ["run2"]
-    assert removed["record outcomes"] == 2 and removed["run files"] == 6 and removed["staged runs"] == 1
+    assert removed["record outcomes"] == 3 and removed["run files"] == 6 and removed["staged runs"] == 1
     assert removed["archived GX results folders"] == 2 and removed["drift rows"] == 1
 
     assert housekeeping.housekeep(cfg, ledger) == {"bytes": 0}  # a second pass finds nothing more
@@ -167,7 +172,8 @@ HISTORY_SQL = [
        SELECT 'demo', 'ctms_to_crm', 'activity__v', 'D' || i, 'G' || i, CASE WHEN i % 1000 = 0 THEN 'pending' ELSE 'applied' END,
               1, now(), now() FROM generate_series(1, 100000) AS i""",
     """INSERT INTO record_outcomes (connection, direction, object, source_id, run_id, outcome, at)
-       SELECT 'demo', 'ctms_to_crm', 'activity__v', 'R' || (i % 50000), i % 20000, 'updated', now()
+       SELECT 'demo', 'ctms_to_crm', 'activity__v', CASE WHEN i % 20 = 0 THEN 'Q' || (i % 100000) ELSE 'R' || (i % 50000) END,
+              i % 20000, CASE WHEN i % 20 = 0 THEN 'quarantined' ELSE 'updated' END, now()
        FROM generate_series(1, 200000) AS i""",
     """INSERT INTO reconcile_runs (connection, flow, dag_run_id, repair, state, summary, started_at)
        SELECT 'demo', 'ctms_to_crm', 'r' || i, 0, 'success', '{}', now() FROM generate_series(1, 5000) AS i""",
@@ -205,6 +211,8 @@ def test_the_hot_ledger_queries_read_indexes_on_postgresql():
         ledger.count_quarantine("demo")
         ledger.drift("demo", limit=20)
         ledger.reconcile_runs("demo", limit=1)
+        ledger.quarantine_objects("demo")
+        ledger.accepted_quarantine_ids("demo", "ctms_to_crm", "activity__v")
         event.remove(ledger.engine, "before_cursor_execute", capture)
         assert len(statements) >= 12
         scans = []

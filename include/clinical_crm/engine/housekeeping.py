@@ -12,7 +12,8 @@ What grows with every run, and what is done with it:
   deleted after `run_files_days` (the newest run's of each direction are kept whatever their age);
 - per-record outcomes and data-quality summaries of runs started more than `outcomes_days` ago,
   except the outcomes of records with an open quarantine row (a run tells known open items from
-  new ones by their `quarantined` outcome of a completed run) or a queued deletion mark;
+  new ones by their `quarantined` outcome of a completed run) or a queued deletion mark, when no
+  run since the cutoff gave them a newer one;
 - staged files of runs that crashed or failed (a successful run removes its own): deleted when
   nothing in the run's folder changed for `staging_hours`;
 - drift rows of reconciliation runs older than `drift_days` (the latest run's of each flow stay).
@@ -33,10 +34,11 @@ from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import and_, delete, exists, func, select
+from sqlalchemy.orm import aliased
 
 from clinical_crm import settings
 from clinical_crm.engine import quality
-from clinical_crm.engine.ledger import (Ledger, deletion_queue, dq_summaries, drift, quarantine, reconcile_runs,
+from clinical_crm.engine.ledger import (COMPLETED_STATES, Ledger, deletion_queue, dq_summaries, drift, quarantine, reconcile_runs,
                                         record_outcomes, runs)
 from clinical_crm.times import now as _now
 
@@ -194,17 +196,29 @@ def ledger_history(ledger: Ledger, connection: str, outcomes_days: int, drift_da
     with ledger.engine.connect() as db:
         old_runs = list(db.execute(select(runs.c.id).where(runs.c.connection == connection,
                                                            runs.c.started_at < cutoff).order_by(runs.c.id)).scalars())
+    # A record held in quarantine is known as an open item by a `quarantined` outcome of a
+    # completed run (accepted_quarantine_ids): its old outcomes stay unless a run since the cutoff
+    # gave it one. A record with a queued deletion mark keeps its old outcomes unless a run since
+    # gave it any. (Not all of them: a record open for months gets an outcome every run.)
+    recent = aliased(record_outcomes)
+    recent_run = aliased(runs)
+    same_record = [recent.c.connection == record_outcomes.c.connection, recent.c.object == record_outcomes.c.object,
+                   recent.c.source_id == record_outcomes.c.source_id]
+    recent_runs = select(recent_run.c.id).where(recent_run.c.connection == connection, recent_run.c.started_at >= cutoff)
+    requarantined = exists().where(*same_record, recent.c.outcome == "quarantined",
+                                   recent.c.run_id.in_(recent_runs.where(recent_run.c.state.in_(COMPLETED_STATES))))
+    touched_since = exists().where(*same_record, recent.c.run_id.in_(recent_runs))
     still_needed = [
-        ~exists().where(quarantine.c.connection == record_outcomes.c.connection,
-                        quarantine.c.direction == record_outcomes.c.direction,
-                        quarantine.c.object == record_outcomes.c.object,
-                        quarantine.c.source_id == record_outcomes.c.source_id,
-                        quarantine.c.resolved_at.is_(None)),
-        ~exists().where(deletion_queue.c.connection == record_outcomes.c.connection,
-                        deletion_queue.c.direction == record_outcomes.c.direction,
-                        deletion_queue.c.object == record_outcomes.c.object,
-                        deletion_queue.c.source_id == record_outcomes.c.source_id,
-                        deletion_queue.c.state == "pending"),
+        ~and_(exists().where(quarantine.c.connection == record_outcomes.c.connection,
+                             quarantine.c.direction == record_outcomes.c.direction,
+                             quarantine.c.object == record_outcomes.c.object,
+                             quarantine.c.source_id == record_outcomes.c.source_id,
+                             quarantine.c.resolved_at.is_(None)), ~requarantined),
+        ~and_(exists().where(deletion_queue.c.connection == record_outcomes.c.connection,
+                             deletion_queue.c.direction == record_outcomes.c.direction,
+                             deletion_queue.c.object == record_outcomes.c.object,
+                             deletion_queue.c.source_id == record_outcomes.c.source_id,
+                             deletion_queue.c.state == "pending"), ~touched_since),
     ]
     for ids in _chunks(old_runs, BATCH_RUNS):
         with ledger.engine.begin() as db:

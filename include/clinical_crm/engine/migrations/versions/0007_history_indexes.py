@@ -9,8 +9,12 @@ never all the rows of a connection.
 - runs (connection, direction, dag_run_id): a run's own row (start_run, a retried begin);
 - quarantine (connection, direction, object, resolved_at): the open ids a run reads again;
 - quarantine (connection, resolved_at, id): the page's open quarantine, oldest first, paged;
+- quarantine (connection, resolved_at, object): the triage filter's objects of the open rows;
 - deletion_queue (connection, direction, object, state): the pending deletion marks of a run;
 - drift (connection, id) and reconcile_runs (connection, id): the page's latest of each.
+- record_outcomes (connection, object, source_id) of `quarantined` outcomes only (a partial
+  index, small): a run's known open quarantine items (accepted_quarantine_ids) and
+  housekeeping's check of them, without reading every outcome.
 
 Created only where missing (a ledger made from the current table definitions by an earlier
 revision may have some), dropped on downgrade.
@@ -32,10 +36,15 @@ INDEXES = {
     "ix_runs_connection_direction_dag_run_id": ("runs", ["connection", "direction", "dag_run_id"]),
     "ix_quarantine_scope_open": ("quarantine", ["connection", "direction", "object", "resolved_at"]),
     "ix_quarantine_connection_open_id": ("quarantine", ["connection", "resolved_at", "id"]),
+    "ix_quarantine_connection_open_object": ("quarantine", ["connection", "resolved_at", "object"]),
     "ix_deletion_queue_scope_state": ("deletion_queue", ["connection", "direction", "object", "state"]),
     "ix_drift_connection_id": ("drift", ["connection", "id"]),
     "ix_reconcile_runs_connection_id": ("reconcile_runs", ["connection", "id"]),
 }
+
+
+QUARANTINED = "ix_record_outcomes_quarantined"
+QUARANTINED_WHERE = sa.text("outcome = 'quarantined'")
 
 
 def upgrade() -> None:
@@ -43,8 +52,12 @@ def upgrade() -> None:
     for name, (table, columns) in INDEXES.items():
         if name not in {index["name"] for index in inspector.get_indexes(table)}:
             op.create_index(name, table, columns)
+    if QUARANTINED not in {index["name"] for index in inspector.get_indexes("record_outcomes")}:
+        op.create_index(QUARANTINED, "record_outcomes", ["connection", "object", "source_id"],
+                        postgresql_where=QUARANTINED_WHERE, sqlite_where=QUARANTINED_WHERE)
 
 
 def downgrade() -> None:
+    op.drop_index(QUARANTINED, table_name="record_outcomes")
     for name, (table, _columns) in INDEXES.items():
         op.drop_index(name, table_name=table)
