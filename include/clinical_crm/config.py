@@ -146,9 +146,10 @@ class Retention(Strict):
     # validation results and Data Docs pages moved out of the live GX project (the index keeps
     # the newest `data_docs_runs` runs) are deleted after this many days
     gx_results_days: int = Field(default=30, ge=1)
-    # runs whose pages the Data Docs index (and the page's links) keeps; older runs' results
-    # and pages are moved to <reports>/<name>/gx_archive by the run that pushes them out
-    data_docs_runs: int = Field(default=48, ge=1)
+    # runs whose pages the Data Docs index (and the page's links) keeps: a day of hourly runs (a
+    # run name is shared by both flows); older runs' results and pages are moved to
+    # <reports>/<name>/gx_archive by the run that pushes them out
+    data_docs_runs: int = Field(default=24, ge=1)
     run_files_days: int = Field(default=30, ge=1)  # runs/<direction>/<run>.json, .quarantine.csv/.json
     outcomes_days: int = Field(default=90, ge=1)  # per-record outcomes and DQ summaries of older runs
     staging_hours: int = Field(default=48, ge=1)  # staged files of runs that crashed or failed

@@ -131,7 +131,7 @@ class Validator:
     connection: str
     run_key: str
     stored: bool = True
-    keep_runs: int = 48  # runs the live project and its Data Docs index keep (retention.data_docs_runs)
+    keep_runs: int = 24  # runs the live project and its Data Docs index keep (retention.data_docs_runs)
     root: Path = field(init=False)
 
     def __post_init__(self):
