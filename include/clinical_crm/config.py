@@ -138,6 +138,30 @@ class Alerts(Strict):
         return self
 
 
+class Retention(Strict):
+    """How long the history a connection accumulates is kept (engine/housekeeping.py, applied by
+    the daily `housekeeping__<name>` DAG). Nothing an open quarantine row, a queued deletion mark,
+    the id map, the source versions or reconciliation needs is removed, whatever these say."""
+
+    # validation results and Data Docs pages moved out of the live GX project (the index keeps
+    # the newest `data_docs_runs` runs) are deleted after this many days
+    gx_results_days: int = Field(default=30, ge=1)
+    # runs whose pages the Data Docs index (and the page's links) keeps: a day of hourly runs (a
+    # run name is shared by both flows); older runs' results and pages are moved to
+    # <reports>/<name>/gx_archive by the run that pushes them out
+    data_docs_runs: int = Field(default=24, ge=1)
+    run_files_days: int = Field(default=30, ge=1)  # runs/<direction>/<run>.json, .quarantine.csv/.json
+    outcomes_days: int = Field(default=90, ge=1)  # per-record outcomes and DQ summaries of older runs
+    staging_hours: int = Field(default=48, ge=1)  # staged files of runs that crashed or failed
+    drift_days: int = Field(default=90, ge=1)  # drift rows of older reconciliation runs (the latest run's are kept)
+    cron: str = "@daily"  # when housekeeping__<name> runs
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        return Schedule._valid_cron(value)
+
+
 MAX_CONCURRENCY = 16  # calls in flight per run; the vault's pool must hold this many slots
 
 
@@ -367,6 +391,7 @@ class ConnectionConfig(Strict):
     quality: Quality
     load: Load = Load()
     reconcile: Reconcile = Reconcile()
+    retention: Retention = Retention()
     alerts: Alerts | None = None  # off unless set
     ctms: Ctms
     crm: Crm

@@ -21,8 +21,8 @@ def dags(demo_cfg):
 
 
 def test_two_dags_per_connection(dags):
-    # reconcile__demo: test_reconcile_dag.py
-    assert set(dags) == {"ctms_to_crm__demo", "crm_to_ctms__demo", "reconcile__demo"}
+    # reconcile__demo: test_reconcile_dag.py; housekeeping__demo: test_housekeeping_dag below
+    assert set(dags) == {"ctms_to_crm__demo", "crm_to_ctms__demo", "reconcile__demo", "housekeeping__demo"}
     ctms_to_crm = dags["ctms_to_crm__demo"]
     assert [t.task_id for t in ctms_to_crm.topological_sort()] == [
         "begin", "automate_activities", "extract", "validate", "transform", "load", "finish"]
@@ -49,7 +49,7 @@ def test_the_page_links_the_task_ids_the_factory_gives(dags, demo_cfg):
 def test_schedule_windows_and_run_settings(dags):
     from airflow.sdk import CronDataIntervalTimetable
 
-    for dag in (d for d in dags.values() if not d.dag_id.startswith("reconcile__")):
+    for dag in (d for d in dags.values() if not d.dag_id.startswith(("reconcile__", "housekeeping__"))):
         assert isinstance(dag.timetable, CronDataIntervalTimetable)  # a plain cron gives empty windows
         assert dag.max_active_runs == 1 and dag.catchup is False
         assert set(dag.params) == {"window_start", "window_end"}
@@ -93,3 +93,13 @@ def test_parsing_imports_no_heavy_module():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_housekeeping_dag(dags, demo_cfg):
+    from airflow.sdk import CronTriggerTimetable
+
+    dag = dags["housekeeping__demo"]
+    assert [t.task_id for t in dag.tasks] == ["housekeeping"]
+    assert isinstance(dag.timetable, CronTriggerTimetable) and dag.catchup is False
+    assert demo_cfg.retention.cron == "@daily" and "housekeeping" in dag.tags
+    assert dag.tasks[0].pool == "default_pool"  # it calls no vault

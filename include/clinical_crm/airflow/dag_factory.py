@@ -400,6 +400,43 @@ in the ledger; with `repair` (param, else `reconcile.repair` in `{cfg.source_fil
     return dag
 
 
+# ---------------------------------------------------------------- housekeeping
+
+
+@task(multiple_outputs=False)
+def housekeeping(source: str) -> dict:
+    """Apply the file's `retention:` (engine/housekeeping.py); logs and returns what it removed."""
+    from clinical_crm.engine import housekeeping as keeping
+
+    return keeping.housekeep(_config(source))
+
+
+def build_housekeeping_dag(cfg) -> DAG:
+    """`housekeeping__<name>`: one task, on the cron of `retention.cron` (daily by default), in no
+    vault's pool (it calls no vault); paused on creation with the connection's other DAGs."""
+    from airflow.sdk import CronTriggerTimetable
+
+    with DAG(
+        dag_id=naming.housekeeping_dag_id(cfg.name),
+        description=f"{cfg.name}: retention of its history (GX results, run files, outcomes, staging)",
+        doc_md=f"""### Housekeeping of `{cfg.name}`
+
+Applies `retention:` of `{cfg.source_file}` and logs what it removed; never what an open
+quarantine row, a queued deletion mark, the id map or reconciliation needs. See
+docs/operations.md, "Housekeeping".
+""",
+        schedule=CronTriggerTimetable(cfg.retention.cron, timezone="UTC"),
+        start_date=cfg.schedule.start_date,
+        catchup=False,
+        max_active_runs=1,
+        is_paused_upon_creation=not cfg.active,
+        default_args=notifier.with_alerts(task_defaults(), cfg),  # a failed housekeeping alerts too
+        tags=["clinical-crm", cfg.name, "housekeeping"],
+    ) as dag:
+        housekeeping(str(cfg.source_file))
+    return dag
+
+
 def build_dags(configs=None) -> dict[str, DAG]:
     """One DAG per flow per connection file, by dag_id (for a DAG file's globals())."""
     from clinical_crm import config
@@ -410,6 +447,7 @@ def build_dags(configs=None) -> dict[str, DAG]:
             dag = build_dag(flow, cfg)
             dags[dag.dag_id] = dag
         dags[naming.reconcile_dag_id(cfg.name)] = build_reconcile_dag(cfg)
+        dags[naming.housekeeping_dag_id(cfg.name)] = build_housekeeping_dag(cfg)
     return dags
 
 

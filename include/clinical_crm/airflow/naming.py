@@ -14,6 +14,10 @@ def reconcile_dag_id(connection: str) -> str:
     return f"reconcile__{connection}"
 
 
+def housekeeping_dag_id(connection: str) -> str:
+    return f"housekeeping__{connection}"
+
+
 def reconcile_task_id(flow_name: str) -> str:
     return f"reconcile_{flow_name}"
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import glob
 import io
 import logging
 import time
@@ -202,8 +203,9 @@ def report_link(path: Path | str | None) -> str | None:
     return "reports/" + quote(target.relative_to(settings.reports_dir().resolve()).as_posix())
 
 
-def validation_pages(site_index: Path | None) -> dict[str, list[dict]]:
-    """The validation result pages of a Data Docs site by run name (the DAG run id).
+def validation_pages(site_index: Path | None, run_name: str = "*") -> dict[str, list[dict]]:
+    """The validation result pages of a Data Docs site by run name (the DAG run id); those of one
+    run with `run_name` (looked up under each suite, not a listing of every run's folder).
 
     Great Expectations lays them out as validations/<suite path>/<run name>/<time>/<batch>.html,
     where our suite names are <connection>.<object>.<suite>.
@@ -212,7 +214,7 @@ def validation_pages(site_index: Path | None) -> dict[str, list[dict]]:
     if site_index is None:
         return pages
     validations = site_index.parent / "validations"
-    for page in sorted(validations.glob("*/*/*/*/*/*.html")):
+    for page in sorted(validations.glob(f"*/*/*/{glob.escape(run_name) if run_name != '*' else '*'}/*/*.html")):
         connection, object_name, suite = page.relative_to(validations).parts[:3]
         run_name = page.parent.parent.name
         link = report_link(page)
@@ -229,10 +231,10 @@ def data_quality(ledger, run: dict, pages_by_site: dict) -> dict:
     summaries = ledger.dq_summaries(run["run_id"])
     passed = all(s["success"] for s in summaries) if summaries else None
     site = next((found for found in (report_file(s.get("report_path")) for s in summaries) if found), None)
-    if site is not None and site not in pages_by_site:
-        pages_by_site[site] = validation_pages(site)
+    if site is not None and (site, run["dag_run_id"]) not in pages_by_site:
+        pages_by_site[site, run["dag_run_id"]] = validation_pages(site, run["dag_run_id"])
     objects = {s["object"] for s in summaries}
-    pages = [p for p in pages_by_site.get(site, {}).get(run["dag_run_id"], [])
+    pages = [p for p in pages_by_site.get((site, run["dag_run_id"]), {}).get(run["dag_run_id"], [])
              if p["connection"] == run["connection"] and p["object"] in objects]
     failing = sum(int(s.get("failing_rows") or 0) for s in summaries)
     return {"passed": passed, "link": report_link(site) if site else None, "pages": pages,
@@ -529,7 +531,7 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
         ledger = _ledger()
         now = datetime.now(timezone.utc)
         sections = []
-        pages_by_site: dict = {}  # Data Docs sites scanned once per request
+        pages_by_site: dict = {}  # each run's Data Docs pages looked up once per request
         for connection in ledger.connections():
             name = connection["connection"]
             runs = []

@@ -128,6 +128,7 @@ class Validator:
     connection: str
     run_key: str
     stored: bool = True
+    keep_runs: int = 24  # runs the live project and its Data Docs index keep (retention.data_docs_runs)
     root: Path = field(init=False)
 
     def __post_init__(self):
@@ -234,11 +235,84 @@ class Validator:
 
     def _docs(self) -> str:
         """Only this run's validation results are rendered: by default GX re-renders every result
-        the project holds, so each hourly run would redo the pages of all the runs before it."""
+        the project holds, so each hourly run would redo the pages of all the runs before it.
+        GX still lists every result and page the project holds (for the index, and to pick this
+        run's): the runs older than the newest `keep_runs` are moved out of the project first
+        (`archive_old_runs`), so what it lists, and the index, stay the size of that window."""
+        archive_old_runs(self.root, self.keep_runs, protect=self.run_key)
         context = self.context
         mine = [key for key in context.validation_results_store.list_keys() if key.run_id.run_name == self.run_key]
         context.build_data_docs(resource_identifiers=mine)
         return str(self.root / "uncommitted" / "data_docs" / "local_site" / "index.html")
+
+
+# ---------------------------------------------------------------- the live window of GX history
+
+# <gx>/uncommitted/validations/<connection>/<object>/<suite>/<run name>/<run time>/<batch>.json and
+# the page of each at <gx>/uncommitted/data_docs/local_site/validations/<same path>.html
+RESULTS = Path("uncommitted", "validations")
+PAGES = Path("uncommitted", "data_docs", "local_site", "validations")
+SUITE_DEPTH = 3  # our suite names are <connection>.<object>.<suite>: three folders
+
+
+def archive_dir(root: Path) -> Path:
+    """<reports>/<connection>/gx_archive: the results and pages of runs out of the live project
+    (kept there `retention.gx_results_days`, then deleted by housekeeping)."""
+    return root.parent / "gx_archive"
+
+
+def _run_folders(root: Path) -> dict[str, tuple[str, list[Path]]]:
+    """{run name: (its newest run time, its folders under every suite)} of the live results; the
+    suites are few and each holds one folder per run of the window: a listing the size of it."""
+    found: dict[str, tuple[str, list[Path]]] = {}
+    results = root / RESULTS
+    if not results.is_dir():
+        return found
+    for suite in results.glob("/".join("*" * SUITE_DEPTH)):
+        if not suite.is_dir():
+            continue
+        for run in suite.iterdir():
+            times = [t.name for t in run.iterdir()] if run.is_dir() else []
+            newest, folders = found.get(run.name, ("", []))
+            found[run.name] = (max([newest, *times]), [*folders, run])
+    return found
+
+
+def archive_old_runs(root: Path, keep: int, protect: str | None = None) -> int:
+    """Move the validation results and Data Docs pages of the runs older than the newest `keep`
+    (by run time) from the live GX project to the archive; returns how many runs moved. The
+    caller holds the project's lock. Run `protect` (the current one) stays whatever its time."""
+    runs = _run_folders(root)
+    if len(runs) <= keep:
+        return 0
+    by_time = sorted(runs, key=lambda name: runs[name][0], reverse=True)
+    old = [name for name in by_time[keep:] if name != protect]
+    archive = archive_dir(root)
+    for name in old:
+        for folder in runs[name][1]:
+            suite = folder.parent.relative_to(root / RESULTS)
+            for source, target in ((folder, archive / "results" / suite / name),
+                                   (root / PAGES / suite / name, archive / "pages" / suite / name)):
+                _move(source, target)
+    if old:
+        log.info("moved the GX results and Data Docs pages of %d older runs to %s", len(old), archive)
+    return len(old)
+
+
+def _move(source: Path, target: Path) -> None:
+    """A run's folder into the archive (merged into one already there: the same run name again)."""
+    if not source.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        source.rename(target)
+        return
+    for child in source.iterdir():
+        if not (target / child.name).exists():
+            child.rename(target / child.name)
+    import shutil
+
+    shutil.rmtree(source, ignore_errors=True)
 
 
 def _findings(checks: pd.DataFrame, rules: list[Rule], failing: dict[str, set]) -> dict[str, list[tuple[str, str]]]:

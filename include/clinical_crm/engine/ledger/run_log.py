@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import insert, select, text, update
 from sqlalchemy.engine import Engine
 
 from clinical_crm.engine.ledger.schema import _iso, _utc, dq_summaries, runs
@@ -104,12 +104,7 @@ class Runs:
         """End of the last successful window of this connection and direction (a partial run
         moved its window: what it left behind is queued, not bound to the window)."""
         with self.engine.connect() as db:
-            value = db.execute(
-                select(func.max(runs.c.window_end)).where(
-                    runs.c.connection == connection, runs.c.direction == direction,
-                    runs.c.state.in_(COMPLETED_STATES))
-            ).scalar()
-        return _utc(value)
+            return _utc(db.execute(last_end_query(connection, direction)).scalar())
 
     @contextlib.contextmanager
     def exclusive(self, name: str):
@@ -148,6 +143,16 @@ class Runs:
                 run_id=run_id, connection=connection, direction=direction, object=object_name, rows=rows,
                 failing_rows=failing_rows, failing_share=(failing_rows / rows) if rows else 0.0,
                 reasons=reasons, success=int(success), report_path=report_path, at=_now()))
+
+
+def last_end_query(connection: str, direction: str):
+    """The newest completed window end of one flow: read backwards on the index (connection,
+    direction, window_end) from the newest run until a completed one (migration 0007), not a
+    max over every run of the flow."""
+    return (select(runs.c.window_end)
+            .where(runs.c.connection == connection, runs.c.direction == direction,
+                   runs.c.window_end.is_not(None), runs.c.state.in_(COMPLETED_STATES))
+            .order_by(runs.c.window_end.desc()).limit(1))
 
 
 def _log_wait(name: str, started: float) -> None:

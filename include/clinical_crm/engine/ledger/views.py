@@ -4,7 +4,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from clinical_crm.engine.ledger.run_log import COMPLETED_STATES, _run_dict
+from clinical_crm.engine.ledger.run_log import _run_dict, last_end_query
 from clinical_crm.engine.ledger.schema import (_iso, dq_summaries, id_map, quarantine, quarantine_actions,
                                                record_outcomes, runs, source_versions)
 from clinical_crm.engine.ledger.triage import _quarantine_dict
@@ -23,10 +23,13 @@ class Views:
 
     def last_success_ends(self, connection: str) -> dict[str, str]:
         """{direction: end of its last successful window} of a connection (ISO, UTC)."""
+        ends: dict[str, str] = {}
         with self.engine.connect() as db:
-            rows = db.execute(select(runs.c.direction, func.max(runs.c.window_end)).where(
-                runs.c.connection == connection, runs.c.state.in_(COMPLETED_STATES)).group_by(runs.c.direction)).all()
-        return {direction: iso for direction, end in rows if (iso := _iso(end)) is not None}
+            for direction in distinct(db, runs.c.direction, runs.c.connection == connection):
+                end = db.execute(last_end_query(connection, direction)).scalar()
+                if (iso := _iso(end)) is not None:
+                    ends[direction] = iso
+        return ends
 
     def record_history(self, connection: str, source_id: str) -> dict:
         """What happened to record X, and when: outcomes per run (with windows), quarantine, id map."""
@@ -71,7 +74,7 @@ class Views:
     def connections(self) -> list[dict]:
         """Every connection seen in the ledger with its last run and open quarantine count."""
         with self.engine.connect() as db:
-            names = sorted(db.execute(select(runs.c.connection).distinct()).scalars())
+            names = distinct(db, runs.c.connection)
             result = []
             for name in names:
                 last = db.execute(select(runs).where(runs.c.connection == name)
@@ -86,3 +89,16 @@ class Views:
         with self.engine.connect() as db:
             rows = db.execute(select(dq_summaries).where(dq_summaries.c.run_id == run_id)).mappings().all()
         return [{**dict(r), "at": _iso(r["at"]), "success": bool(r["success"])} for r in rows]
+
+
+def distinct(db, column, *where) -> list[str]:
+    """The distinct values of an indexed column, in order, one index lookup each (the next value
+    after the last): a handful of connections or flows, never a scan of every run (SELECT
+    DISTINCT reads every row of the index, which grows with each run)."""
+    values: list[str] = []
+    while True:
+        after = [column > values[-1]] if values else []
+        value = db.execute(select(func.min(column)).where(*where, *after)).scalar()
+        if value is None:
+            return values
+        values.append(value)

@@ -1,0 +1,259 @@
+"""Housekeeping: applies a connection's `retention:` to the history it accumulates, and logs
+what it removed (the daily `housekeeping__<name>` DAG; `python -m clinical_crm.engine.housekeeping
+<connection file>` by hand).
+
+What grows with every run, and what is done with it:
+
+- GX validation results and Data Docs pages: each run moves the runs older than the newest
+  `data_docs_runs` out of the live project into <reports>/<name>/gx_archive (quality.py), and
+  housekeeping deletes archived runs older than `gx_results_days` (and archives first, should the
+  project hold more, e.g. from before this code);
+- run files, <reports>/<name>/runs/<direction>/<run>.json, .quarantine.csv, .quarantine.json:
+  deleted after `run_files_days` (the newest run's of each direction are kept whatever their age);
+- per-record outcomes and data-quality summaries of runs started more than `outcomes_days` ago,
+  except the outcomes of records with an open quarantine row (a run tells known open items from
+  new ones by their `quarantined` outcome of a completed run) or a queued deletion mark, when no
+  run since the cutoff gave them a newer one;
+- staged files of runs that crashed or failed (a successful run removes its own): deleted when
+  nothing in the run's folder changed for `staging_hours`;
+- drift rows of reconciliation runs older than `drift_days` (the latest run's of each flow stay).
+
+Never removed: the runs rows (the next window starts at the last completed one; about 1 KB a
+run), the open and resolved quarantine rows and the page's decisions on them, the deletion queue,
+the id map and the source versions (what the connection wrote: reconciliation and the duplicate
+check rely on them). Airflow's own metadata is cleaned by `airflow db clean` (docs/operations.md).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import and_, delete, exists, func, select
+from sqlalchemy.orm import aliased
+
+from clinical_crm import settings
+from clinical_crm.engine import quality
+from clinical_crm.engine.ledger import (COMPLETED_STATES, Ledger, deletion_queue, dq_summaries, drift, quarantine, reconcile_runs,
+                                        record_outcomes, runs)
+from clinical_crm.times import now as _now
+
+log = logging.getLogger(__name__)
+
+BATCH_RUNS = 200  # runs whose outcomes one delete statement removes (one short transaction each)
+
+
+@dataclass
+class Removed:
+    """What one housekeeping pass removed, by kind (logged, and the task's return value)."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    bytes: int = 0
+
+    def add(self, kind: str, n: int = 1, size: int = 0) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + n
+        self.bytes += size
+
+    def as_dict(self) -> dict:
+        return {**self.counts, "bytes": self.bytes}
+
+
+def housekeep(cfg, ledger: Ledger | None = None, now_ts: float | None = None) -> dict:
+    """Apply `cfg.retention` to connection `cfg.name`; returns {kind: removed, "bytes": freed}."""
+    ledger = ledger or Ledger()
+    keep = cfg.retention
+    now_ts = time.time() if now_ts is None else now_ts
+    removed = Removed()
+    gx_history(cfg.name, keep.data_docs_runs, keep.gx_results_days, now_ts, removed)
+    run_files(cfg.name, keep.run_files_days, now_ts, removed)
+    staged_leftovers(cfg.name, keep.staging_hours, now_ts, removed)
+    ledger_history(ledger, cfg.name, keep.outcomes_days, keep.drift_days, removed)
+    log.info("housekeeping of %s removed %s (%.1f MiB of files)", cfg.name,
+             ", ".join(f"{n} {kind}" for kind, n in removed.counts.items()) or "nothing", removed.bytes / 2**20)
+    return removed.as_dict()
+
+
+# ---------------------------------------------------------------- files
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _newest_mtime(path: Path) -> float:
+    times = [path.stat().st_mtime, *(p.stat().st_mtime for p in path.rglob("*"))] if path.is_dir() \
+        else [path.stat().st_mtime]
+    return max(times)
+
+
+def gx_history(connection: str, keep_runs: int, days: int, now_ts: float, removed: Removed) -> None:
+    """Archive what the live GX project holds beyond its window, then delete archived runs older
+    than `days` (a run's age: its newest run time folder's modification time)."""
+    root = settings.reports_dir() / connection / "gx"
+    if root.exists():
+        import fcntl
+
+        with open(root.parent / ".gx.lock", "w") as handle:  # the lock the runs' Validator takes
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                moved = quality.archive_old_runs(root, keep_runs)
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        if moved:
+            removed.add("GX runs moved out of the live project", moved)
+    archive = quality.archive_dir(root)
+    cutoff = now_ts - days * 86400
+    for part in ("results", "pages"):
+        base = archive / part
+        if not base.is_dir():
+            continue
+        for suite in base.glob("/".join("*" * quality.SUITE_DEPTH)):
+            for run in list(suite.iterdir()):
+                if _newest_mtime(run) < cutoff:
+                    size = _size(run)
+                    shutil.rmtree(run, ignore_errors=True)
+                    removed.add(f"archived GX {part} folders", 1, size)
+
+
+def run_files(connection: str, days: int, now_ts: float, removed: Removed) -> None:
+    """Delete <reports>/<connection>/runs/<direction>/* older than `days`; the newest run's files
+    of each direction stay (an inactive connection keeps showing its last run)."""
+    base = settings.reports_dir() / connection / "runs"
+    if not base.is_dir():
+        return
+    cutoff = now_ts - days * 86400
+    for direction in base.iterdir():
+        if not direction.is_dir():
+            continue
+        files = [(f.stat().st_mtime, f) for f in direction.iterdir() if f.is_file()]
+        if not files:
+            continue
+        newest = _run_key(max(files)[1])
+        for mtime, path in files:
+            if mtime < cutoff and _run_key(path) != newest:
+                size = path.stat().st_size
+                path.unlink(missing_ok=True)
+                removed.add("run files", 1, size)
+
+
+def _run_key(path: Path) -> str:
+    """The run of a run file: its name without .json, .quarantine.csv, .quarantine.json."""
+    name = path.name
+    for suffix in (".quarantine.csv", ".quarantine.json", ".json"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def staged_leftovers(connection: str, hours: int, now_ts: float, removed: Removed) -> None:
+    """Delete the staged folders <staging>/<connection>/<flow>/<run> in which nothing changed for
+    `hours` (a successful run removes its own at its end: these are crashed or failed runs', kept
+    meanwhile for inspection and for the retries)."""
+    import fsspec  # type: ignore[import-untyped]
+
+    fs, root = fsspec.core.url_to_fs(f"{settings.staging_url().rstrip('/')}/{connection}")
+    if not fs.exists(root):
+        return
+    cutoff = now_ts - hours * 3600
+    for flow in fs.ls(root, detail=False):
+        if not fs.isdir(flow):
+            continue
+        for run in fs.ls(flow, detail=False):
+            files = fs.find(run, detail=True)
+            stamps = [_mtime(fs, path, info) for path, info in files.items()] or [_mtime(fs, run, fs.info(run))]
+            if max(stamps) < cutoff:
+                size = sum(int(info.get("size") or 0) for info in files.values())
+                fs.rm(run, recursive=True)
+                removed.add("staged runs", 1, size)
+
+
+def _mtime(fs, path: str, info: dict) -> float:
+    for key in ("mtime", "LastModified", "last_modified", "updated"):
+        value = info.get(key)
+        if value is not None:
+            return value.timestamp() if hasattr(value, "timestamp") else float(value)
+    return fs.modified(path).timestamp()
+
+
+# ---------------------------------------------------------------- the ledger
+
+
+def _chunks(values: list[int], size: int) -> Iterable[list[int]]:
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+
+
+def ledger_history(ledger: Ledger, connection: str, outcomes_days: int, drift_days: int, removed: Removed) -> None:
+    """Outcomes and DQ summaries of the runs started before the cutoff (not those an open
+    quarantine row or a pending deletion mark needs), drift of old reconciliation runs."""
+    cutoff = _now() - timedelta(days=outcomes_days)
+    with ledger.engine.connect() as db:
+        old_runs = list(db.execute(select(runs.c.id).where(runs.c.connection == connection,
+                                                           runs.c.started_at < cutoff).order_by(runs.c.id)).scalars())
+    # A record held in quarantine is known as an open item by a `quarantined` outcome of a
+    # completed run (accepted_quarantine_ids): its old outcomes stay unless a run since the cutoff
+    # gave it one. A record with a queued deletion mark keeps its old outcomes unless a run since
+    # gave it any. (Not all of them: a record open for months gets an outcome every run.)
+    recent = aliased(record_outcomes)
+    recent_run = aliased(runs)
+    same_record = [recent.c.connection == record_outcomes.c.connection, recent.c.object == record_outcomes.c.object,
+                   recent.c.source_id == record_outcomes.c.source_id]
+    recent_runs = select(recent_run.c.id).where(recent_run.c.connection == connection, recent_run.c.started_at >= cutoff)
+    requarantined = exists().where(*same_record, recent.c.outcome == "quarantined",
+                                   recent.c.run_id.in_(recent_runs.where(recent_run.c.state.in_(COMPLETED_STATES))))
+    touched_since = exists().where(*same_record, recent.c.run_id.in_(recent_runs))
+    still_needed = [
+        ~and_(exists().where(quarantine.c.connection == record_outcomes.c.connection,
+                             quarantine.c.direction == record_outcomes.c.direction,
+                             quarantine.c.object == record_outcomes.c.object,
+                             quarantine.c.source_id == record_outcomes.c.source_id,
+                             quarantine.c.resolved_at.is_(None)), ~requarantined),
+        ~and_(exists().where(deletion_queue.c.connection == record_outcomes.c.connection,
+                             deletion_queue.c.direction == record_outcomes.c.direction,
+                             deletion_queue.c.object == record_outcomes.c.object,
+                             deletion_queue.c.source_id == record_outcomes.c.source_id,
+                             deletion_queue.c.state == "pending"), ~touched_since),
+    ]
+    for ids in _chunks(old_runs, BATCH_RUNS):
+        with ledger.engine.begin() as db:
+            gone = db.execute(delete(record_outcomes).where(record_outcomes.c.run_id.in_(ids), *still_needed)).rowcount
+            if gone:
+                removed.add("record outcomes", gone)
+            gone = db.execute(delete(dq_summaries).where(dq_summaries.c.run_id.in_(ids))).rowcount
+            if gone:
+                removed.add("DQ summaries", gone)
+    drift_cutoff = _now() - timedelta(days=drift_days)
+    with ledger.engine.begin() as db:
+        latest = select(func.max(reconcile_runs.c.id)).where(
+            reconcile_runs.c.connection == connection).group_by(reconcile_runs.c.flow)
+        old_reconciles = select(reconcile_runs.c.id).where(
+            and_(reconcile_runs.c.connection == connection, reconcile_runs.c.started_at < drift_cutoff,
+                 reconcile_runs.c.id.not_in(latest)))
+        gone = db.execute(delete(drift).where(drift.c.connection == connection,
+                                              drift.c.run_id.in_(old_reconciles))).rowcount
+        if gone:
+            removed.add("drift rows", gone)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from clinical_crm import config
+
+    parser = argparse.ArgumentParser(prog="python -m clinical_crm.engine.housekeeping",
+                                     description="apply a connection file's retention now")
+    parser.add_argument("connection_file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(housekeep(config.load_connection(args.connection_file)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
