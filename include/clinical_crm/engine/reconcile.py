@@ -13,8 +13,8 @@ declarations only (no direction is named here):
   `Target.build` (and `prepare`, as the load sends them);
 * target: every record of the target object (`Target.where`) carrying an external id of this
   source vault (`{vault id}_...`), read in external-id order (`ORDER BY`, paged) and merged with
-  the expected records sorted the same way (an external sort of the staged records in runs):
-  memory follows the page and the runs' read-ahead, not the number of records;
+  the expected records sorted the same way (an external sort of the staged records in runs, on
+  local scratch): memory follows the page and the runs' read-ahead, not the number of records;
 * deletions: a target record with no source record in that read, and none found by its global
   id either (a record changed since the read, or no longer selected, e.g. a call unflagged, is
   no deletion: the connection leaves those alone), lost its source. It is a deletion the
@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -220,20 +221,27 @@ def expected_records(target: Target, records: Staged) -> Iterator[dict]:
             yield target.prepare(record) if target.prepare is not None else record
 
 
-def sorted_rows(path: str | None, key: str, runs_path: str) -> Iterator[dict]:
-    """The rows of a staged file as dicts in `key` order (Python's string order: the byte order
-    of UTF-8, as the vault's ORDER BY gives it). An external sort: RUN_ROWS rows at a time are
-    sorted into a run file (`runs_path`.<i>.parquet), then the runs are merged, each reading
-    MERGE_ROWS rows ahead, so memory follows RUN_ROWS and the number of runs, not the file."""
+def sorted_rows(path: str | None, key: str, scratch: str) -> Iterator[dict]:
+    """The rows of a staged file as dicts in `key` order (binary order of UTF-8, i.e. Python's
+    string order, as the vault's ORDER BY gives it). An external sort: RUN_ROWS rows at a time
+    are sorted into a run file in the local folder `scratch`, written in row groups of
+    MERGE_ROWS, then the runs are merged reading one row group of each at a time, so memory
+    follows RUN_ROWS and (number of runs x MERGE_ROWS), not the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     runs = []
     for i, chunk in enumerate(staging.read_chunks(path, chunk_rows=RUN_ROWS)):
-        ordered = chunk.sort_values(key, kind="mergesort", na_position="first", ignore_index=True)
-        runs.append(staging.write_frames(f"{runs_path}.{i}.parquet", [ordered]).path)
-        del chunk, ordered
+        table = pa.Table.from_pandas(chunk, preserve_index=False)
+        del chunk
+        table = table.sort_by([(key, "ascending")], null_placement="at_start")
+        runs.append(f"{scratch}/run{i}.parquet")
+        pq.write_table(table, runs[-1], row_group_size=MERGE_ROWS)
+        del table
 
     def rows(run: str) -> Iterator[dict]:
-        for part in staging.read_chunks(run, chunk_rows=MERGE_ROWS):
-            yield from staging.records(part)
+        for batch in pq.ParquetFile(run, pre_buffer=False).iter_batches(batch_size=MERGE_ROWS):
+            yield from batch.to_pylist()
 
     yield from heapq.merge(*map(rows, runs), key=lambda r: _key(r.get(key)))
 
@@ -302,7 +310,7 @@ class TargetCheck:
     FLUSH = 1_000  # target records without an expected record, checked against the sources together
 
     def __init__(self, flow: Flow, target: Target, cfg, clients: dict, ledger: Ledger, staged: Staged,
-                 records: Staged, start: datetime = EVER, run_dir: str | None = None):
+                 records: Staged, start: datetime = EVER):
         self.flow, self.target, self.cfg, self.ledger, self.start = flow, target, cfg, ledger, start
         self.client, self.source_client = clients[flow.target_side], clients[flow.source_side]
         self.prefix = f"{clients[flow.source_side].vault_id}_"
@@ -311,7 +319,6 @@ class TargetCheck:
         source = flow.validation.read if target.source == VALID and flow.validation else target.source
         self.sources = _id_set(staged.path(source))  # valid or not, in scope or not: the source record exists
         self.records = records
-        self.runs_path = f"{run_dir or staging.run_dir(cfg.name, 'reconcile', 'sort')}/{target.records}.sorted"
         self.expected = 0  # records the source says the target holds, counted by drift()
         self.in_target = 0  # target records carrying an external id of the source vault
         self.resend: dict[str, dict] = {}  # {external id: record} of the missing and stale ones
@@ -330,8 +337,9 @@ class TargetCheck:
 
     def _expected(self) -> Iterator[tuple[str, dict]]:
         prepare = self.target.prepare
-        for record in sorted_rows(self.records.path(self.target.records), self.id_param, self.runs_path):
-            yield str(record[self.id_param]), prepare(record) if prepare is not None else record
+        with tempfile.TemporaryDirectory(prefix="reconcile_sort_") as scratch:  # local scratch of the sort
+            for record in sorted_rows(self.records.path(self.target.records), self.id_param, scratch):
+                yield str(record[self.id_param]), prepare(record) if prepare is not None else record
 
     def _target(self, rows: Iterable[dict]) -> Iterator[tuple[str, dict]]:
         """(external id, row) in order; _OutOfOrder when the vault's order is not ours."""
@@ -485,7 +493,7 @@ def reconcile(flow: Flow, cfg, clients: dict, dag_run_id: str, repair: bool = Fa
         valid = _valid_rows(flow, cfg, scoped, ctx.run_dir)
         records = runner.transform(flow, cfg, ctx, scoped, valid)
         for target in flow.targets:
-            check = TargetCheck(flow, target, cfg, clients, ledger, staged, records, start, ctx.run_dir)
+            check = TargetCheck(flow, target, cfg, clients, ledger, staged, records, start)
             objects[check.target_object] = _reconcile_target(check, ledger, run_id, repair)
     except BaseException as error:
         ledger.finish_reconcile(run_id, "failed", {"objects": objects}, f"{type(error).__name__}: {error}")
