@@ -47,6 +47,7 @@ def old_vaults(tmp_path_factory, monkeypatch_module):
     from vault_sandbox.testing import SandboxServer
 
     data = tmp_path_factory.mktemp("scope_data")
+    monkeypatch_module.setattr(reconcile, "VALIDATE_ROWS", 16)  # the demo's 80 activities validated in blocks
     monkeypatch_module.setenv("CLINICAL_CRM_DATA_DIR", str(data))
     monkeypatch_module.setenv("CLINICAL_CRM_LEDGER_URL", f"sqlite:///{data / 'ledger.db'}")
     seeded = A_YEAR_AGO.strftime("%Y-%m-%dT%H:%M:%SZ")
