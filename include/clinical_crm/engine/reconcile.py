@@ -201,22 +201,23 @@ def in_scope(flow: Flow, cfg, ledger: Ledger, staged: Staged, run_dir: str, star
         source_object = getattr(read, "object", None)  # a Lookup has none (it never becomes target records)
         if read.name not in answerable or read.name not in files or not source_object:
             continue
-        referenced: set[str] = set()
-        if isinstance(read, Referenced):
-            referenced = set().union(*(_collected(files, *collectors[v]) for v in read.references if v in collectors))
+        references = read.references if isinstance(read, Referenced) else ()
         objects = answerable[read.name]
         files[read.name] = _narrow(
-            files[read.name], f"{run_dir}/{read.name}.in_scope.parquet", start, referenced,
+            files[read.name], f"{run_dir}/{read.name}.in_scope.parquet", start,
+            lambda refs=references: set().union(*(_collected(files, *collectors[v]) for v in refs if v in collectors)),
             lambda ids, o=source_object, t=objects: ledger.written_or_marked(cfg.name, flow.name, o, t, ids))
     return Staged(files)
 
 
-def _narrow(staged: StagedFile, path: str, start: datetime, referenced: set[str], written) -> StagedFile:
+def _narrow(staged: StagedFile, path: str, start: datetime, referenced_by_scope, written) -> StagedFile:
     """One staged read restricted to the scope; the file as read when every record changed since
-    `start` (a pass over the modified dates only)."""
+    `start` (a pass over the modified dates only). `referenced_by_scope()`: the global ids the
+    narrowed reads before it refer to; `written(ids)`: those of these source ids the ledger knows."""
     older = sum(int((~changed_since(c, start)).sum()) for c in staging.read_columns(staged.path, [MODIFIED_DATE]))
     if not older:
         return staged
+    referenced: set[str] = referenced_by_scope()
     writer, kept = staging.FrameWriter(path), 0
     for chunk in staging.read_chunks(staged.path):
         keep = changed_since(chunk, start)
