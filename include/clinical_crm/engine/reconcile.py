@@ -46,6 +46,7 @@ queue so no later run marks them again); each repaired drift row gets `repaired_
 """
 from __future__ import annotations
 
+import gc
 import heapq
 import logging
 import tempfile
@@ -71,8 +72,8 @@ KINDS = ("missing", "stale", "extra", "missing_deletion_mark")
 RESENT = ("missing", "stale")
 EVER = datetime(1970, 1, 1, tzinfo=timezone.utc)  # the start of the "window" of every source record
 SHOWN = 20  # drift rows written to the task log per target
-RUN_ROWS = 50_000  # rows of one sorted run of the external sort (sorted in memory at once)
-MERGE_ROWS = 1_000  # rows each sorted run reads ahead while they are merged
+RUN_ROWS = 25_000  # rows of one sorted run of the external sort (sorted in memory at once)
+MERGE_ROWS = 500  # rows each sorted run reads ahead while they are merged
 VALIDATE_ROWS = 100_000  # rows GX validates at once (its memory follows the block)
 
 
@@ -112,14 +113,17 @@ def _valid_rows(flow: Flow, cfg, staged: Staged, run_dir: str) -> Staged:
     if v is None:
         return Staged()
     reference = runner.references(v, staged)
-    validator = quality.Validator(cfg.name, "reconcile", stored=False)
     good = staging.FrameWriter(f"{run_dir}/{v.read}.valid.parquet")
     for block in _blocks(staged[v.read] if v.read in staged else None, f"{run_dir}/{v.read}.block", VALIDATE_ROWS):
+        # a fresh ephemeral GX context a block: one context kept what each validation left (+170 MiB
+        # over the ten blocks of 1,000,000 rows, measured)
         checked = quality.CheckedRows(block, v.matched_column)
-        verdict = checked.judge(validator, v.object, v.rules, lambda chunk: v.checks(chunk, reference))
+        verdict = checked.judge(quality.Validator(cfg.name, "reconcile", stored=False), v.object, v.rules,
+                                lambda chunk: v.checks(chunk, reference))
         for chunk, bad in checked.chunks(verdict):
             good.write(chunk[~bad])
         del checked, verdict
+        gc.collect()
     return Staged({VALID: good.close()})
 
 
