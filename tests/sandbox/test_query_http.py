@@ -186,3 +186,25 @@ def test_sequential_pages_equal_one_page_even_with_nulls_in_sort_keys(ctms, ctms
     paged, _ = ctms_client.query_all(f"SELECT id FROM {ACT} ORDER BY {order} PAGESIZE 7")
     assert [r["id"] for r in paged] == [r["id"] for r in whole]
     assert ctms.admin.counters()["paging"].get("keyset", 0) > 0
+
+
+def test_order_by_an_external_id_pages_in_byte_order(crm, crm_client):
+    """Reconciliation reads the target in external-id order (ORDER BY, paged) and merges it with
+    the expected records sorted by Python's string order: the sandbox's order must be that one,
+    across pages (keyset), with records without an external id first."""
+    import random
+
+    from clinical_crm.vault.client import VaultClient
+
+    values = [f"1001_V{c}{i:03d}" for c in "AbZ_a0" for i in range(4)] + ["1001_", "1001_V0Ab", "1001_V0AB", "99_X"]
+    random.Random(3).shuffle(values)
+    with VaultClient(crm.url, "integration@sandbox.example", "sandbox") as client:
+        created = client.create("clinical_study__v", [{"name__v": f"Order {i}", "external_id__v": v}
+                                                      for i, v in enumerate(values)]
+                                + [{"name__v": "Order without id"}])
+        assert all(r.outcome == "created" for r in created)
+    crm.admin.reset_counters()
+    paged, _ = crm_client.query_all("SELECT id, external_id__v FROM clinical_study__v ORDER BY external_id__v PAGESIZE 7")
+    got = [r["external_id__v"] for r in paged if r["external_id__v"] in set(values)]
+    assert got == sorted(values)
+    assert crm.admin.counters()["paging"].get("keyset", 0) > 0

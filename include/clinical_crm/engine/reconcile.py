@@ -1,29 +1,43 @@
-"""Reconciliation: what the target vault should hold, computed from EVERY source record by the
-flow's own rules, compared record by record with what it holds; each difference (drift) goes
-to the ledger (`drift`, `reconcile_runs`) and, with repair, the newest version is re-sent.
+"""Reconciliation: what the target vault should hold, computed from the source records the
+connection is answerable for by the flow's own rules, compared record by record with what it
+holds; each difference (drift) goes to the ledger (`drift`, `reconcile_runs`) and, with repair,
+the newest version is re-sent.
 
 This module owns the comparison, the drift kinds and the repair. It works from the Flow
 declarations only (no direction is named here):
 
-* source: the flow's own reads (engine.plan) over the whole history instead of a window, then
-  the flow's quality checks: a record failing them is expected absent
-  (quarantined), never drift; the valid rows become target records by `runner.transform`, i.e.
-  by each `Target.build` (and `prepare`, as the load sends them);
+* source: the flow's own reads (engine.plan) over the whole history instead of a window (the
+  deletions: since the connection's start date), narrowed to the connection's scope (below),
+  then the flow's quality checks: a record failing them is expected absent (quarantined),
+  never drift; the valid rows become target records by `runner.transform`, i.e. by each
+  `Target.build` (and `prepare`, as the load sends them);
 * target: every record of the target object (`Target.where`) carrying an external id of this
-  source vault (`{vault id}_...`), paged;
+  source vault (`{vault id}_...`), read in external-id order (`ORDER BY`, paged) and merged with
+  the expected records sorted the same way (an external sort of the staged records in runs, on
+  local scratch): memory follows the page and the runs' read-ahead, not the number of records;
 * deletions: a target record with no source record in that read, and none found by its global
   id either (a record changed since the read, or no longer selected, e.g. a call unflagged, is
   no deletion: the connection leaves those alone), lost its source. It is a deletion the
-  connection must mark when the ledger's deletion queue, the vault's recent deletions (staged
-  by the extraction) or the ledger's id map (the connection wrote it) know the record;
-  `DeletionMark.carried` (or the value the ledger says the mark wrote) says whether the target
-  carries the mark.
+  connection must mark when the ledger's deletion queue, the vault's deletions since the start
+  date (staged by the extraction) or the ledger's id map (the connection wrote it) know the
+  record; `DeletionMark.carried` (or the value the ledger says the mark wrote) says whether the
+  target carries the mark.
+
+Scope (docs/pipeline.md, Reconciliation): a source record is the connection's when it changed
+at or after `schedule.start_date` (its modified date), when the ledger says the connection
+wrote its target record (id map) or queued its deletion mark (deletion queue), or (a
+`Referenced` read: studies, sites) when an in-scope record refers to it. Other source records
+are neither compared nor written, and their target records are not reported. A target record
+whose source record is gone is reported only when the ledger knows it (then its mark is
+checked) or, as extra, when it was modified at or after the start date: one older is history
+the connection never touched.
 
 Drift kinds, per target record (external id = the source's global id):
-  missing                a valid source record has no target record
+  missing                a valid source record in scope has no target record
   stale                  target fields differ from what the rules give (fields, both values)
   extra                  an external id of this source vault with no source record, which the
-                         connection never wrote nor saw deleted; reported, never deleted
+                         connection never wrote nor saw deleted, modified since the start
+                         date; reported, never deleted
   missing_deletion_mark  the source record was deleted but the target lacks its mark
 
 Repair (`repair=True`): missing and stale records are upserted (engine.load.upsert, with the
@@ -32,19 +46,25 @@ queue so no later run marks them again); each repaired drift row gets `repaired_
 """
 from __future__ import annotations
 
+import gc
+import heapq
 import logging
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
-from clinical_crm.engine import load, quality, runner, staging
-from clinical_crm.engine.context import RunContext, Staged
+import pandas as pd
+
+from clinical_crm.engine import load, plan, quality, runner, staging
+from clinical_crm.engine.context import RunContext, Staged, StagedFile
 from clinical_crm.engine.ledger import Ledger
 from clinical_crm.engine.plan import Reading
-from clinical_crm.flows.base import SOURCE_ID, SOURCE_VERSION, VALID, DeletionMark, Flow, Target
-from clinical_crm.values import text
+from clinical_crm.engine.windows import Window
+from clinical_crm.flows.base import SOURCE_ID, SOURCE_VERSION, VALID, Deleted, DeletionMark, Flow, Referenced, Target
+from clinical_crm.values import blank, text
 from clinical_crm.vault import Query
-from clinical_crm.vault.fields import GLOBAL_ID, ID
+from clinical_crm.vault.fields import GLOBAL_ID, ID, MODIFIED_DATE
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +72,9 @@ KINDS = ("missing", "stale", "extra", "missing_deletion_mark")
 RESENT = ("missing", "stale")
 EVER = datetime(1970, 1, 1, tzinfo=timezone.utc)  # the start of the "window" of every source record
 SHOWN = 20  # drift rows written to the task log per target
+RUN_ROWS = 25_000  # rows of one sorted run of the external sort (sorted in memory at once)
+MERGE_ROWS = 500  # rows each sorted run reads ahead while they are merged
+VALIDATE_ROWS = 100_000  # rows GX validates at once (its memory follows the block)
 
 
 def value(v) -> str | None:
@@ -83,26 +106,138 @@ def _whole_history_deletions() -> Iterator[None]:
 def _valid_rows(flow: Flow, cfg, staged: Staged, run_dir: str) -> Staged:
     """The validated object's rows that pass the flow's quality rules (with the matched target
     id column), judged as the runner's validate step judges them, without touching the
-    quarantine or the Data Docs (an ephemeral GX context)."""
+    quarantine or the Data Docs (an ephemeral GX context). The rules judge each row on its own
+    (against the reference reads), so reconciliation validates VALIDATE_ROWS rows at a time:
+    GX's copies of one whole check frame grew with N (+860 MiB at 1,000,000 rows, measured)."""
     v = flow.validation
     if v is None:
         return Staged()
     reference = runner.references(v, staged)
-    checked = quality.CheckedRows(staged.path(v.read), v.matched_column)
-    verdict = checked.judge(quality.Validator(cfg.name, "reconcile", stored=False), v.object, v.rules,
-                            lambda chunk: v.checks(chunk, reference))
     good = staging.FrameWriter(f"{run_dir}/{v.read}.valid.parquet")
-    for chunk, bad in checked.chunks(verdict):
-        good.write(chunk[~bad])
+    for block in _blocks(staged[v.read] if v.read in staged else None, f"{run_dir}/{v.read}.block", VALIDATE_ROWS):
+        # a fresh ephemeral GX context a block: one context kept what each validation left (+170 MiB
+        # over the ten blocks of 1,000,000 rows, measured)
+        checked = quality.CheckedRows(block, v.matched_column)
+        verdict = checked.judge(quality.Validator(cfg.name, "reconcile", stored=False), v.object, v.rules,
+                                lambda chunk: v.checks(chunk, reference))
+        for chunk, bad in checked.chunks(verdict):
+            good.write(chunk[~bad])
+        del checked, verdict
+        gc.collect()
     return Staged({VALID: good.close()})
 
 
+def _blocks(staged: StagedFile | None, prefix: str, rows: int) -> Iterator[str | None]:
+    """A staged file as files of at most `rows` rows (the file itself when it is that small)."""
+    if staged is None or staged.rows <= rows:
+        yield staged.path if staged is not None else None
+        return
+    writer, i = None, 0
+    for chunk in staging.read_chunks(staged.path, chunk_rows=min(staging.CHUNK_ROWS, rows)):
+        if writer is None:
+            writer = staging.FrameWriter(f"{prefix}{i}.parquet")
+        writer.write(chunk)
+        if writer.rows >= rows:
+            yield writer.close().path
+            writer, i = None, i + 1
+    if writer is not None:
+        yield writer.close().path
+
+
 def _global_ids(path: str | None) -> dict[str, str]:
-    """{global id: id} of a staged source file."""
+    """{global id: id} of a staged source file (the small ones: deleted ids)."""
     found: dict[str, str] = {}
     for chunk in staging.read_chunks(path):
         found.update(zip(map(str, chunk[GLOBAL_ID]), map(str, chunk[ID])))
     return found
+
+
+def _id_set(path: str | None) -> staging.IdSet:
+    """The global ids of a staged source file, compactly (every source record, at any N)."""
+    found = staging.IdSet()
+    for chunk in staging.read_columns(path, [GLOBAL_ID]):
+        if GLOBAL_ID in chunk:
+            found.add(chunk[GLOBAL_ID].dropna())
+    return found
+
+
+# ---------------------------------------------------------------- the connection's scope
+
+
+def changed_since(frame: pd.DataFrame, start: datetime, column: str = MODIFIED_DATE) -> pd.Series:
+    """Which rows were modified at or after `start` (a row without a modified date counts as
+    changed: nothing says it is history)."""
+    if column not in frame:
+        return pd.Series(True, index=frame.index)
+    moments = pd.to_datetime(frame[column], utc=True, errors="coerce", format="ISO8601")
+    return ~(moments < start)
+
+
+def answerable_reads(flow: Flow) -> dict[str, list[str]]:
+    """{read name: the target objects its records go to}: the reads narrowed to the scope."""
+    found: dict[str, list[str]] = {}
+    for t in flow.targets:
+        name = flow.validation.read if t.source == VALID and flow.validation else t.source
+        found.setdefault(name, []).append(t.target_object)
+    return found
+
+
+def _collected(files: dict[str, StagedFile], read: str, column: str) -> set[str]:
+    """The non-blank values of one column of a staged read (what it collects for later reads)."""
+    found: set[str] = set()
+    for chunk in staging.read_columns(files[read].path if read in files else None, [column]):
+        if column in chunk:
+            found.update(str(v) for v in chunk[column] if not blank(v))
+    return found
+
+
+def in_scope(flow: Flow, cfg, ledger: Ledger, staged: Staged, run_dir: str, start: datetime) -> Staged:
+    """The staged reads, those whose records become target records narrowed to the connection's
+    scope: changed at or after `start`, or written or marked by the connection (the ledger), or
+    (a Referenced read) referred to by the narrowed records of the reads it needs. Reads are
+    narrowed in the order of their needs, so sites are those of the activities in scope, studies
+    those of both. Lookups, deletions and `known` files stay as read."""
+    answerable = answerable_reads(flow)
+    collectors = {value: (r.name, column) for r in flow.reads for value, column in getattr(r, "collects", {}).items()}
+    depth = plan.depths(flow.reads)
+    files = dict(staged.files)
+    for read in sorted(flow.reads, key=lambda r: depth[r.name]):
+        source_object = getattr(read, "object", None)  # a Lookup has none (it never becomes target records)
+        if read.name not in answerable or read.name not in files or not source_object:
+            continue
+        references = read.references if isinstance(read, Referenced) else ()
+        objects = answerable[read.name]
+        files[read.name] = _narrow(
+            files[read.name], f"{run_dir}/{read.name}.in_scope.parquet", start,
+            lambda refs=references: set().union(*(_collected(files, *collectors[v]) for v in refs if v in collectors)),
+            lambda ids, o=source_object, t=objects: ledger.written_or_marked(cfg.name, flow.name, o, t, ids))
+    return Staged(files)
+
+
+def _narrow(staged: StagedFile, path: str, start: datetime, referenced_by_scope, written) -> StagedFile:
+    """One staged read restricted to the scope; the file as read when every record changed since
+    `start` (a pass over the modified dates only). `referenced_by_scope()`: the global ids the
+    narrowed reads before it refer to; `written(ids)`: those of these source ids the ledger knows."""
+    older = sum(int((~changed_since(c, start)).sum()) for c in staging.read_columns(staged.path, [MODIFIED_DATE]))
+    if not older:
+        return staged
+    referenced: set[str] = referenced_by_scope()
+    writer, kept = staging.FrameWriter(path), 0
+    for chunk in staging.read_chunks(staged.path):
+        keep = changed_since(chunk, start)
+        if referenced and GLOBAL_ID in chunk:
+            keep |= chunk[GLOBAL_ID].isin(referenced)
+        if not keep.all():
+            known = written([str(i) for i in chunk.loc[~keep, ID]])
+            if known:
+                keep |= chunk[ID].isin(known)
+        kept += int(keep.sum())
+        writer.write(chunk[keep])
+    narrowed = writer.close()
+    log.info("scope: %d of %d records of %s changed before the start date %s and not the connection's: left out",
+             staged.rows - kept, staged.rows, path.rsplit("/", 1)[-1].removesuffix(".in_scope.parquet"),
+             start.isoformat())
+    return narrowed
 
 
 def expected_records(target: Target, records: Staged) -> Iterator[dict]:
@@ -111,6 +246,35 @@ def expected_records(target: Target, records: Staged) -> Iterator[dict]:
     for chunk in staging.read_chunks(records.path(target.records)):
         for record in staging.records(chunk):
             yield target.prepare(record) if target.prepare is not None else record
+
+
+def sorted_rows(path: str | None, key: str, scratch: str) -> Iterator[dict]:
+    """The rows of a staged file as dicts in `key` order (binary order of UTF-8, i.e. Python's
+    string order, as the vault's ORDER BY gives it). An external sort: RUN_ROWS rows at a time
+    are sorted into a run file in the local folder `scratch`, written in row groups of
+    MERGE_ROWS, then the runs are merged reading one row group of each at a time, so memory
+    follows RUN_ROWS and (number of runs x MERGE_ROWS), not the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    runs = []
+    for i, chunk in enumerate(staging.read_chunks(path, chunk_rows=RUN_ROWS)):
+        table = pa.Table.from_pandas(chunk, preserve_index=False)
+        del chunk
+        table = table.sort_by([(key, "ascending")], null_placement="at_start")
+        runs.append(f"{scratch}/run{i}.parquet")
+        pq.write_table(table, runs[-1], row_group_size=MERGE_ROWS)
+        del table
+
+    def rows(run: str) -> Iterator[dict]:
+        for batch in pq.ParquetFile(run, pre_buffer=False).iter_batches(batch_size=MERGE_ROWS):
+            yield from batch.to_pylist()
+
+    yield from heapq.merge(*map(rows, runs), key=lambda r: _key(r.get(key)))
+
+
+def _key(value) -> str:
+    return "" if value is None else str(value)
 
 
 def compared_fields(target: Target, records: Staged) -> list[str]:
@@ -123,14 +287,21 @@ def compared_fields(target: Target, records: Staged) -> list[str]:
 # ---------------------------------------------------------------- the target side
 
 
-def target_records(client, target: Target, cfg, fields: list[str], prefix: str) -> dict[str, dict]:
-    """{external id: record} of every target record carrying an external id of the source vault."""
+def target_records(client, target: Target, cfg, fields: list[str], prefix: str) -> Iterator[dict]:
+    """Every target record carrying an external id of the source vault, in external-id order
+    (ORDER BY the external id field, paged: one page in memory, the next one read ahead)."""
     id_param = target.id_param
     query = Query.select(target.target_object, list(dict.fromkeys([ID, id_param, *fields])))
     where = target.where
-    query = (query.filter(where) if where else query).paged(cfg.load.query_page_size)
-    return {str(r[id_param]): r for page in client.query(query) for r in page.records
-            if (text(r.get(id_param)) or "").startswith(prefix)}
+    query = (query.filter(where) if where else query).ordered(id_param).paged(cfg.load.query_page_size)
+    for page in client.query(query):
+        for r in page.records:
+            if (text(r.get(id_param)) or "").startswith(prefix):
+                yield r
+
+
+class _OutOfOrder(Exception):
+    """The target's ORDER BY gave an order other than Python's string order."""
 
 
 def carries_mark(mark: DeletionMark, row: dict, entry: dict | None) -> bool:
@@ -157,56 +328,124 @@ def differences(record: dict, row: dict, fields: list[str]) -> dict:
 
 
 class TargetCheck:
-    """Reconciles one Target of one flow: `drift()` compares, `repair(drift)` re-sends."""
+    """Reconciles one Target of one flow: `drift()` compares, `repair(drift)` re-sends.
+
+    `staged`: the reads as read (every source record: a target record whose source record exists
+    lost nothing, in scope or not); `records`: the target records of the source records in scope;
+    `start`: the connection's start date (an unknown target record older than it is history)."""
+
+    FLUSH = 1_000  # target records without an expected record, checked against the sources together
 
     def __init__(self, flow: Flow, target: Target, cfg, clients: dict, ledger: Ledger, staged: Staged,
-                 records: Staged):
-        self.flow, self.target, self.cfg, self.ledger = flow, target, cfg, ledger
+                 records: Staged, start: datetime = EVER):
+        self.flow, self.target, self.cfg, self.ledger, self.start = flow, target, cfg, ledger, start
         self.client, self.source_client = clients[flow.target_side], clients[flow.source_side]
         self.prefix = f"{clients[flow.source_side].vault_id}_"
         self.source_object, self.target_object = target.source_object, target.target_object
         self.id_param = target.id_param
         source = flow.validation.read if target.source == VALID and flow.validation else target.source
-        self.sources = _global_ids(staged.path(source))  # valid or not: the source record exists
+        self.sources = _id_set(staged.path(source))  # valid or not, in scope or not: the source record exists
         self.records = records
         self.expected = 0  # records the source says the target holds, counted by drift()
+        self.in_target = 0  # target records carrying an external id of the source vault
         self.resend: dict[str, dict] = {}  # {external id: record} of the missing and stale ones
         self.marks = [m for m in flow.deletions if m.target_object == self.target_object
                       and m.source_object == self.source_object]
-        self.deleted: dict[str, str] = {}  # {global id: source id} the vault reports deleted lately
+        self.deleted: dict[str, str] = {}  # {global id: source id} the vault reports deleted since the start
         for mark in self.marks:
             self.deleted.update(_global_ids(staged.path(mark.staged)))
         self.entries = ledger.deletion_entries(cfg.name, flow.name, self.source_object)
         self.fields = compared_fields(target, records)
-        read = self.fields + [f for m in self.marks for f in m.read_fields]
-        self.actual = target_records(self.client, target, cfg, read, self.prefix)
+        self.read = list(dict.fromkeys([*self.fields, *(f for m in self.marks for f in m.read_fields), MODIFIED_DATE]))
 
     def source_id(self, external_id: str) -> str:
         entry = self.entries.get(external_id)
         return entry["source_id"] if entry else self.deleted.get(external_id, external_id.removeprefix(self.prefix))
 
+    def _expected(self) -> Iterator[tuple[str, dict]]:
+        prepare = self.target.prepare
+        with tempfile.TemporaryDirectory(prefix="reconcile_sort_") as scratch:  # local scratch of the sort
+            for record in sorted_rows(self.records.path(self.target.records), self.id_param, scratch):
+                yield str(record[self.id_param]), prepare(record) if prepare is not None else record
+
+    def _target(self, rows: Iterable[dict]) -> Iterator[tuple[str, dict]]:
+        """(external id, row) in order; _OutOfOrder when the vault's order is not ours."""
+        last = None
+        for row in rows:
+            external_id = str(row[self.id_param])
+            if last is not None and external_id < last:
+                raise _OutOfOrder(f"{last!r} came before {external_id!r}")
+            last = external_id
+            self.in_target += 1
+            yield external_id, row
+
     def drift(self) -> list[dict]:
-        found = []
-        for record in expected_records(self.target, self.records):
+        """Both sides in external-id order, merged: each expected record meets its target record."""
+        try:
+            return self._merge(target_records(self.client, self.target, self.cfg, self.read, self.prefix))
+        except _OutOfOrder as error:  # e.g. a collation of the vault's: compare from a sorted copy instead
+            log.warning("%s: the target's external-id order differs from ours (%s): reading it again, sorted in "
+                        "memory", self.target_object, error)
+            rows = sorted(target_records(self.client, self.target, self.cfg, self.read, self.prefix),
+                          key=lambda r: str(r[self.id_param]))
+            return self._merge(rows)
+
+    def _merge(self, rows: Iterable[dict]) -> list[dict]:
+        self.expected, self.in_target, self.resend = 0, 0, {}
+        found: list[dict] = []
+        unmatched: list[tuple[str, dict]] = []  # target records no expected record met, checked FLUSH at a time
+        gone: dict[str, dict] = {}  # {external id: row} whose source record is gone and that lack the mark
+        target = self._target(rows)
+        current, met = next(target, None), False
+        for external_id, record in self._expected():
             self.expected += 1
-            external_id = str(record[self.id_param])
-            row = self.actual.get(external_id)
+            while current is not None and current[0] < external_id:
+                if not met:
+                    unmatched.append(current)
+                    if len(unmatched) >= self.FLUSH:
+                        self._gone(unmatched, gone)
+                current, met = next(target, None), False
+            row = current[1] if current is not None and current[0] == external_id else None
+            met = met or row is not None
             diff = differences(record, row, self.fields) if row is not None else None
             if row is None or diff:
                 self.resend[external_id] = record
                 found.append({"kind": "stale" if diff else "missing", "external_id": external_id,
                               "source_id": str(record[SOURCE_ID]), "details": {"fields": diff} if diff else None})
-        unmarked = [e for e, row in self.actual.items() if e not in self.sources and not any(
-            carries_mark(m, row, self.entries.get(e)) for m in self.marks)]
-        existing = self.still_there(unmarked) if unmarked else set()
-        gone = [e for e in unmarked if e not in existing]
-        written = self.ledger.known_external_ids(self.cfg.name, self.target_object, gone) if gone else set()
-        for external_id in gone:
+        while current is not None:
+            if not met:
+                unmatched.append(current)
+            current, met = next(target, None), False
+        self._gone(unmatched, gone)
+        return found + self._lost(gone)
+
+    def _gone(self, unmatched: list[tuple[str, dict]], gone: dict[str, dict]) -> None:
+        """Of target records without an expected record, those whose source record is not in the
+        read (valid or not, in scope or not) and that lack the mark go to `gone`."""
+        if unmatched:
+            there = self.sources.isin([e for e, _ in unmatched])
+            for (external_id, row), exists in zip(unmatched, there):
+                if not exists and not any(carries_mark(m, row, self.entries.get(external_id)) for m in self.marks):
+                    gone[external_id] = row
+            unmatched.clear()
+
+    def _lost(self, gone: dict[str, dict]) -> list[dict]:
+        """Target records whose source record is gone: a missing mark when the connection knows the
+        record (deletion queue, deletions since the start date, id map), else extra when it was
+        modified since the start date (older: history, out of scope)."""
+        existing = self.still_there(list(gone)) if gone else set()
+        lost = [e for e in gone if e not in existing]
+        written = self.ledger.known_external_ids(self.cfg.name, self.target_object, lost) if lost else set()
+        found: list[dict] = []
+        for external_id in lost:
+            row = gone[external_id]
             known = external_id in self.entries or external_id in self.deleted or external_id in written
+            if not known and not changed_since(pd.DataFrame([{MODIFIED_DATE: row.get(MODIFIED_DATE)}]),
+                                               self.start).iloc[0]:
+                continue
             mark = self.marks[0] if known and self.marks else None
-            row = self.actual[external_id]
             found.append({"kind": "missing_deletion_mark" if mark else "extra", "external_id": external_id,
-                          "source_id": self.source_id(external_id), "details": mark and {"fields": {  # type: ignore[dict-item]
+                          "source_id": self.source_id(external_id), "details": mark and {"fields": {
                               k: {"expected": value(v), "actual": value(row.get(k))}
                               for k, v in mark.change(row).items()}}})
         return found
@@ -270,18 +509,18 @@ def reconcile(flow: Flow, cfg, clients: dict, dag_run_id: str, repair: bool = Fa
     {"run_id", "repair", "objects": {target object: {expected, in_target, <kind>: n, repaired}}}."""
     ledger = ledger or Ledger()
     run_id = ledger.start_reconcile(cfg.name, flow.name, dag_run_id, repair)
-    ctx = RunContext(cfg.name, flow.name, dag_run_id, EVER.isoformat(), (now or datetime.now(timezone.utc)).isoformat(),
+    end = now or datetime.now(timezone.utc)
+    start = max(cfg.schedule.start_date, EVER)
+    ctx = RunContext(cfg.name, flow.name, dag_run_id, EVER.isoformat(), end.isoformat(),
                      True, staging.run_dir(cfg.name, f"reconcile_{flow.name}", dag_run_id), run_id)
     objects: dict[str, dict] = {}
     try:
-        with _whole_history_deletions():
-            staged = Staged(Reading(flow.reads, clients, ctx.window, ctx.run_dir, cfg.load.concurrency, {},
-                                    known=lambda obj, ids: ledger.known_external_ids(cfg.name, obj, ids),
-                                    page_size=cfg.load.query_page_size).run())
-        valid = _valid_rows(flow, cfg, staged, ctx.run_dir)
-        records = runner.transform(flow, cfg, ctx, staged, valid)
+        staged = _read(flow, cfg, clients, ledger, ctx, Window(start, end))
+        scoped = in_scope(flow, cfg, ledger, staged, ctx.run_dir, start)
+        valid = _valid_rows(flow, cfg, scoped, ctx.run_dir)
+        records = runner.transform(flow, cfg, ctx, scoped, valid)
         for target in flow.targets:
-            check = TargetCheck(flow, target, cfg, clients, ledger, staged, records)
+            check = TargetCheck(flow, target, cfg, clients, ledger, staged, records, start)
             objects[check.target_object] = _reconcile_target(check, ledger, run_id, repair)
     except BaseException as error:
         ledger.finish_reconcile(run_id, "failed", {"objects": objects}, f"{type(error).__name__}: {error}")
@@ -293,10 +532,26 @@ def reconcile(flow: Flow, cfg, clients: dict, dag_run_id: str, repair: bool = Fa
     return summary
 
 
+def _read(flow: Flow, cfg, clients: dict, ledger: Ledger, ctx: RunContext, since_start: Window) -> Staged:
+    """The flow's reads over the whole history; its deletions since the start date (a record
+    deleted before it is not the connection's). Deleted reads need nothing and feed nothing, so
+    they run on their own after the others."""
+    reads = [r for r in flow.reads if not isinstance(r, Deleted)]
+    deletions = [r for r in flow.reads if isinstance(r, Deleted)]
+    known = lambda obj, ids: ledger.known_external_ids(cfg.name, obj, ids)  # noqa: E731
+    with _whole_history_deletions():
+        files = Reading(reads, clients, ctx.window, ctx.run_dir, cfg.load.concurrency, {}, known=known,
+                        page_size=cfg.load.query_page_size).run()
+        if deletions:
+            files |= Reading(deletions, clients, since_start, ctx.run_dir, cfg.load.concurrency, {}, known=known,
+                             page_size=cfg.load.query_page_size).run()
+    return Staged(files)
+
+
 def _reconcile_target(check: TargetCheck, ledger: Ledger, run_id: int, repair: bool) -> dict:
     found = check.drift()
     ledger.add_drift(run_id, check.cfg.name, check.flow.name, check.target_object, found)
-    counts = {"expected": check.expected, "in_target": len(check.actual), **dict.fromkeys(KINDS, 0)}
+    counts = {"expected": check.expected, "in_target": check.in_target, **dict.fromkeys(KINDS, 0)}
     for d in found:
         counts[d["kind"]] += 1
     if repair and found:

@@ -173,6 +173,19 @@ def read_chunks(url: str | None, chunk_rows: int = CHUNK_ROWS) -> Iterator[pd.Da
                                 for i, name in enumerate(batch.schema.names)})
 
 
+def read_columns(url: str | None, columns: Iterable[str], chunk_rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    """Like read_chunks, reading only `columns` (those the file has): a pass over one or two
+    columns of a large file (reconciliation's scope, its sort keys) without the others."""
+    if not url or not _path(url).exists():
+        return
+    with _path(url).open("rb") as handle:
+        parquet = pq.ParquetFile(handle, pre_buffer=False)
+        wanted = [c for c in columns if c in parquet.schema_arrow.names]
+        for batch in parquet.iter_batches(batch_size=chunk_rows, columns=wanted):
+            yield pd.DataFrame({name: pd.Series(batch.column(i).to_numpy(zero_copy_only=False), dtype=object)
+                                for i, name in enumerate(batch.schema.names)})
+
+
 def read_frame(url: str | None) -> pd.DataFrame:
     """A whole staged file as one frame (for the small ones: accounts, persons, deleted ids)."""
     chunks = list(read_chunks(url))

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine
 
-from clinical_crm.engine.ledger.schema import _iso, drift, reconcile_runs
+from clinical_crm.engine.ledger.schema import _iso, deletion_queue, drift, id_map, reconcile_runs
 from clinical_crm.times import now as _now
 
 
@@ -29,6 +29,25 @@ class Reconciliation:
             values["summary"] = summary
         with self.engine.begin() as db:
             db.execute(update(reconcile_runs).where(reconcile_runs.c.id == run_id).values(**values))
+
+    def written_or_marked(self, connection: str, direction: str, source_object: str, target_objects: Iterable[str],
+                          source_ids: Iterable[str]) -> set[str]:
+        """Which of these source records the connection is answerable for whatever their age: it
+        wrote their target record (the id map of `target_objects`) or queued their deletion mark
+        (the deletion queue of the flow's `source_object`). Reconciliation's scope (IN chunks of 500)."""
+        ids, objects = sorted({str(s) for s in source_ids}), sorted(set(target_objects))
+        found: set[str] = set()
+        with self.engine.connect() as db:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                if objects:
+                    found.update(db.execute(select(id_map.c.source_id).where(
+                        id_map.c.connection == connection, id_map.c.object.in_(objects),
+                        id_map.c.target_id.is_not(None), id_map.c.source_id.in_(chunk))).scalars())
+                found.update(db.execute(select(deletion_queue.c.source_id).where(
+                    deletion_queue.c.connection == connection, deletion_queue.c.direction == direction,
+                    deletion_queue.c.object == source_object, deletion_queue.c.source_id.in_(chunk))).scalars())
+        return found
 
     def add_drift(self, run_id: int, connection: str, flow: str, object_name: str, rows: Iterable[dict]) -> None:
         """Drift rows: dicts with external_id, kind, source_id and details."""
