@@ -209,6 +209,35 @@ def update(client, object_name: str, records: list[dict], batch_size: int, concu
         pool.shutdown(cancel_futures=True)  # after a failed call, the calls not started are not made
 
 
+SHOWN_FAILURES = 20  # refused records named in the task log per write
+
+
+def log_failures(object_name: str, outcomes: list[dict], what: str = "write") -> None:
+    """Name the first records the vault did not take (the ledger holds every one)."""
+    for o in outcomes[:SHOWN_FAILURES]:
+        log.warning("%s of %s %s: %s %s %s", what, object_name, o.get("external_id") or o["source_id"], o["outcome"],
+                    o.get("error_type") or "", o.get("message") or "")
+
+
+def compared(value) -> str | None:
+    """A field value as compared with what the connection sends: trimmed text, Yes/No as
+    true/false, a picklist's first value."""
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return text(value)
+
+
+def holds_mark(mark: DeletionMark, row: dict, expected: dict | None) -> bool:
+    """Does the target row hold the deletion mark: what `change` gives (a status), or exactly the
+    values this connection wrote as the mark before (`expected`, from the deletion queue)?"""
+    change = mark.change(row)
+    current = {k: compared(row.get(k)) for k in change}
+    return (current == {k: compared(v) for k, v in change.items()}
+            or bool(expected) and current == {k: compared(v) for k, v in (expected or {}).items()})
+
+
 def record_written(id_map, outcomes: list[dict]) -> list[dict]:
     """Remember the target record of each outcome written (or found holding the values) in the id
     map (`ledger.id_map(connection, target object)`); returns those outcomes."""
@@ -263,8 +292,7 @@ def mark_deleted(client, mark: DeletionMark, pending: list[dict], batch_size: in
             continue
         seen.add(str(row[external_field]))
         change = mark.change(row)
-        current = {k: text(row.get(k)) for k in change}
-        if current == change or (entry.get("expected") and current == entry["expected"]):
+        if holds_mark(mark, row, entry.get("expected")):
             outcomes.append({"source_id": entry["source_id"], "target_id": row[ID], "outcome": "unchanged",
                              "message": mark.already_message})
         else:

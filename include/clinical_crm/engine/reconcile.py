@@ -77,13 +77,7 @@ MERGE_ROWS = 500  # rows each sorted run reads ahead while they are merged
 VALIDATE_ROWS = 100_000  # rows GX validates at once (its memory follows the block)
 
 
-def value(v) -> str | None:
-    """A field value as compared: trimmed text, Yes/No as true/false, a picklist's first value."""
-    if isinstance(v, (list, tuple)):
-        v = v[0] if v else None
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return text(v)
+value = load.compared  # a field value as compared (one rule for the load and reconciliation)
 
 
 @contextmanager
@@ -308,13 +302,9 @@ def carries_mark(mark: DeletionMark, row: dict, entry: dict | None) -> bool:
     """Does the target row carry the deletion mark? It holds the values the connection wrote as
     the mark (the ledger's `expected`), or passes the mark's own test (`carried`, else: it holds
     what `change` gives)."""
-    change = mark.change(row)
-    current = {k: value(row.get(k)) for k in change}
-    if entry and entry.get("expected") and current == {k: value(v) for k, v in entry["expected"].items()}:
+    if load.holds_mark(mark, row, (entry or {}).get("expected")):
         return True
-    if mark.carried is not None:
-        return mark.carried(row)
-    return current == {k: value(v) for k, v in change.items()}
+    return mark.carried is not None and mark.carried(row)
 
 
 # ---------------------------------------------------------------- comparing
@@ -473,10 +463,8 @@ class TargetCheck:
         with self.ledger.exclusive(load.lock_name(self.cfg.name, self.target_object)):
             outcomes = load.upsert(self.client, self.target_object, records, self.id_param, self.cfg.load.batch_size,
                                    guard=guard)
-        loaded = [o for o in outcomes if o["outcome"] in load.LOADED]
-        self.ledger.map_ids(self.cfg.name, self.target_object, [
-            {"source_id": o["source_id"], "target_id": o["target_id"], "external_id": o["external_id"]} for o in loaded])
-        _log_failures(self.target_object, [o for o in outcomes if o["outcome"] not in load.LOADED])
+        loaded = load.record_written(self.ledger.id_map(self.cfg.name, self.target_object), outcomes)
+        load.log_failures(self.target_object, [o for o in outcomes if o["outcome"] not in load.LOADED], "repair")
         return [o["external_id"] for o in loaded]
 
     def _mark(self, mark: DeletionMark, unmarked: list[dict]) -> list[str]:
@@ -489,15 +477,9 @@ class TargetCheck:
             self.client, mark, pending, self.cfg.load.batch_size,
             expect=lambda changes: self.ledger.expect_deletions(name, direction, obj, changes))
         self.ledger.settle_deletions(name, direction, obj, outcomes, no_target)
-        _log_failures(self.target_object, [o for o in outcomes if o["outcome"] == "failed"])
+        load.log_failures(self.target_object, [o for o in outcomes if o["outcome"] == "failed"], "repair")
         by_source = {d["source_id"]: d["external_id"] for d in unmarked}
         return [by_source[o["source_id"]] for o in outcomes if o["outcome"] in ("marked_deleted", "unchanged")]
-
-
-def _log_failures(object_name: str, failed: list[dict]) -> None:
-    for o in failed[:SHOWN]:
-        log.warning("repair of %s %s: %s %s %s", object_name, o.get("external_id") or o["source_id"], o["outcome"],
-                    o.get("error_type") or "", o.get("message") or "")
 
 
 # ---------------------------------------------------------------- one flow

@@ -498,8 +498,9 @@ def _record_the_rest(error: BaseException, sent, recorded, record) -> None:
 
 def _tally_failures(totals: dict[str, int], failed: list[dict], object_name: str) -> None:
     """Log the first failures; count the transient ones and the permission refusals apart."""
-    for o in failed[:20]:
-        log.warning("%s %s failed: %s %s", object_name, o["source_id"], o.get("error_type"), o.get("message"))
+    from clinical_crm.engine.load import log_failures  # (this module's `load` is the load step)
+
+    log_failures(object_name, failed)
     totals["transient_failed"] = totals.get("transient_failed", 0) + sum(
         o.get("error_type") in TRANSIENT_RECORD_ERRORS for o in failed)
     totals["permission_denied"] = totals.get("permission_denied", 0) + sum(
