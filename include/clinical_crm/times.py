@@ -29,3 +29,18 @@ def as_utc(value: str | datetime | None) -> datetime | None:
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def duration(seconds: float | None) -> str:
+    """A duration as `2 d 3 h`, `3 h 5 min`, `4 min 2 s` or `12 s` ("" for None)."""
+    if seconds is None:
+        return ""
+    seconds = int(max(seconds, 0))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"

@@ -55,6 +55,7 @@ from airflow.plugins_manager import AirflowPlugin
 from clinical_crm import settings
 from clinical_crm.airflow import naming
 from clinical_crm.airflow.naming import dag_id
+from clinical_crm.times import duration
 
 URL_PREFIX = "/clinical-crm"
 REPORT_CSP = "sandbox allow-scripts allow-forms"
@@ -90,23 +91,8 @@ def _moment(value: str | None) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
-def duration(seconds: float | None) -> str:
-    """A duration as `2 d 3 h`, `3 h 5 min`, `4 min 2 s` or `12 s`."""
-    if seconds is None:
-        return ""
-    seconds = int(max(seconds, 0))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days} d {hours} h"
-    if hours:
-        return f"{hours} h {minutes} min"
-    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
-
-
 TEMPLATES.filters["timestamp"] = timestamp
-TEMPLATES.filters["duration"] = duration
+TEMPLATES.filters["duration"] = duration  # clinical_crm.times: the task log and the page say it alike
 
 
 # ---------------------------------------------------------------- counts

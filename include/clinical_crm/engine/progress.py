@@ -32,6 +32,8 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+from clinical_crm.times import duration
+
 log = logging.getLogger(__name__)
 
 EVERY_SECONDS = 30.0
@@ -134,18 +136,6 @@ class Progress:
             self.writer(figures)
 
 
-def duration_text(seconds: float | None) -> str:
-    """A duration as `1 h 5 min`, `4 min 2 s` or `12 s` ("unknown" for None)."""
-    if seconds is None:
-        return "unknown"
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours} h {minutes} min"
-    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
-
-
 def line(figures: dict[str, Any]) -> str:
     """The figures as one line: `load x: 1200 of 5000 records (24%), 40.0/s, elapsed 30 s, ETA
     1 min 35 s, 812 calls left in the burst window`."""
@@ -157,10 +147,10 @@ def line(figures: dict[str, Any]) -> str:
     parts = [f"{figures['what']}: {done}"]
     if figures.get("rate") is not None:
         parts.append(f"{figures['rate']:.1f}/s")
-    parts.append(f"elapsed {duration_text(figures.get('elapsed_seconds'))}")
+    parts.append(f"elapsed {duration(figures.get('elapsed_seconds')) or '0 s'}")
     if figures.get("state", "running") == "running":
         eta = figures.get("eta_seconds")
-        parts.append(f"ETA {duration_text(eta)}" if eta is not None else "ETA unknown")
+        parts.append(f"ETA {duration(eta)}" if eta is not None else "ETA unknown")
     else:
         parts.append(str(figures["state"]))
     if figures.get("burst_remaining") is not None:
