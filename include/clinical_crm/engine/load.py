@@ -24,6 +24,7 @@ from clinical_crm.outcomes import LOADED, RecordResult
 from clinical_crm.times import as_utc
 from clinical_crm.values import text
 from clinical_crm.vault import Query
+from clinical_crm.vault.responses import RecordOutcome
 from clinical_crm.vault.errors import VaultPartialWrite, VaultTransientError
 from clinical_crm.vault.fields import ID, MAX_BATCH, vault_datetime
 
@@ -131,8 +132,8 @@ def upsert(client, object_name: str, records: Iterable[dict], id_param: str, bat
         return source_ids.get(external, external)
 
     def not_superseded(batch: list[dict]) -> list[dict]:
-        mine = {source_of(r): versions[str(r[id_param])] for r in batch if versions.get(str(r[id_param])) is not None}
-        newer = guard.superseded(mine) if guard is not None else {}  # type: ignore[arg-type]
+        mine: dict[str, datetime] = {source_of(r): v for r in batch if (v := versions.get(str(r[id_param]))) is not None}
+        newer = guard.superseded(mine) if guard is not None else {}
         for r in batch:
             if source_of(r) in newer:
                 source = source_of(r)
@@ -140,23 +141,24 @@ def upsert(client, object_name: str, records: Iterable[dict], id_param: str, bat
                     "source_id": source, "target_id": None, "outcome": "superseded", "error_type": None,
                     "external_id": str(r[id_param]),
                     "message": f"a newer version (modified {vault_datetime(newer[source])}) was already sent; "
-                               f"this run's older version (modified {vault_datetime(mine[source])}) was not written"})  # type: ignore[arg-type]
+                               f"this run's older version (modified {vault_datetime(mine[source])}) was not written"})
         return [r for r in batch if source_of(r) not in newer]
 
-    def answered(settled: dict[str, tuple[dict, object]]) -> list[dict]:
+    def answered(settled: dict[str, tuple[dict, RecordOutcome]]) -> list[dict]:
         """Outcome dicts of the records the vault answered for; the versions written recorded."""
-        answers, written = [], {}
+        answers: list[dict] = []
+        written: dict[str, datetime] = {}
         for external, (record, result) in settled.items():
             source = source_of(record)
             answers.append(_outcome(result, source) | {"external_id": external})
-            if result.outcome in LOADED and versions.get(external) is not None:  # type: ignore[attr-defined]
-                written[source] = versions[external]
+            if result.outcome in LOADED and (version := versions.get(external)) is not None:
+                written[source] = version
         if guard is not None:
-            guard.record(written)  # type: ignore[arg-type]
+            guard.record(written)
         return answers
 
     for batch in _batches(ordered, min(batch_size, MAX_BATCH)):
-        settled: dict[str, tuple[dict, object]] = {}  # external id -> (record, the vault's RecordOutcome)
+        settled: dict[str, tuple[dict, RecordOutcome]] = {}  # external id -> (record, the vault's outcome)
         try:
             for attempt in client.retrying():
                 with attempt:

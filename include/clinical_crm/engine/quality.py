@@ -15,6 +15,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import pandas as pd
@@ -181,12 +182,13 @@ class Validator:
         with self._locked():
             results = self._run(object_name, checks, rules)
             docs = self._docs() if self.stored else None
-        summaries, failing = [], {rule.name: set() for rule in rules}  # type: ignore[var-annotated]
+        summaries: list[dict] = []
+        failing: dict[str, set[str]] = {rule.name: set() for rule in rules}
         for suite_name, result in results:
-            summaries.append({"object": object_name, "suite": suite_name, "success": bool(result.success),  # type: ignore[attr-defined]
-                              "evaluated": int(result.statistics.get("evaluated_expectations", 0)),  # type: ignore[attr-defined]
-                              "failed": int(result.statistics.get("unsuccessful_expectations", 0))})  # type: ignore[attr-defined]
-            for r in result.results:  # type: ignore[attr-defined]
+            summaries.append({"object": object_name, "suite": suite_name, "success": bool(result.success),
+                              "evaluated": int(result.statistics.get("evaluated_expectations", 0)),
+                              "failed": int(result.statistics.get("unsuccessful_expectations", 0))})
+            for r in result.results:
                 found = r.result.get("unexpected_index_list")
                 if not r.success and found is None:  # not evaluated: never let a row pass unchecked
                     raise RuntimeError(f"GX could not evaluate {r.expectation_config.type} on "
@@ -198,7 +200,7 @@ class Validator:
         return Verdict(summaries, _findings(checks, rules, failing),
                        {name: len(ids) for name, ids in failing.items() if ids}, docs)
 
-    def _run(self, object_name: str, checks: pd.DataFrame, rules: list[Rule]) -> list[tuple[str, object]]:
+    def _run(self, object_name: str, checks: pd.DataFrame, rules: list[Rule]) -> list[tuple[str, Any]]:
         gx = load_gx()
         context = self.context
         source = context.data_sources.add_or_update_pandas(name=f"{self.connection}_checks")
