@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clinical_crm.flows.base import frame_rows
 from clinical_crm import settings
 from clinical_crm.engine.context import StagedFile
 
@@ -206,10 +207,8 @@ def page_frame(page) -> pd.DataFrame:
 
 
 def records(frame: pd.DataFrame) -> list[dict]:
-    """The rows as dicts, like `frame.to_dict("records")` (same values) but column-wise in C:
-    about 4 x faster on the staged text frames, which the transform and the load walk row by row."""
-    columns = list(frame.columns)
-    return [dict(zip(columns, values)) for values in zip(*(frame[c].tolist() for c in columns))]
+    """The rows as dicts (flows.base.frame_rows: the flows build their records the same way)."""
+    return frame_rows(frame)
 
 
 class IdSet:
