@@ -484,11 +484,11 @@ def load_connections(directory: str | Path | None = None) -> list[ConnectionConf
             f"{directory}: {len(files)} connection files; at most {MAX_CONNECTIONS} connections are allowed"
         )
     configs = [load_connection(p) for p in files]
-    by_name: dict[str, Path] = {}
+    by_name: dict[str, Path | None] = {}
     for config in configs:
         if config.name in by_name:
             raise ConfigError(
                 f"{config.source_file}: name: {config.name!r} is already used by {by_name[config.name]}"
             )
-        by_name[config.name] = config.source_file  # type: ignore[assignment]
+        by_name[config.name] = config.source_file
     return configs

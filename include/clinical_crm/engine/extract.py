@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
@@ -67,7 +67,7 @@ def frames(client, queries: Iterable[Query | str], progress=None) -> Iterator[pd
             for page in counted(pages, progress):
                 yield staging.page_frame(page)
         finally:
-            pages.close()  # type: ignore[attr-defined]  # stops the reading thread now, not when the generator is collected
+            pages.close()  # stops the reading thread now, not when the generator is collected
 
 
 def frames_side_by_side(client, queries: Iterable[Query | str], concurrency: int,
@@ -110,7 +110,7 @@ def in_parallel(concurrency: int, jobs: dict[str, Callable[[], object]]) -> dict
 _END = object()
 
 
-def prefetched(items: Iterable, ahead: int = 1) -> Iterator:
+def prefetched(items: Iterable, ahead: int = 1) -> Generator:
     """The items of `items` (e.g. the pages of a query), produced in a thread up to `ahead` items
     before they are used: the next call is in flight while the caller works on this item. Order
     and errors are kept; a caller that stops early stops the thread after its current call."""

@@ -22,7 +22,7 @@ from clinical_crm.engine.context import RunContext, Staged
 from clinical_crm.engine.ledger import Ledger
 from clinical_crm.engine.run_counts import PRE_STEP_COUNTS  # the pre-step's writes (to the source vault), apart
 from clinical_crm.outcomes import CLEARED_ON_RETRY, LOAD_OUTCOMES, VALIDATION_OUTCOMES, Outcome, RecordResult  # noqa: F401 (LOAD_OUTCOMES: the runner's vocabulary)
-from clinical_crm.flows.base import SOURCE_ID, SOURCE_OBJECT, VALID, Flow, Target, Writes
+from clinical_crm.flows.base import SOURCE_ID, SOURCE_OBJECT, VALID, Flow, Target, Upsert, Writes
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +142,9 @@ def _write_pre_step(ledger: Ledger, ctx: RunContext, client, cfg, writes: Writes
 
     object_of = {str(r[SOURCE_ID]): r[SOURCE_OBJECT] for r in writes.records}
     records = [{k: v for k, v in r.items() if k != SOURCE_OBJECT} for r in writes.records]
-    spec = Target("pre_step", "pre_step", writes.object, writes.object, writes.id_param, build=lambda rows: [])
     outcomes: list[dict] = []
     with ledger.exclusive(load.lock_name(ctx.connection, writes.object)):
-        _write(ledger, ctx, client, cfg, spec, [records] if records else [], object_of=object_of, collect=outcomes,
+        _write(ledger, ctx, client, cfg, writes.upsert, [records] if records else [], object_of=object_of, collect=outcomes,
                total=len(records), step=f"pre-step {writes.object}")
     written: dict[str, list[str]] = {}
     for o in outcomes:
@@ -352,10 +351,10 @@ def _load_target(ledger: Ledger, ctx: RunContext, client, cfg, target: Target, p
             batch = staging.records(chunk)
             yield [target.prepare(r) for r in batch] if target.prepare is not None else batch
 
-    return _write(ledger, ctx, client, cfg, target, batches(), earlier, final_attempt, total=total)
+    return _write(ledger, ctx, client, cfg, target.upsert, batches(), earlier, final_attempt, total=total)
 
 
-def _write(ledger: Ledger, ctx: RunContext, client, cfg, target: Target, chunks,
+def _write(ledger: Ledger, ctx: RunContext, client, cfg, target: Upsert, chunks,
            earlier: dict[str, dict[str, str]] | None = None, final_attempt: bool = True,
            object_of: dict[str, str] | None = None, collect: list | None = None,
            total: int | None = None, step: str | None = None) -> dict:

@@ -137,6 +137,17 @@ class Validation:
 
 
 @dataclass(frozen=True)
+class Upsert:
+    """Where the load path writes: records of `source_object` upserted into `target_object` by
+    `id_param`; with `holds_quarantine`, a refused record is quarantined, a written one released."""
+
+    source_object: str
+    target_object: str
+    id_param: str
+    holds_quarantine: bool = False
+
+
+@dataclass(frozen=True)
 class Target:
     """One target object: the records `build(rows)` makes from the rows of `source` (a read's
     name, or VALID: the rows that passed validation), upserted by `id_param`. With
@@ -153,6 +164,10 @@ class Target:
     holds_quarantine: bool = False
     prepare: Callable[[dict], dict] | None = None
     where: str | None = None
+
+    @property
+    def upsert(self) -> Upsert:
+        return Upsert(self.source_object, self.target_object, self.id_param, self.holds_quarantine)
 
 
 @dataclass(frozen=True)
@@ -197,6 +212,12 @@ class Writes:
     then: Callable[[dict[str, list[str]]], dict[str, list[dict]]]
     notes: list[Note] = field(default_factory=list)
     counted: dict[str, int] = field(default_factory=dict)  # {source object: records read}
+
+    @property
+    def upsert(self) -> Upsert:
+        """Into the pre-step's own vault: the records are both read from and written to `object`'s
+        side; outcomes are kept per source object (the runner's `object_of`)."""
+        return Upsert(self.object, self.object, self.id_param)
 
 
 @dataclass(frozen=True)
