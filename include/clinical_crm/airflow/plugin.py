@@ -231,10 +231,13 @@ def data_quality(ledger, run: dict, pages_by_site: dict) -> dict:
     passed = all(s["success"] for s in summaries) if summaries else None
     tree = pages_by_site.get("tree") or pages_by_site.setdefault("tree", _reports())  # one per request
     site = next((found for found in (report_file(s.get("report_path"), tree) for s in summaries) if found), None)
-    if site is not None and (site, run["dag_run_id"]) not in pages_by_site:
-        pages_by_site[site, run["dag_run_id"]] = validation_pages(site, run["dag_run_id"], tree)
+    # a local site is looked up per run (a glob under each suite); an object store lists every
+    # page under the prefix for any pattern, so a remote site is listed once per request
+    key = (site, run["dag_run_id"] if tree.local else "*")
+    if site is not None and key not in pages_by_site:
+        pages_by_site[key] = validation_pages(site, key[1], tree)
     objects = {s["object"] for s in summaries}
-    pages = [p for p in pages_by_site.get((site, run["dag_run_id"]), {}).get(run["dag_run_id"], [])
+    pages = [p for p in pages_by_site.get(key, {}).get(run["dag_run_id"], [])
              if p["connection"] == run["connection"] and p["object"] in objects]
     failing = sum(int(s.get("failing_rows") or 0) for s in summaries)
     return {"passed": passed, "link": report_link(site, tree) if site else None, "pages": pages,
