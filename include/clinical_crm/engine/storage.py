@@ -82,11 +82,6 @@ def open_text(p: StoragePath, **text: Any) -> IO[str]:
     return io.TextIOWrapper(p.fs.open(p.path, "wb"), **text)
 
 
-def locate(text: str) -> StoragePath:
-    """The inverse of `name`: a stored file's name back to a path."""
-    return path(text) if "://" in text else Path(text)
-
-
 def filesystem(url: str) -> tuple[Any, str]:
     """(fsspec filesystem, the path of `url` on it), listings cache emptied: other workers
     write the same store, and a long-lived process (the api-server) must see what they wrote."""
