@@ -99,3 +99,57 @@ class LedgerDatabase:
         admin = PostgresDatabase()._admin
         admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
         admin(f'DROP ROLE IF EXISTS "{self.role}"')
+
+
+# ---------------------------------------------------------------- a local S3-compatible server
+
+S3_KEY, S3_SECRET, S3_REGION = "testing", "testing", "us-east-1"  # moto accepts any credentials
+STORAGE_CONN_ID = "clinical_crm_storage"
+
+
+def storage_conn(endpoint: str) -> str:
+    """An Airflow `aws` connection (JSON form, for AIRFLOW_CONN_* variables) to an S3-compatible
+    endpoint: what CLINICAL_CRM_STORAGE_CONN_ID names; the Amazon provider's filesystem reads
+    `endpoint_url` from its extra."""
+    return json.dumps({"conn_type": "aws", "login": S3_KEY, "password": S3_SECRET,
+                       "extra": {"endpoint_url": endpoint, "region_name": S3_REGION}})
+
+
+class S3Server:
+    """moto's S3 server in this process (a thread) on a free loopback port; stopped on exit."""
+
+    def __init__(self):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> S3Server:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.stop()
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.url, aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET,
+                            region_name=S3_REGION)
+
+    def new_bucket(self) -> str:
+        bucket = f"clinical-crm-{secrets.token_hex(4)}"
+        self.client().create_bucket(Bucket=bucket)
+        return bucket
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+    def read(self, bucket: str, key: str) -> bytes:
+        return self.client().get_object(Bucket=bucket, Key=key)["Body"].read()

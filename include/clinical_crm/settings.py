@@ -42,17 +42,42 @@ def _ledger_connection_url() -> str | None:
     return f"postgresql+psycopg2://{rest}" if scheme in ("postgres", "postgresql") else f"{scheme}://{rest}"
 
 
+# One storage root for everything the product writes besides the ledger: the staging, the GX
+# projects and Data Docs, the run files and the alert state (engine/storage.py). A local folder by
+# default (the data folder); any fsspec URL Airflow's ObjectStoragePath knows, e.g.
+# s3://bucket/prefix (the Amazon provider's filesystem), reached through the Airflow connection
+# $CLINICAL_CRM_STORAGE_CONN_ID when set (an `aws` connection: keys, and `endpoint_url` in its
+# extra for an S3-compatible store), else the filesystem's own credential chain.
+
+
+def storage_url() -> str:
+    """The storage root: $CLINICAL_CRM_STORAGE_URL, default file://<data dir>."""
+    url = os.environ.get("CLINICAL_CRM_STORAGE_URL") or str(data_dir())
+    return url if "://" in url else f"file://{Path(url).absolute()}"  # a plain folder
+
+
+def storage_conn_id() -> str | None:
+    """The Airflow connection of the storage root's filesystem ($CLINICAL_CRM_STORAGE_CONN_ID)."""
+    return os.environ.get("CLINICAL_CRM_STORAGE_CONN_ID") or None
+
+
 def staging_url() -> str:
-    return os.environ.get("CLINICAL_CRM_STAGING_URL", f"file://{data_dir() / 'staging'}")
+    """<root>/staging; $CLINICAL_CRM_STAGING_URL moves it (on the same filesystem connection)."""
+    return os.environ.get("CLINICAL_CRM_STAGING_URL") or f"{storage_url().rstrip('/')}/staging"
+
+
+def reports_url() -> str:
+    """<root>/reports (GX projects and Data Docs, run files, alert state); the older
+    $CLINICAL_CRM_REPORTS_DIR (a local folder) still moves it."""
+    folder = os.environ.get("CLINICAL_CRM_REPORTS_DIR")
+    if folder:
+        return f"file://{Path(folder).absolute()}"
+    return f"{storage_url().rstrip('/')}/reports"
 
 
 def file_safe(name: str) -> str:
     """A name (e.g. a DAG run id) usable as one file or folder name in any store."""
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-
-
-def reports_dir() -> Path:
-    return Path(os.environ.get("CLINICAL_CRM_REPORTS_DIR", data_dir() / "reports"))
 
 
 # Connect args for Airflow's own metadata DB when it is the embedded SQLite file (demo, UI, tests),

@@ -7,7 +7,9 @@ role made by the compose postgres service's init script and reached through the 
 migrates the database and creates the vault connections and pools; then the api-server,
 dag-processor, scheduler and a Celery worker run as separate processes, two sandbox vaults serve the
 demo data, and a manual run of `ctms_to_crm__demo` must succeed and leave its records in the CRM
-vault. Everything started here is stopped, and the database dropped, whatever happens.
+vault; its page serves its Data Docs. Once with the storage root on the local disk, once on
+object storage (moto's S3 server on a loopback port, through an Airflow `aws` connection).
+Everything started here is stopped, and the database dropped, whatever happens.
 """
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ import redis
 import requests
 
 from airflow_cluster import REDIS_URL, AirflowCluster, LedgerDatabase, PostgresDatabase
+from clinical_crm.settings import file_safe
 
-pytestmark = [pytest.mark.celery, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.celery, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
 DAG_ID = "ctms_to_crm__demo"
@@ -76,7 +79,11 @@ def interactions_from_ctms(crm_url: str, cfg) -> list[str]:
     return [value for value in values if value.startswith(CTMS_VAULT_ID + "_")]
 
 
-def test_connection_dag_runs_on_celery_workers(tmp_path, broker):
+def run_demo_dag(tmp_path: Path, broker: int, storage_env: dict[str, str] | None = None,
+                 check=None) -> tuple[str, object, dict]:
+    """Start the cluster (with `storage_env` on every process), run `ctms_to_crm__demo` once,
+    check the run, its page and its Data Docs link, call `check(cluster, run_id, data)` while the
+    cluster still runs; returns (run id, the connection file, the ledger's run)."""
     from vault_sandbox.testing import SandboxServer
 
     from clinical_crm.config import load_connection
@@ -102,8 +109,11 @@ def test_connection_dag_runs_on_celery_workers(tmp_path, broker):
             "CRM_VAULT_URL": crm.url,
             # only the run triggered below: no scheduled runs racing it
             "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+            **(storage_env or {}),
         })
-        cluster.env.pop("CLINICAL_CRM_LEDGER_URL", None)
+        for key in ("CLINICAL_CRM_LEDGER_URL", "CLINICAL_CRM_REPORTS_DIR", "CLINICAL_CRM_STAGING_URL",
+                    *(() if storage_env else ("CLINICAL_CRM_STORAGE_URL", "CLINICAL_CRM_STORAGE_CONN_ID"))):
+            cluster.env.pop(key, None)
         try:
             cluster.init()
             cluster.start_all()
@@ -123,7 +133,16 @@ def test_connection_dag_runs_on_celery_workers(tmp_path, broker):
             assert "state-success" in row
             docs = re.search(r'class="data-docs" href="([^"]+)"', row)
             assert docs, row
-            assert cluster.get(f"/clinical-crm/{html.unescape(docs.group(1))}").ok
+            index = cluster.get(f"/clinical-crm/{html.unescape(docs.group(1))}")
+            assert index.ok and index.headers["content-type"].startswith("text/html"), index.status_code
+            assert run_id in html.unescape(index.text), "the Data Docs index does not list the run"
+            run_pages = re.findall(r'class="data-docs-run" href="([^"]+)"', row)
+            assert run_pages, row  # the run's own validation pages
+            for link in run_pages:
+                served = cluster.get(f"/clinical-crm/{html.unescape(link)}")
+                assert served.ok and served.headers["content-type"].startswith("text/html"), link
+            if check is not None:
+                check(cluster, run_id, data)
         finally:
             cluster.stop()
             print(cluster.all_logs())  # shown by pytest when the test fails (or with -rP)
@@ -139,3 +158,50 @@ def test_connection_dag_runs_on_celery_workers(tmp_path, broker):
         after = interactions_from_ctms(crm.url, cfg)
         assert len(after) == loaded, f"CRM has {len(after)} interactions, the ledger says {loaded} loaded: {counts}"
         assert len(set(after)) == len(after), "duplicate external ids in the CRM vault"
+        return run_id, cfg, runs[0]
+
+
+def test_connection_dag_runs_on_celery_workers(tmp_path, broker):
+    def on_local_disk(cluster, run_id, data):
+        assert (data / "reports" / "demo" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html").is_file()
+
+    run_demo_dag(tmp_path, broker, check=on_local_disk)
+
+
+def test_the_storage_root_on_object_storage(tmp_path, broker):
+    """Everything the product writes goes to the bucket (moto's S3 server, on loopback), through
+    the Airflow connection the Amazon provider's filesystem reads: staging, run files, the GX
+    project and Data Docs; the api-server's page serves the run's Data Docs from there."""
+    from support import STORAGE_CONN_ID, S3Server, storage_conn
+
+    with S3Server() as s3:
+        bucket = s3.new_bucket()
+        env = {"CLINICAL_CRM_STORAGE_URL": f"s3://{bucket}/deploy",
+               "CLINICAL_CRM_STORAGE_CONN_ID": STORAGE_CONN_ID,
+               f"AIRFLOW_CONN_{STORAGE_CONN_ID.upper()}": storage_conn(s3.url)}
+
+        def in_the_bucket(cluster, run_id, data):
+            safe = file_safe(run_id)
+            keys = s3.keys(bucket)
+            runs = f"deploy/reports/demo/runs/{DAG_ID.split('__')[0]}/{safe}"
+            for suffix in (".json", ".quarantine.csv", ".quarantine.json"):
+                assert f"{runs}{suffix}" in keys, (suffix, keys)
+            summary = json.loads(s3.read(bucket, f"{runs}.json"))
+            assert summary["dag_run_id"] == run_id and summary["quarantine_csv"] == f"s3://{bucket}/{runs}.quarantine.csv"
+            gx = "deploy/reports/demo/gx/uncommitted"
+            assert [k for k in keys if k.startswith(f"{gx}/validations/") and f"/{run_id}/" in k], keys
+            assert [k for k in keys if k.startswith(f"{gx}/data_docs/local_site/validations/") and f"/{run_id}/" in k]
+            assert f"{gx}/data_docs/local_site/index.html" in keys
+            assert summary["data_docs"] == f"s3://{bucket}/{gx}/data_docs/local_site/index.html"
+            # staging went through the bucket (the extract's hand-off names it) and the run removed its files
+            staged = cluster.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/extract/xcomEntries/"
+                                        "return_value")
+            assert staged.ok, staged.text
+            paths = re.findall(r"[a-z0-9]+://[^'\"\s,}]+?\.parquet", staged.text)
+            assert paths and all(p.startswith(f"s3://{bucket}/deploy/staging/demo/") for p in paths), paths
+            assert not [k for k in keys if k.startswith(f"deploy/staging/demo/{DAG_ID.split('__')[0]}/{safe}/")]
+            # nothing of it on the local disk
+            assert not (data / "reports").exists() and not (data / "staging").exists(), sorted(data.rglob("*"))
+
+        run_id, _, run = run_demo_dag(tmp_path, broker, env, check=in_the_bucket)
+        assert run["dq_report"].startswith(f"s3://{bucket}/deploy/reports/demo/gx/")

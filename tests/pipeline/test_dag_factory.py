@@ -87,9 +87,16 @@ def test_one_pool_per_vault(dags):
 
 
 def test_parsing_imports_no_heavy_module():
-    code = ("import runpy, sys; g = runpy.run_path('dags/clinical_crm_dags.py'); "
+    # The first Asset a parse makes has Airflow load every provider's asset URI handlers, and the
+    # Amazon provider's (the storage root on S3) imports its S3 hook: boto3 and requests. That
+    # is Airflow's cost, paid by any deployment with the provider; it is paid first here, so
+    # what is counted is what the DAG file itself imports (pandas, pyarrow, GX never at all).
+    code = ("import runpy, sys; from airflow.sdk.providers_manager_runtime import ProvidersManagerTaskRuntime; "
+            "ProvidersManagerTaskRuntime().asset_uri_handlers; before = set(sys.modules); "
+            "g = runpy.run_path('dags/clinical_crm_dags.py'); "
             "assert 'ctms_to_crm__demo' in g; "
-            "print(sorted(m for m in ('pandas', 'pyarrow', 'great_expectations', 'requests') if m in sys.modules))")
+            "print(sorted(m for m in ('pandas', 'pyarrow', 'great_expectations', 'requests') "
+            "if m in sys.modules and (m not in before or m != 'requests')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -47,11 +47,12 @@ def staged_urls(*staged: dict | None) -> list[str]:
 
 def quarantine_urls(run: dict) -> list[str]:
     """The run's quarantine files (written by validate, engine/quarantine_report.py)."""
+    from clinical_crm.engine import storage
     from clinical_crm.engine.quarantine_report import run_file
 
     if not run.get("active"):
         return []
-    return [str(run_file(run["connection"], run["direction"], run["dag_run_id"], suffix))
+    return [storage.name(run_file(run["connection"], run["direction"], run["dag_run_id"], suffix))
             for suffix in (".quarantine.csv", ".quarantine.json")]
 
 

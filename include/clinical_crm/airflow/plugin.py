@@ -25,8 +25,9 @@ from the sync ledger's read API. This module owns, per part of the page:
 
 Actions and backfills need Airflow's edit permission on the DAG (`<direction>__<connection>`),
 asked of Airflow's auth manager; their POST forms are accepted from the page's own origin only
-(CSRF). The Data Docs HTML is served from the reports folder (``settings.reports_dir()``); paths
-outside it are refused. Every route requires an authenticated Airflow user (the api-server's
+(CSRF). The Data Docs HTML is served from the reports folder of the storage root
+(``settings.reports_url()``: a local folder, or object storage read through ObjectStoragePath's
+filesystem); paths outside it are refused. Every route requires an authenticated Airflow user (the api-server's
 session cookie or bearer token), like Airflow's own API. The plugin also declares an external
 view, so the page is listed in the UI's "Browse" menu and shown inside the Airflow UI.
 """
@@ -37,6 +38,7 @@ import functools
 import glob
 import io
 import logging
+import posixpath
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -45,7 +47,7 @@ from typing import Annotated, Any
 from urllib.parse import quote, urlencode, urlsplit
 
 from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -165,33 +167,42 @@ def progress_lines(run: dict) -> list[dict]:
 # ---------------------------------------------------------------- data quality
 
 
-def report_file(path: str | None) -> Path | None:
-    """A Data Docs file (a folder means its index.html) if it lies inside the reports folder."""
+def _reports():
+    """The reports folder of the storage root (engine/storage.py): a local folder or object storage."""
+    from clinical_crm.engine import storage
+
+    return storage.Tree(settings.reports_url())
+
+
+def report_file(path: str | None, tree=None) -> str | None:
+    """A Data Docs file (a folder means its index.html), by its name relative to the reports
+    folder, if it lies inside it; `path`: relative, or absolute (a local path or a URL)."""
     if not path:
         return None
-    root = settings.reports_dir().resolve()
-    target = Path(path)
-    if not target.is_absolute():
-        target = root / target
-    target = target.resolve()
-    if target.is_dir():
-        target = target / "index.html"
-    if not target.is_relative_to(root) or not target.is_file():
+    tree = tree or _reports()
+    rel = tree.inside(path)
+    if rel is None:
         return None
-    return target
+    if tree.is_dir(rel):
+        rel = f"{rel}/index.html" if rel else "index.html"
+        rel = tree.inside(rel)  # a link inside may leave the folder
+        if rel is None:
+            return None
+    return rel if rel and tree.is_file(rel) else None
 
 
-def report_link(path: Path | str | None) -> str | None:
+def report_link(path: str | None, tree=None) -> str | None:
     """Relative URL (served by this app) of a Data Docs file, or None when it is not servable."""
-    target = report_file(str(path) if path else None)
+    target = report_file(str(path) if path else None, tree)
     if target is None:
         return None
-    return "reports/" + quote(target.relative_to(settings.reports_dir().resolve()).as_posix())
+    return "reports/" + quote(target)
 
 
-def validation_pages(site_index: Path | None, run_name: str = "*") -> dict[str, list[dict]]:
-    """The validation result pages of a Data Docs site by run name (the DAG run id); those of one
-    run with `run_name` (looked up under each suite, not a listing of every run's folder).
+def validation_pages(site_index: str | None, run_name: str = "*", tree=None) -> dict[str, list[dict]]:
+    """The validation result pages of a Data Docs site (its index.html, relative to the reports
+    folder) by run name (the DAG run id); those of one run with `run_name` (looked up under each
+    suite, not a listing of every run's folder).
 
     Great Expectations lays them out as validations/<suite path>/<run name>/<time>/<batch>.html,
     where our suite names are <connection>.<object>.<suite>.
@@ -199,11 +210,13 @@ def validation_pages(site_index: Path | None, run_name: str = "*") -> dict[str, 
     pages: dict[str, list[dict]] = {}
     if site_index is None:
         return pages
-    validations = site_index.parent / "validations"
-    for page in sorted(validations.glob(f"*/*/*/{glob.escape(run_name) if run_name != '*' else '*'}/*/*.html")):
-        connection, object_name, suite = page.relative_to(validations).parts[:3]
-        run_name = page.parent.parent.name
-        link = report_link(page)
+    tree = tree or _reports()
+    validations = posixpath.join(posixpath.dirname(site_index), "validations")
+    pattern = f"*/*/*/{glob.escape(run_name) if run_name != '*' else '*'}/*/*.html"
+    for page in tree.glob(f"{validations}/{pattern}"):
+        connection, object_name, suite = page[len(validations) + 1:].split("/")[:3]
+        run_name = page.rsplit("/", 3)[-3]
+        link = report_link(page, tree)
         if link:
             pages.setdefault(run_name, []).append({"connection": connection, "object": object_name,
                                                    "label": f"{object_name} / {suite}", "link": link})
@@ -216,14 +229,18 @@ def data_quality(ledger, run: dict, pages_by_site: dict) -> dict:
     connection's site, and those pages are not this run's."""
     summaries = ledger.dq_summaries(run["run_id"])
     passed = all(s["success"] for s in summaries) if summaries else None
-    site = next((found for found in (report_file(s.get("report_path")) for s in summaries) if found), None)
-    if site is not None and (site, run["dag_run_id"]) not in pages_by_site:
-        pages_by_site[site, run["dag_run_id"]] = validation_pages(site, run["dag_run_id"])
+    tree = pages_by_site.get("tree") or pages_by_site.setdefault("tree", _reports())  # one per request
+    site = next((found for found in (report_file(s.get("report_path"), tree) for s in summaries) if found), None)
+    # a local site is looked up per run (a glob under each suite); an object store lists every
+    # page under the prefix for any pattern, so a remote site is listed once per request
+    key = (site, run["dag_run_id"] if tree.local else "*")
+    if site is not None and key not in pages_by_site:
+        pages_by_site[key] = validation_pages(site, key[1], tree)
     objects = {s["object"] for s in summaries}
-    pages = [p for p in pages_by_site.get((site, run["dag_run_id"]), {}).get(run["dag_run_id"], [])
+    pages = [p for p in pages_by_site.get(key, {}).get(run["dag_run_id"], [])
              if p["connection"] == run["connection"] and p["object"] in objects]
     failing = sum(int(s.get("failing_rows") or 0) for s in summaries)
-    return {"passed": passed, "link": report_link(site) if site else None, "pages": pages,
+    return {"passed": passed, "link": report_link(site, tree) if site else None, "pages": pages,
             "failing_rows": failing, "objects": summaries}
 
 
@@ -672,14 +689,19 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
                       vault_links=vault_links(connection, history["quarantine"]))
 
     @app.get("/reports/{path:path}")
-    def reports(path: str) -> FileResponse:
-        root = settings.reports_dir().resolve()
-        target = (root / path).resolve()
-        if not target.is_relative_to(root) or not target.is_file():
+    def reports(path: str) -> Response:
+        from clinical_crm.engine import storage
+
+        tree = _reports()
+        rel = tree.inside(path)
+        if not rel or not tree.is_file(rel):
             raise HTTPException(status_code=404, detail="No such report file")
         # Reports show vault data: run them in an opaque origin, away from the Airflow session.
-        return FileResponse(target, headers={"Content-Security-Policy": REPORT_CSP,
-                                             "X-Content-Type-Options": "nosniff"})
+        headers = {"Content-Security-Policy": REPORT_CSP, "X-Content-Type-Options": "nosniff"}
+        local = tree.local_file(rel)
+        if local is not None:
+            return FileResponse(local, headers=headers)
+        return Response(tree.read_bytes(rel), media_type=storage.media_type(rel), headers=headers)
 
     return app
 

@@ -19,7 +19,6 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from clinical_crm import settings
 
 EMAIL = re.compile(r"[^\s@<>()'\"]+@[^\s@<>()'\"]+")
 MAX_REASON = 2000  # characters of an error's text in an alert
@@ -92,13 +91,22 @@ def lag(cfg, dag_id: str, last_success_end: datetime | None, now: datetime, link
                    "Every run since has failed or none has run: see the DAG's runs."], link)
 
 
-def due(connection: str, key: str, now: datetime, every: timedelta = AGE_REPEAT) -> bool:
+def due(connection: str, key: str, now: datetime, every: timedelta = AGE_REPEAT, ledger=None) -> bool:
     """True (and remembered) when alert `key` was not sent within `every`: a repeating condition
-    (an old quarantine) alerts once a day, not every hour. State: <reports>/<connection>/alerts_sent.json."""
-    path = settings.reports_dir() / connection / "alerts_sent.json"
-    sent = json.loads(path.read_text()) if path.exists() else {}
-    if key in sent and now - datetime.fromisoformat(sent[key]) < every:
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**sent, key: now.isoformat()}, indent=2))
+    (an old quarantine) alerts once a day, not every hour. State: <reports>/<connection>/alerts_sent.json
+    under the storage root; read, changed and written under the ledger's lock `alerts:<connection>`,
+    so two workers finishing at once send it once."""
+    from clinical_crm.engine import storage
+
+    if ledger is None:
+        from clinical_crm.engine.ledger import Ledger
+
+        ledger = Ledger()
+    path = storage.reports(connection, "alerts_sent.json")
+    with ledger.exclusive(f"alerts:{connection}"):
+        sent = json.loads(path.read_text()) if path.exists() else {}
+        if key in sent and now - datetime.fromisoformat(sent[key]) < every:
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**sent, key: now.isoformat()}, indent=2))
     return True

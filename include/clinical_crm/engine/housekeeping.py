@@ -26,18 +26,17 @@ check rely on them). Airflow's own metadata is cleaned by `airflow db clean` (do
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from sqlalchemy import and_, delete, exists, func, select
 from sqlalchemy.orm import aliased
 
 from clinical_crm import settings
-from clinical_crm.engine import quality
+from clinical_crm.engine import quality, storage
 from clinical_crm.engine.ledger import (COMPLETED_STATES, Ledger, deletion_queue, dq_summaries, drift, quarantine, reconcile_runs,
                                         record_outcomes, runs)
 from clinical_crm.times import now as _now
@@ -68,7 +67,7 @@ def housekeep(cfg, ledger: Ledger | None = None, now_ts: float | None = None) ->
     keep = cfg.retention
     now_ts = time.time() if now_ts is None else now_ts
     removed = Removed()
-    gx_history(cfg.name, keep.data_docs_runs, keep.gx_results_days, now_ts, removed)
+    gx_history(cfg.name, keep.data_docs_runs, keep.gx_results_days, now_ts, removed, ledger)
     run_files(cfg.name, keep.run_files_days, now_ts, removed)
     staged_leftovers(cfg.name, keep.staging_hours, now_ts, removed)
     ledger_history(ledger, cfg.name, keep.outcomes_days, keep.drift_days, removed)
@@ -78,73 +77,105 @@ def housekeep(cfg, ledger: Ledger | None = None, now_ts: float | None = None) ->
 
 
 # ---------------------------------------------------------------- files
+#
+# All of them under the storage root (engine/storage.py), through its fsspec filesystem: the
+# local disk by default, object storage (S3 ...) when the root is remote. Ages are modification
+# times, but a GX run's: its run time (the run-time folder GX names it by), when it reads,
+# because a remote archive's objects are as new as the copy that moved them there.
 
 
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def _tree(fs, path: str) -> dict[str, dict]:
+    """{path: info} of a folder's files and sub-folders (the folder's own too, where it has one)."""
+    found = dict(fs.find(path, withdirs=True, detail=True))
+    if path not in found:
+        try:
+            found[path] = fs.info(path)
+        except FileNotFoundError:
+            pass
+    return found
 
 
-def _newest_mtime(path: Path) -> float:
-    times = [path.stat().st_mtime, *(p.stat().st_mtime for p in path.rglob("*"))] if path.is_dir() \
-        else [path.stat().st_mtime]
-    return max(times)
+def _newest(infos: dict[str, dict]) -> float | None:
+    stamps = [t for t in (storage.mtime(info) for info in infos.values()) if t is not None]
+    return max(stamps) if stamps else None
 
 
-def gx_history(connection: str, keep_runs: int, days: int, now_ts: float, removed: Removed) -> None:
-    """Archive what the live GX project holds beyond its window, then delete archived runs older
-    than `days` (a run's age: its newest run time folder's modification time)."""
-    root = settings.reports_dir() / connection / "gx"
-    if root.exists():
-        import fcntl
+def _size(infos: dict[str, dict]) -> int:
+    return sum(int(info.get("size") or 0) for info in infos.values() if info.get("type") == "file")
 
-        with open(root.parent / ".gx.lock", "w") as handle:  # the lock the runs' Validator takes
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                moved = quality.archive_old_runs(root, keep_runs)
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+
+def _gx_run_age(fs, run: str, infos: dict[str, dict]) -> float | None:
+    """A GX run folder's age: its newest run-time folder (e.g. 20261201T100000.000000Z), else
+    the newest modification time of what it holds."""
+    times = []
+    for child in fs.ls(run, detail=False):
+        try:
+            times.append(datetime.strptime(child.rstrip("/").rsplit("/", 1)[-1], "%Y%m%dT%H%M%S.%fZ")
+                         .replace(tzinfo=timezone.utc).timestamp())
+        except ValueError:
+            pass
+    return max(times) if times else _newest(infos)
+
+
+def gx_history(connection: str, keep_runs: int, days: int, now_ts: float, removed: Removed,
+               ledger: Ledger | None = None) -> None:
+    """Archive what the live GX project holds beyond its window (under the lock the runs'
+    Validator takes), then delete archived runs older than `days`."""
+    url = storage.join(settings.reports_url(), connection, "gx")
+    fs, root = storage.filesystem(url)
+    if fs.exists(root):
+        with (ledger or Ledger()).exclusive(quality.gx_lock(connection)):
+            if storage.is_local(url):
+                moved = quality.archive_old_runs(storage.local_folder(url), keep_runs)
+            else:  # in a working copy of the live project, pushed back (moves and removals)
+                with quality.WorkingCopy(url) as copy:
+                    moved = quality.archive_old_runs(copy.root, keep_runs)
+                    if moved:
+                        copy.push()
         if moved:
             removed.add("GX runs moved out of the live project", moved)
-    archive = quality.archive_dir(root)
+        fs.invalidate_cache()  # the working copy's push changed the store under this listing
+    archive = f"{root.rsplit('/', 1)[0]}/{quality.archive_dir(Path('gx')).name}"
     cutoff = now_ts - days * 86400
     for part in ("results", "pages"):
-        base = archive / part
-        if not base.is_dir():
+        base = f"{archive}/{part}"
+        if not fs.isdir(base):
             continue
-        for suite in base.glob("/".join("*" * quality.SUITE_DEPTH)):
-            for run in list(suite.iterdir()):
-                if _newest_mtime(run) < cutoff:
-                    size = _size(run)
-                    shutil.rmtree(run, ignore_errors=True)
-                    removed.add(f"archived GX {part} folders", 1, size)
+        for suite in fs.glob(f"{base}/" + "/".join("*" * quality.SUITE_DEPTH)):
+            if not fs.isdir(suite):
+                continue
+            for run in fs.ls(suite, detail=False):
+                infos = _tree(fs, run)
+                age = _gx_run_age(fs, run, infos)
+                if age is not None and age < cutoff:
+                    fs.rm(run, recursive=True)
+                    removed.add(f"archived GX {part} folders", 1, _size(infos))
 
 
 def run_files(connection: str, days: int, now_ts: float, removed: Removed) -> None:
     """Delete <reports>/<connection>/runs/<direction>/* older than `days`; the newest run's files
     of each direction stay (an inactive connection keeps showing its last run)."""
-    base = settings.reports_dir() / connection / "runs"
-    if not base.is_dir():
+    fs, base = storage.filesystem(storage.join(settings.reports_url(), connection, "runs"))
+    if not fs.isdir(base):
         return
     cutoff = now_ts - days * 86400
-    for direction in base.iterdir():
-        if not direction.is_dir():
+    for direction in fs.ls(base, detail=True):
+        if direction.get("type") != "directory":
             continue
-        files = [(f.stat().st_mtime, f) for f in direction.iterdir() if f.is_file()]
+        files = [(storage.mtime(info) or now_ts, info["name"], int(info.get("size") or 0))
+                 for info in fs.ls(direction["name"], detail=True) if info.get("type") == "file"]
         if not files:
             continue
         newest = _run_key(max(files)[1])
-        for mtime, path in files:
+        for mtime, path, size in files:
             if mtime < cutoff and _run_key(path) != newest:
-                size = path.stat().st_size
-                path.unlink(missing_ok=True)
+                fs.rm_file(path)
                 removed.add("run files", 1, size)
 
 
-def _run_key(path: Path) -> str:
+def _run_key(path: str) -> str:
     """The run of a run file: its name without .json, .quarantine.csv, .quarantine.json."""
-    name = path.name
+    name = path.rsplit("/", 1)[-1]
     for suffix in (".quarantine.csv", ".quarantine.json", ".json"):
         if name.endswith(suffix):
             return name[: -len(suffix)]
@@ -155,9 +186,7 @@ def staged_leftovers(connection: str, hours: int, now_ts: float, removed: Remove
     """Delete the staged folders <staging>/<connection>/<flow>/<run> in which nothing changed for
     `hours` (a successful run removes its own at its end: these are crashed or failed runs', kept
     meanwhile for inspection and for the retries)."""
-    import fsspec  # type: ignore[import-untyped]
-
-    fs, root = fsspec.core.url_to_fs(f"{settings.staging_url().rstrip('/')}/{connection}")
+    fs, root = storage.filesystem(f"{settings.staging_url().rstrip('/')}/{connection}")
     if not fs.exists(root):
         return
     cutoff = now_ts - hours * 3600
@@ -165,20 +194,11 @@ def staged_leftovers(connection: str, hours: int, now_ts: float, removed: Remove
         if not fs.isdir(flow):
             continue
         for run in fs.ls(flow, detail=False):
-            files = fs.find(run, detail=True)
-            stamps = [_mtime(fs, path, info) for path, info in files.items()] or [_mtime(fs, run, fs.info(run))]
-            if max(stamps) < cutoff:
-                size = sum(int(info.get("size") or 0) for info in files.values())
+            infos = _tree(fs, run)
+            newest = _newest(infos)
+            if newest is not None and newest < cutoff:
                 fs.rm(run, recursive=True)
-                removed.add("staged runs", 1, size)
-
-
-def _mtime(fs, path: str, info: dict) -> float:
-    for key in ("mtime", "LastModified", "last_modified", "updated"):
-        value = info.get(key)
-        if value is not None:
-            return value.timestamp() if hasattr(value, "timestamp") else float(value)
-    return fs.modified(path).timestamp()
+                removed.add("staged runs", 1, _size(infos))
 
 
 # ---------------------------------------------------------------- the ledger

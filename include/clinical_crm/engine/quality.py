@@ -9,10 +9,12 @@ rows are read again to stage the valid ones (`CheckedRows`).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gc
+import hashlib
 import json
 import logging
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +25,7 @@ import pyarrow as pa
 
 from clinical_crm import settings
 from clinical_crm.checks import SOURCE_ID, SUITES, Rule, load_gx
-from clinical_crm.engine import staging
+from clinical_crm.engine import staging, storage
 from clinical_crm.errors import QualityThresholdExceeded
 from clinical_crm.values import blank
 
@@ -123,22 +125,35 @@ class CheckedRows:
 
 @dataclass
 class Validator:
-    """One GX file context per connection; a run's validations go in it and its Data Docs are
-    built with them. `stored=False`: an ephemeral context, nothing written (reconciliation)."""
+    """One GX file context per connection, at <reports>/<connection>/gx under the storage root;
+    a run's validations go in it and its Data Docs are built with them. `stored=False`: an
+    ephemeral context, nothing written (reconciliation).
+
+    Both DAGs of a connection (and its housekeeping) share the project: one writer at a time,
+    by the ledger's named lock `gx:<connection>` (a PostgreSQL advisory lock across hosts).
+    GX's file context needs a local folder: on a local root it works in place, as it always
+    did; on a remote root (object storage) each locked block works in a local copy of the live
+    project (`WorkingCopy`: pulled, then what changed pushed back)."""
 
     connection: str
     run_key: str
     stored: bool = True
     keep_runs: int = 24  # runs the live project and its Data Docs index keep (retention.data_docs_runs)
-    root: Path = field(init=False)
+    ledger: Any = None  # the run's Ledger (its lock); None: Ledger() when a lock is first needed
+    root: Path = field(init=False)  # the GX project folder GX works in (a working copy's on a remote root)
 
     def __post_init__(self):
-        self.root = settings.reports_dir() / self.connection / "gx"  # GX makes this folder itself
+        self.url = storage.join(settings.reports_url(), self.connection, "gx")  # GX makes this folder itself
+        self.local = storage.is_local(self.url)
+        self.root = storage.local_folder(self.url) if self.local else Path(tempfile.gettempdir(), "unpulled-gx")
         self._context = None
+        self._copy: WorkingCopy | None = None
 
     @property
     def context(self):
         if self._context is None:
+            if self.stored and not self.local and self._copy is None:
+                raise RuntimeError("a GX project on remote storage is only open inside the Validator's lock")
             gx = load_gx()
             from great_expectations.data_context.types.base import ProgressBarsConfig
             from great_expectations.execution_engine import pandas_execution_engine
@@ -160,18 +175,28 @@ class Validator:
 
     @contextlib.contextmanager
     def _locked(self):
-        """Both DAGs of a connection share its GX project: one writer at a time (file lock)."""
+        """One writer of the connection's GX project at a time (the ledger's lock); the project
+        re-read inside it (the other DAG may have changed it). On a remote root the block works
+        in a fresh working copy, pushed back only when the block succeeds."""
         if not self.stored:
             yield
             return
-        self.root.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.root.parent / ".gx.lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            self._context = None  # re-read the project: the other DAG may have changed it
-            try:
+        if self.ledger is None:
+            from clinical_crm.engine.ledger import Ledger
+
+            self.ledger = Ledger()
+        with self.ledger.exclusive(gx_lock(self.connection)):
+            self._context = None
+            if self.local:
                 yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                return
+            with WorkingCopy(self.url) as copy:
+                self._copy, self.root = copy, copy.root
+                try:
+                    yield
+                    copy.push()
+                finally:
+                    self._copy, self._context = None, None
 
     def verdict(self, object_name: str, checks: pd.DataFrame, rules: list[Rule]) -> Verdict:
         """Validate each suite over the whole check frame (one row per record, `source_id`
@@ -245,7 +270,88 @@ class Validator:
         context = self.context
         mine = [key for key in context.validation_results_store.list_keys() if key.run_id.run_name == self.run_key]
         context.build_data_docs(resource_identifiers=mine)
-        return str(self.root / "uncommitted" / "data_docs" / "local_site" / "index.html")
+        if self.local:
+            return str(self.root / DOCS_INDEX)
+        return storage.join(self.url, DOCS_INDEX.as_posix())  # where the copy pushes it
+
+
+def gx_lock(connection: str) -> str:
+    """The ledger lock's name for a connection's GX project (Validator, housekeeping)."""
+    return f"gx:{connection}"
+
+
+DOCS_INDEX = Path("uncommitted", "data_docs", "local_site", "index.html")
+
+
+class WorkingCopy:
+    """The live GX project of a remote storage root as a local folder, for one locked block.
+
+    Why a copy, not GX's own S3 stores: GX 1.x keeps its project configuration
+    (great_expectations.yml, suites, validation definitions) in a local file context in any
+    case, and its S3 store backends take boto3 credentials of their own (not the Airflow
+    connection ObjectStoragePath uses); the copy keeps one code path for GX (its file
+    context, exactly as on a local root) and one set of credentials. It stays small: the live
+    project holds the newest `keep_runs` runs only (`archive_old_runs`).
+
+    `pull()` (on entry) copies every file under <remote gx> to <copy>/gx and remembers each
+    one's digest; `push()` uploads what is new or changed (this run's results and pages, the
+    index, the project files), and the runs archive_old_runs moved to <copy>/gx_archive into
+    <remote gx_archive>, and only then deletes the remote files that left the live project. A
+    failed block pushes nothing: the remote project stays as the last successful one left it."""
+
+    def __init__(self, url: str):
+        self.fs, self.remote = storage.filesystem(url)
+        self.remote_archive = f"{self.remote.rsplit('/', 1)[0]}/{archive_dir(Path('gx')).name}"
+        self.folder = Path(tempfile.mkdtemp(prefix="clinical-crm-gx-"))
+        self.root = self.folder / "gx"
+        self.before: dict[str, str] = {}
+
+    def __enter__(self) -> WorkingCopy:
+        try:
+            self.pull()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def pull(self) -> None:
+        remote = sorted(self.fs.find(self.remote)) if self.fs.exists(self.remote) else []
+        local = [self.root / p[len(self.remote) + 1:] for p in remote]
+        for target in {p.parent for p in local}:
+            target.mkdir(parents=True, exist_ok=True)
+        if remote:
+            self.fs.get(remote, [str(p) for p in local])
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.before = _digests(self.root)
+        log.info("GX project: %d files pulled from %s", len(remote), self.remote)
+
+    def push(self) -> None:
+        after = _digests(self.root)
+        changed = sorted(rel for rel, digest in after.items() if self.before.get(rel) != digest)
+        archived = sorted(_digests(self.folder / "gx_archive"))
+        sources = [str(self.root / rel) for rel in changed] + [str(self.folder / "gx_archive" / rel) for rel in archived]
+        targets = [f"{self.remote}/{rel}" for rel in changed] + [f"{self.remote_archive}/{rel}" for rel in archived]
+        if sources:
+            self.fs.put(sources, targets)
+        gone = sorted(f"{self.remote}/{rel}" for rel in self.before if rel not in after)
+        if gone:
+            self.fs.rm(gone)
+        log.info("GX project: %d files pushed to %s, %d archived, %d removed from the live project",
+                 len(changed), self.remote, len(archived), len(gone))
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    """{relative posix name: sha1 of the content} of every file under folder."""
+    if not folder.is_dir():
+        return {}
+    return {p.relative_to(folder).as_posix(): hashlib.sha1(p.read_bytes(), usedforsecurity=False).hexdigest()
+            for p in folder.rglob("*") if p.is_file()}
 
 
 # ---------------------------------------------------------------- the live window of GX history
@@ -312,8 +418,6 @@ def _move(source: Path, target: Path) -> None:
     for child in source.iterdir():
         if not (target / child.name).exists():
             child.rename(target / child.name)
-    import shutil
-
     shutil.rmtree(source, ignore_errors=True)
 
 
@@ -333,7 +437,7 @@ def write_summary(connection: str, direction: str, run_key: str, summary: dict) 
 
     path = run_file(connection, direction, run_key, ".json")
     path.write_text(json.dumps(summary, indent=2, default=str))
-    return str(path)
+    return storage.name(path)
 
 
 def check_threshold(rows: int, failing: int, max_failing_share: float) -> None:

@@ -5,6 +5,8 @@ The validate step writes every record it holds back next to the run's data-quali
     <reports>/<connection>/runs/<direction>/<dag_run_id>.quarantine.csv
     <reports>/<connection>/runs/<direction>/<dag_run_id>.quarantine.json
 
+(<reports> = <storage root>/reports, engine/storage.py: a local folder or object storage)
+
 one row per record: source id, source object, the rules it breaks, the reason of each, and
 whether this run quarantined it first (`new`) or an earlier run did (it is read again every run
 until it passes). Rows carry record ids and rule texts only: the reasons name records by id,
@@ -16,10 +18,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 from clinical_crm import settings
+from clinical_crm.engine import storage
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +29,10 @@ COLUMNS = ["source_id", "object", "rules", "reasons", "new"]
 LOG_FIRST = 20  # records the task log lists with their reasons
 
 
-def run_file(connection: str, direction: str, run_key: str, suffix: str) -> Path:
-    """<reports>/<connection>/runs/<direction>/<run><suffix> (the run id made safe for a file name)."""
-    path = settings.reports_dir() / connection / "runs" / direction / f"{settings.file_safe(run_key)}{suffix}"
+def run_file(connection: str, direction: str, run_key: str, suffix: str) -> storage.StoragePath:
+    """<reports>/<connection>/runs/<direction>/<run><suffix> (the run id made safe for a file
+    name), under the storage root: a local Path, or an ObjectStoragePath (engine/storage.py)."""
+    path = storage.reports(connection, "runs", direction, f"{settings.file_safe(run_key)}{suffix}")
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -45,10 +48,10 @@ class QuarantineReport:
         self.json_path = run_file(connection, direction, run_key, ".quarantine.json")
         self.rows = self.new = 0
         self.first: list[dict] = []
-        self._csv_file = self.csv_path.open("w", newline="", encoding="utf-8")
+        self._csv_file = storage.open_text(self.csv_path, newline="", encoding="utf-8")
         self._csv = csv.DictWriter(self._csv_file, COLUMNS)
         self._csv.writeheader()
-        self._json = self.json_path.open("w", encoding="utf-8")
+        self._json = storage.open_text(self.json_path, encoding="utf-8")
         self._json.write("[")
 
     def add(self, object_name: str, findings: dict[str, list[tuple[str, str]]], new: set[str]) -> None:
@@ -67,7 +70,8 @@ class QuarantineReport:
         self._json.write("\n]\n" if self.rows else "]\n")
         self._json.close()
         self._csv_file.close()
-        return {"csv": str(self.csv_path), "json": str(self.json_path), "records": self.rows, "new": self.new}
+        return {"csv": storage.name(self.csv_path), "json": storage.name(self.json_path), "records": self.rows,
+                "new": self.new}
 
     def log_first(self) -> None:
         """The task log lists the first LOG_FIRST quarantined records with their reasons."""
@@ -77,4 +81,4 @@ class QuarantineReport:
         for row in self.first:
             log.warning("  %s %s%s: %s", row["object"], row["source_id"], " (new)" if row["new"] else "",
                         "; ".join(f"[{rule}] {reason}" for rule, reason in zip(row["rules"], row["reasons"])))
-        log.warning("all of them: %s", self.csv_path)
+        log.warning("all of them: %s", storage.name(self.csv_path))

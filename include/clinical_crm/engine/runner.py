@@ -217,7 +217,7 @@ def validate(flow: Flow, cfg, ctx: RunContext, staged: Staged, ledger: Ledger | 
     accepted = mine.accepted_quarantine_ids()
     ledger.clear_outcomes(ctx.run_id, object_name, only=list(VALIDATION_OUTCOMES))  # a retry starts over
     checked = quality.CheckedRows(staged.path(v.read), v.matched_column)
-    validator = quality.Validator(cfg.name, ctx.dag_run_id, keep_runs=cfg.retention.data_docs_runs)
+    validator = quality.Validator(cfg.name, ctx.dag_run_id, keep_runs=cfg.retention.data_docs_runs, ledger=ledger)
     verdict = checked.judge(validator, object_name, v.rules, lambda chunk: v.checks(chunk, reference))
     good = staging.FrameWriter(f"{ctx.run_dir}/{v.read}.valid.parquet")
     quarantine = QuarantineReport(cfg.name, flow.name, ctx.dag_run_id)

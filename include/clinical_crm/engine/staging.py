@@ -1,8 +1,9 @@
 """Run-scoped parquet files on object storage, so any worker can read what another wrote.
 
-Root: settings.staging_url() (`file://<data>/staging` by default, any fsspec URL such as
-`s3://bucket/prefix` in production). Writers append page by page and readers iterate in
-chunks, so memory follows the page size, not the number of records.
+Root: settings.staging_url(), <storage root>/staging (`file://<data>/staging` by default, any
+fsspec URL such as `s3://bucket/prefix/staging` in production, on the storage connection).
+Writers append page by page and readers iterate in chunks, so memory follows the page size, not
+the number of records.
 
 Every column is stored as nullable text: Vault pages differ in which columns are all empty,
 and text keeps one schema for the whole file (booleans become "true"/"false"). The rules read
@@ -30,7 +31,8 @@ CHUNK_ROWS = 20_000
 def _path(url: str):
     from airflow.sdk import ObjectStoragePath  # light: the Task SDK only
 
-    return ObjectStoragePath(url)
+    # the storage root's connection (settings.storage_conn_id(): e.g. an `aws` connection)
+    return ObjectStoragePath(url, conn_id=settings.storage_conn_id())
 
 
 def run_dir(connection: str, direction: str, run_key: str) -> str:

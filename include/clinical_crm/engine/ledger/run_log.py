@@ -1,6 +1,8 @@
 """Runs: one row per DAG run and direction (window, state, counts), the end of the last
 completed window (where the next run starts), the data-quality summaries of a run, and the
-named lock (`exclusive`) that keeps two loads of one connection and target object apart."""
+named lock (`exclusive`) that keeps two loads of one connection and target object apart (and the
+writers of a connection's GX project, `gx:<connection>`, and of its alert state,
+`alerts:<connection>`, on any storage root)."""
 from __future__ import annotations
 
 import contextlib
