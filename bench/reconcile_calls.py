@@ -17,6 +17,14 @@
    / 5000) calls, at least 1 (the deletions API's largest `limit`, which the client uses).
 
 Prints the figures (and --json FILE writes them). Auth/logout calls are shown apart.
+
+    --phases        also print the RSS by phase of reconciliation (start, end and peak of
+                    `_read`, `in_scope`, `_valid_rows`, `runner.transform`, `TargetCheck.__init__`,
+                    `TargetCheck.drift`, `TargetCheck.repair`) and at the start of each validated
+                    block: where the peak is
+    --state DIR     seed and send into DIR and keep it; a later run with the same DIR and N
+                    reconciles that state again without seeding or sending (minutes at 1,000,000;
+                    not with --repair, which changes the state)
 """
 from __future__ import annotations
 
@@ -55,6 +63,109 @@ def counting_queries(pages: Counter):
             yield page
 
     VaultClient.query = query
+
+
+class PhaseRss:
+    """The process RSS at the start and end of each of reconciliation's phases and its peak
+    within each (sampled every 20 ms), in MiB; `mark(name)` notes the RSS at a point inside one
+    (the start of each validated block). Wraps the module functions, so install it before the
+    reconciliation starts."""
+
+    PHASES = (("reconcile", "_read"), ("reconcile", "in_scope"), ("reconcile", "_valid_rows"),
+              ("runner", "transform"), ("TargetCheck", "__init__"), ("TargetCheck", "drift"),
+              ("TargetCheck", "repair"))
+
+    def __init__(self):
+        import threading
+
+        import psutil
+
+        self.me, self.lock = psutil.Process(), threading.Lock()
+        self.rows: list[dict] = []
+        self.current: dict | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def rss(self) -> int:
+        return round(self.me.memory_info().rss / 2**20)
+
+    def _sample(self):
+        while not self.stop.is_set():
+            rss = self.rss()
+            with self.lock:
+                if self.current is not None:
+                    self.current["peak"] = max(self.current["peak"], rss)
+            self.stop.wait(0.02)
+
+    def install(self) -> PhaseRss:
+        import functools
+
+        from clinical_crm.engine import quality, reconcile, runner
+
+        owners = {"reconcile": reconcile, "runner": runner, "TargetCheck": reconcile.TargetCheck}
+        for owner, name in self.PHASES:
+            target = owners[owner]
+            original = getattr(target, name)
+
+            def wrapped(*args, _original=original, _label=f"{owner}.{name}", **kwargs):
+                return self.phase(_label, _original, *args, **kwargs)
+
+            setattr(target, name, functools.wraps(original)(wrapped))
+        block_init = quality.CheckedRows.__init__
+
+        def checked_rows(rows_self, *args, **kwargs):
+            self.mark("block")
+            block_init(rows_self, *args, **kwargs)
+
+        quality.CheckedRows.__init__ = checked_rows
+        self.thread.start()
+        return self
+
+    @staticmethod
+    def _of(args) -> str:
+        """What the phase works on: the flow's name, or the target object of a TargetCheck."""
+        first = args[0] if args else None
+        if hasattr(first, "target_object"):
+            return first.target_object
+        if len(args) > 2 and hasattr(args[2], "target_object"):  # TargetCheck.__init__(self, flow, target, ...)
+            return args[2].target_object
+        return getattr(first, "name", "")
+
+    def phase(self, label: str, function, *args, **kwargs):
+        rss = self.rss()
+        row = {"phase": f"{label} {self._of(args)}".strip(), "start": rss, "peak": rss, "end": None, "marks": []}
+        with self.lock:
+            outer, self.current = self.current, row
+            self.rows.append(row)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            row["end"] = self.rss()
+            row["peak"] = max(row["peak"], row["end"])
+            with self.lock:
+                self.current = outer
+                if outer is not None:
+                    outer["peak"] = max(outer["peak"], row["peak"])
+
+    def mark(self, name: str) -> None:
+        with self.lock:
+            if self.current is not None:
+                self.current["marks"].append(self.rss())
+
+    def close(self) -> list[dict]:
+        self.stop.set()
+        self.thread.join()
+        return self.rows
+
+    @staticmethod
+    def lines(rows: list[dict]) -> list[str]:
+        out = []
+        for r in rows:
+            text = f"  {r['phase']:52} start {r['start']:>5} end {r['end']:>5} peak {r['peak']:>5} MiB"
+            if r["marks"]:
+                text += " (at each block: " + ", ".join(map(str, r["marks"])) + ")"
+            out.append(text)
+        return out
 
 
 class PeakRss:
@@ -132,8 +243,19 @@ def main(argv=None) -> int:
     parser.add_argument("--stale", type=int, default=0, help="interactions to edit in CRM before reconciling")
     parser.add_argument("--repair", action="store_true", help="repair what drifted (write calls: ceil(K / 500))")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--phases", action="store_true", help="print the RSS by phase of reconciliation")
+    parser.add_argument("--state", type=Path, help="keep the seeded and sent state in this folder; reuse it when "
+                                                   "it holds one of the same N")
     args = parser.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="reconcile_bench_"))
+    if args.state and args.repair:
+        parser.error("--state keeps the vaults for later runs: a repair would change them")
+    work = args.state.resolve() if args.state else Path(tempfile.mkdtemp(prefix="reconcile_bench_"))
+    sent_marker = work / "sent.json"
+    reused = bool(args.state) and sent_marker.exists() and json.loads(sent_marker.read_text()).get("n") == args.n
+    if args.state and not reused and work.exists():
+        import shutil
+
+        shutil.rmtree(work)
     os.environ["CLINICAL_CRM_DATA_DIR"] = str(work / "data")
     import yaml
 
@@ -143,7 +265,8 @@ def main(argv=None) -> int:
     from clinical_crm.vault.client import VaultClient
 
     t0 = time.perf_counter()
-    floor.seed(work, args.n, 1, floor.NOW)
+    if not reused:
+        floor.seed(work, args.n, 1, floor.NOW)
     config = floor.bench_config()
     cfg = parse_connection(yaml.safe_load(config), "bench.yaml")
     window = floor.window_of(floor.NOW)
@@ -151,7 +274,10 @@ def main(argv=None) -> int:
     with ctms_s, crm_s, VaultClient(ctms_s.url, floor.USER, floor.PASSWORD) as ctms, \
             VaultClient(crm_s.url, floor.USER, floor.PASSWORD) as crm:
         clients = {"ctms": ctms, "crm": crm}
-        send_apart(config, ctms_s.url, crm_s.url, window)
+        if not reused:
+            send_apart(config, ctms_s.url, crm_s.url, window)
+            if args.state:
+                sent_marker.write_text(json.dumps({"n": args.n}))
         seeded = time.perf_counter() - t0
         if args.stale:
             ids = [r["id"] for page in crm.query(f"SELECT id FROM {cfg.crm.interaction.object} PAGESIZE {args.stale}")
@@ -165,11 +291,13 @@ def main(argv=None) -> int:
             server.admin.reset_counters()
         pages: Counter = Counter()
         counting_queries(pages)
+        phases = PhaseRss().install() if args.phases else None
         started = time.perf_counter()
         with PeakRss() as rss:
             summaries = {f.name: reconcile.reconcile(f, cfg, clients, f"bench-{datetime.now().isoformat()}",
                                                      repair=args.repair) for f in build_all(cfg)}
         seconds = time.perf_counter() - started
+        phase_rows = phases.close() if phases is not None else []
         endpoints = {side: floor.split_counters(s.admin.counters()) for side, s in (("ctms", ctms_s), ("crm", crm_s))}
         # deletions floor of each object whose deletions reconciliation read (counted after the
         # snapshot above, so these reads are not in it)
@@ -186,13 +314,18 @@ def main(argv=None) -> int:
               "calls": {side: {"data": c[0], "auth": c[1], "endpoints": c[2]} for side, c in endpoints.items()},
               "pages_by_object": dict(pages), "floor_pages_by_object": read_floor,
               "floor_deletions_calls": deletions_floor,
-              "drift": {f: s["objects"] for f, s in summaries.items()}}
+              "drift": {f: s["objects"] for f, s in summaries.items()},
+              "state_reused": reused, "rss_by_phase_mib": phase_rows}
     data_calls = sum(c[0] for c in endpoints.values())
     floor_calls = sum(read_floor.values()) + sum(deletions_floor.values())
     result.update(data_calls=data_calls, floor_calls=floor_calls, ratio=round(data_calls / floor_calls, 2))
 
     print(f"reconcile{' with repair' if args.repair else ''}, N = {args.n:,}, {args.stale} stale planted: "
-          f"{seconds:.1f} s, RSS {rss.before} -> peak {rss.mib} MiB (seed + send: {seeded:.1f} s)")
+          f"{seconds:.1f} s, RSS {rss.before} -> peak {rss.mib} MiB "
+          f"({'state of ' + str(work) + ' reused' if reused else f'seed + send: {seeded:.1f} s'})")
+    if phase_rows:
+        print("RSS by phase (MiB, in order; nested phases inside their flow's):")
+        print("\n".join(PhaseRss.lines(phase_rows)))
     print(f"{'object':28} {'rows':>8} {'floor pages':>12} {'pages read':>11}")
     for obj, n in {k: v for side in rows.values() for k, v in side.items()}.items():
         print(f"{obj:28} {n:>8,} {read_floor[obj]:>12} {pages.get(obj, 0):>11}")
@@ -211,9 +344,10 @@ def main(argv=None) -> int:
     print("drift:", json.dumps(result["drift"]))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
-    import shutil
+    if not args.state:
+        import shutil
 
-    shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -146,7 +146,8 @@ def run_counts(counts: dict) -> tuple[dict[str, int], dict[str, dict]]:
 
 def progress_lines(run: dict) -> list[dict]:
     """The latest progress of a running run's long steps (engine.progress), as lines for its row;
-    for a failed run, where its unfinished steps stopped. None for other runs."""
+    for a failed run, where its unfinished steps stopped. None for other runs. A connection's run
+    or a reconciliation's (both rows carry `state` and `progress`)."""
     from clinical_crm.engine.progress import line
 
     if run["state"] not in ("running", "failed"):
@@ -554,7 +555,8 @@ def create_app(require_airflow_login: bool = True) -> FastAPI:
                                               if may_edit_dag(user, dag_id(d, name), runs=True)},
                              "quarantine": (held := ledger.quarantine_page(name, limit=OVERVIEW_QUARANTINE)),
                              "vault_links": vault_links(name, held),
-                             "reconcile": ledger.reconcile_runs(name, limit=1),
+                             "reconcile": [r | {"progress_lines": progress_lines(r)}
+                                           for r in ledger.reconcile_runs(name, limit=1)],
                              "drift": ledger.drift(name, limit=OVERVIEW_QUARANTINE)})
         return render("overview.html", sections=sections, connections=[s["name"] for s in sections],
                       notice=notice)

@@ -20,8 +20,8 @@ first page (`responseDetails.total`), a read of several queries adds each one's 
 Thread-safe: the reads of a lookup advance one Progress from several threads.
 
 Any long step can use it: `writer` is any callable taking the figures (a dict); `for_run` gives
-one that keeps them in the run's ledger row under `what` (the reconciliation, which has runs of
-its own, may pass its own writer or none).
+one that keeps them in the run's ledger row under `what`, `for_reconcile_run` one that keeps them
+in a reconciliation's own row (`reconcile_runs.progress`).
 """
 from __future__ import annotations
 
@@ -47,12 +47,23 @@ def for_run(ledger, run_id: int | None, key: str | None = None) -> Writer | None
     defaulting to the figures' `what`); None without a run."""
     if ledger is None or not run_id:
         return None
+    return _writer(lambda k, figures: ledger.set_progress(run_id, k, figures), f"run {run_id}", key)
 
+
+def for_reconcile_run(ledger, run_id: int | None, key: str | None = None) -> Writer | None:
+    """The same for a reconciliation, which has runs of its own (`reconcile_runs.progress[key]`)."""
+    if ledger is None or not run_id:
+        return None
+    return _writer(lambda k, figures: ledger.set_reconcile_progress(run_id, k, figures),
+                   f"reconciliation run {run_id}", key)
+
+
+def _writer(store: Callable[[str, dict[str, Any]], None], name: str, key: str | None) -> Writer:
     def write(figures: dict[str, Any]) -> None:
         try:
-            ledger.set_progress(run_id, key or figures["what"], figures)
+            store(key or figures["what"], figures)
         except Exception as error:  # progress is for people: it never fails the work it describes
-            log.warning("could not record the progress of run %s: %s: %s", run_id, type(error).__name__, error)
+            log.warning("could not record the progress of %s: %s: %s", name, type(error).__name__, error)
 
     return write
 
@@ -91,7 +102,6 @@ class Progress:
             if not due and self.total:
                 due = (self.done - self._last_done) >= max(1.0, self.every_share * self.total)
             if not due or (self.total is not None and self.done >= self.total):  # the end: finish() says it
-                return
                 return
             self._last_at, self._last_done = now, self.done
             figures = self._figures(now)

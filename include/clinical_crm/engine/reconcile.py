@@ -60,11 +60,13 @@ from clinical_crm.engine import load, plan, quality, runner, staging
 from clinical_crm.engine.context import RunContext, Staged, StagedFile
 from clinical_crm.engine.ledger import Ledger
 from clinical_crm.engine.plan import Reading
+from clinical_crm.engine.progress import Progress, Writer, for_reconcile_run
 from clinical_crm.engine.windows import Window
-from clinical_crm.flows.base import SOURCE_ID, SOURCE_VERSION, VALID, Deleted, DeletionMark, Flow, Referenced, Target
+from clinical_crm.flows.base import (SOURCE_ID, SOURCE_VERSION, VALID, Deleted, DeletionMark, Flow, Referenced, Target,
+                                     Validation)
 from clinical_crm.values import blank, text
 from clinical_crm.vault import Query
-from clinical_crm.vault.fields import GLOBAL_ID, ID, MODIFIED_DATE
+from clinical_crm.vault.fields import GLOBAL_ID, ID, MAX_BATCH, MODIFIED_DATE
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,7 @@ def _whole_history_deletions() -> Iterator[None]:
 # ---------------------------------------------------------------- the source side
 
 
-def _valid_rows(flow: Flow, cfg, staged: Staged, run_dir: str) -> Staged:
+def _valid_rows(flow: Flow, cfg, staged: Staged, run_dir: str, progress: Writer | None = None) -> Staged:
     """The validated object's rows that pass the flow's quality rules (with the matched target
     id column), judged as the runner's validate step judges them, without touching the
     quarantine or the Data Docs (an ephemeral GX context). The rules judge each row on its own
@@ -106,25 +108,43 @@ def _valid_rows(flow: Flow, cfg, staged: Staged, run_dir: str) -> Staged:
     v = flow.validation
     if v is None:
         return Staged()
+    rows = staged[v.read] if v.read in staged else None
+    done = Progress(f"validate {v.object}", rows.rows if rows is not None else 0, writer=progress, logger=log)
+    # GX's modules and registries (most of its ~140 MiB) before any block: they then fill the heap
+    # the reads left free instead of being scattered between the first block's rows
+    quality.import_gx()
     reference = runner.references(v, staged)
     good = staging.FrameWriter(f"{run_dir}/{v.read}.valid.parquet")
-    for block in _blocks(staged[v.read] if v.read in staged else None, f"{run_dir}/{v.read}.block", VALIDATE_ROWS):
-        # a fresh ephemeral GX context a block: one context kept what each validation left (+170 MiB
-        # over the ten blocks of 1,000,000 rows, measured)
-        checked = quality.CheckedRows(block, v.matched_column)
-        verdict = checked.judge(quality.Validator(cfg.name, "reconcile", stored=False), v.object, v.rules,
-                                lambda chunk: v.checks(chunk, reference))
-        for chunk, bad in checked.chunks(verdict):
-            good.write(chunk[~bad])
-        del checked, verdict
-        gc.collect()
+    try:
+        for block, n in _blocks(rows, f"{run_dir}/{v.read}.block", VALIDATE_ROWS):
+            _judge_block(block, v, cfg, reference, good)
+            release_memory()
+            done.advance(n)
+    except BaseException:
+        done.finish("failed")
+        raise
+    done.finish()
     return Staged({VALID: good.close()})
 
 
-def _blocks(staged: StagedFile | None, prefix: str, rows: int) -> Iterator[str | None]:
-    """A staged file as files of at most `rows` rows (the file itself when it is that small)."""
+def _judge_block(block: str | None, v: Validation, cfg, reference: dict, good: staging.FrameWriter) -> None:
+    """One block's verdict, its valid rows written to `good`. A function of its own so that
+    nothing of the block outlives it (the last chunk written, the verdict) while the next one is
+    validated. A fresh ephemeral GX context a block: one context kept what each validation left
+    (+170 MiB over the ten blocks of 1,000,000 rows, measured)."""
+    checked = quality.CheckedRows(block, v.matched_column)
+    verdict = checked.judge(quality.Validator(cfg.name, "reconcile", stored=False), v.object, v.rules,
+                            lambda chunk: v.checks(chunk, reference))
+    for chunk, bad in checked.chunks(verdict):
+        good.write(chunk[~bad])
+
+
+def _blocks(staged: StagedFile | None, prefix: str, rows: int) -> Iterator[tuple[str | None, int]]:
+    """A staged file as files of at most `rows` rows (the file itself when it is that small),
+    with their rows. The last chunk read is let go before a block is yielded: it would stay
+    alive in this generator's frame (20,000 rows of Python strings) while the block is validated."""
     if staged is None or staged.rows <= rows:
-        yield staged.path if staged is not None else None
+        yield (staged.path, staged.rows) if staged is not None else (None, 0)
         return
     writer, i = None, 0
     for chunk in staging.read_chunks(staged.path, chunk_rows=min(staging.CHUNK_ROWS, rows)):
@@ -132,10 +152,44 @@ def _blocks(staged: StagedFile | None, prefix: str, rows: int) -> Iterator[str |
             writer = staging.FrameWriter(f"{prefix}{i}.parquet")
         writer.write(chunk)
         if writer.rows >= rows:
-            yield writer.close().path
+            del chunk
+            block = writer.close()
+            yield block.path, block.rows
             writer, i = None, i + 1
+    chunk = None
     if writer is not None:
-        yield writer.close().path
+        block = writer.close()
+        yield block.path, block.rows
+
+
+def release_memory() -> None:
+    """Return the heap a finished step left free to the system: Python's cycles collected, the
+    pages Arrow's pool and glibc's arenas hold free given back (`malloc_trim`; without glibc,
+    e.g. musl or macOS, only the collection). RSS otherwise keeps the high-water mark of every
+    block, each one's free heap scattered between the objects that stay."""
+    gc.collect()
+    try:
+        import pyarrow as pa
+
+        pa.default_memory_pool().release_unused()
+    except (ImportError, AttributeError):
+        pass
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+def _glibc():
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018  (glibc only)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_libc = _glibc()
 
 
 def _global_ids(path: str | None) -> dict[str, str]:
@@ -281,14 +335,20 @@ def compared_fields(target: Target, records: Staged) -> list[str]:
 # ---------------------------------------------------------------- the target side
 
 
-def target_records(client, target: Target, cfg, fields: list[str], prefix: str) -> Iterator[dict]:
+def target_records(client, target: Target, cfg, fields: list[str], prefix: str,
+                   progress: Progress | None = None) -> Iterator[dict]:
     """Every target record carrying an external id of the source vault, in external-id order
-    (ORDER BY the external id field, paged: one page in memory, the next one read ahead)."""
+    (ORDER BY the external id field, paged: one page in memory, the next one read ahead);
+    `progress` counts the rows of each page read against the query's total."""
     id_param = target.id_param
     query = Query.select(target.target_object, list(dict.fromkeys([ID, id_param, *fields])))
     where = target.where
     query = (query.filter(where) if where else query).ordered(id_param).paged(cfg.load.query_page_size)
-    for page in client.query(query):
+    for i, page in enumerate(client.query(query)):
+        if progress is not None:
+            if i == 0:
+                progress.add_total(getattr(page, "total", None))  # the query's responseDetails.total
+            progress.advance(len(page.records))
         for r in page.records:
             if (text(r.get(id_param)) or "").startswith(prefix):
                 yield r
@@ -322,13 +382,17 @@ class TargetCheck:
 
     `staged`: the reads as read (every source record: a target record whose source record exists
     lost nothing, in scope or not); `records`: the target records of the source records in scope;
-    `start`: the connection's start date (an unknown target record older than it is history)."""
+    `start`: the connection's start date (an unknown target record older than it is history);
+    `progress`: where the progress of the comparison (`compare <target object>`: target records
+    read of the query's total) and of the repair (`repair <target object>`: records answered)
+    goes besides the task log (engine.progress: e.g. the reconciliation's ledger row)."""
 
     FLUSH = 1_000  # target records without an expected record, checked against the sources together
 
     def __init__(self, flow: Flow, target: Target, cfg, clients: dict, ledger: Ledger, staged: Staged,
-                 records: Staged, start: datetime = EVER):
+                 records: Staged, start: datetime = EVER, progress: Writer | None = None):
         self.flow, self.target, self.cfg, self.ledger, self.start = flow, target, cfg, ledger, start
+        self.progress = progress
         self.client, self.source_client = clients[flow.target_side], clients[flow.source_side]
         self.prefix = f"{clients[flow.source_side].vault_id}_"
         self.source_object, self.target_object = target.source_object, target.target_object
@@ -369,16 +433,28 @@ class TargetCheck:
             self.in_target += 1
             yield external_id, row
 
+    def _progress(self, what: str, total: int | None = None, unit: str = "records") -> Progress:
+        return Progress(f"{what} {self.target_object}", total, writer=self.progress, logger=log, unit=unit,
+                        burst=lambda: getattr(self.client, "burst_remaining", None))
+
     def drift(self) -> list[dict]:
         """Both sides in external-id order, merged: each expected record meets its target record."""
+        progress = self._progress("compare", unit="target records read")
         try:
-            return self._merge(target_records(self.client, self.target, self.cfg, self.read, self.prefix))
-        except _OutOfOrder as error:  # e.g. a collation of the vault's: compare from a sorted copy instead
-            log.warning("%s: the target's external-id order differs from ours (%s): reading it again, sorted in "
-                        "memory", self.target_object, error)
-            rows = sorted(target_records(self.client, self.target, self.cfg, self.read, self.prefix),
-                          key=lambda r: str(r[self.id_param]))
-            return self._merge(rows)
+            try:
+                found = self._merge(target_records(self.client, self.target, self.cfg, self.read, self.prefix,
+                                                   progress))
+            except _OutOfOrder as error:  # e.g. a collation of the vault's: compare from a sorted copy instead
+                log.warning("%s: the target's external-id order differs from ours (%s): reading it again, sorted in "
+                            "memory", self.target_object, error)
+                rows = sorted(target_records(self.client, self.target, self.cfg, self.read, self.prefix, progress),
+                              key=lambda r: str(r[self.id_param]))
+                found = self._merge(rows)
+        except BaseException:
+            progress.finish("failed")
+            raise
+        progress.finish()
+        return found
 
     def _merge(self, rows: Iterable[dict]) -> list[dict]:
         self.expected, self.in_target, self.resend = 0, 0, {}
@@ -450,21 +526,37 @@ class TargetCheck:
 
     def repair(self, found: list[dict]) -> list[str]:
         """Re-send what drifted (extra excepted); the external ids repaired."""
-        repaired = self._resend([self.resend[d["external_id"]] for d in found if d["kind"] in RESENT])
+        resent = [self.resend[d["external_id"]] for d in found if d["kind"] in RESENT]
         unmarked = [d for d in found if d["kind"] == "missing_deletion_mark"]
-        if unmarked:
-            repaired += self._mark(self.marks[0], unmarked)
+        progress = self._progress("repair", len(resent) + len(unmarked))
+        try:
+            repaired = self._resend(resent, progress)
+            if unmarked:
+                repaired += self._mark(self.marks[0], unmarked)
+                progress.advance(len(unmarked))
+        except BaseException:
+            progress.finish("failed")
+            raise
+        progress.finish()
         return repaired
 
-    def _resend(self, records: list[dict]) -> list[str]:
+    RESEND_BATCHES = 20  # write batches re-sent per progress step (the same batches as one upsert of all)
+
+    def _resend(self, records: list[dict], progress: Progress | None = None) -> list[str]:
         if not records:
             return []
         guard = load.VersionGuard(self.ledger, self.cfg.name, self.flow.name, self.source_object)
+        step = min(self.cfg.load.batch_size, MAX_BATCH) * self.RESEND_BATCHES
+        loaded: list[dict] = []
         with self.ledger.exclusive(load.lock_name(self.cfg.name, self.target_object)):
-            outcomes = load.upsert(self.client, self.target_object, records, self.id_param, self.cfg.load.batch_size,
-                                   guard=guard)
-        loaded = load.record_written(self.ledger.id_map(self.cfg.name, self.target_object), outcomes)
-        load.log_failures(self.target_object, [o for o in outcomes if o["outcome"] not in load.LOADED], "repair")
+            for start in range(0, len(records), step):
+                outcomes = load.upsert(self.client, self.target_object, records[start:start + step], self.id_param,
+                                       self.cfg.load.batch_size, guard=guard)
+                loaded += load.record_written(self.ledger.id_map(self.cfg.name, self.target_object), outcomes)
+                load.log_failures(self.target_object, [o for o in outcomes if o["outcome"] not in load.LOADED],
+                                  "repair")
+                if progress is not None:
+                    progress.advance(len(outcomes))
         return [o["external_id"] for o in loaded]
 
     def _mark(self, mark: DeletionMark, unmarked: list[dict]) -> list[str]:
@@ -496,14 +588,19 @@ def reconcile(flow: Flow, cfg, clients: dict, dag_run_id: str, repair: bool = Fa
     ctx = RunContext(cfg.name, flow.name, dag_run_id, EVER.isoformat(), end.isoformat(),
                      True, staging.run_dir(cfg.name, f"reconcile_{flow.name}", dag_run_id), run_id)
     objects: dict[str, dict] = {}
+    progress = for_reconcile_run(ledger, run_id)  # each long step's latest figures, in the run's row
     try:
-        staged = _read(flow, cfg, clients, ledger, ctx, Window(start, end))
+        staged = _read(flow, cfg, clients, ledger, ctx, Window(start, end), progress)
         scoped = in_scope(flow, cfg, ledger, staged, ctx.run_dir, start)
-        valid = _valid_rows(flow, cfg, scoped, ctx.run_dir)
+        release_memory()  # what the reads' threads and the scope's passes left, before GX
+        valid = _valid_rows(flow, cfg, scoped, ctx.run_dir, progress)
         records = runner.transform(flow, cfg, ctx, scoped, valid)
+        release_memory()
         for target in flow.targets:
-            check = TargetCheck(flow, target, cfg, clients, ledger, staged, records, start)
+            check = TargetCheck(flow, target, cfg, clients, ledger, staged, records, start, progress)
             objects[check.target_object] = _reconcile_target(check, ledger, run_id, repair)
+            del check
+            release_memory()
     except BaseException as error:
         ledger.finish_reconcile(run_id, "failed", {"objects": objects}, f"{type(error).__name__}: {error}")
         raise
@@ -514,19 +611,21 @@ def reconcile(flow: Flow, cfg, clients: dict, dag_run_id: str, repair: bool = Fa
     return summary
 
 
-def _read(flow: Flow, cfg, clients: dict, ledger: Ledger, ctx: RunContext, since_start: Window) -> Staged:
+def _read(flow: Flow, cfg, clients: dict, ledger: Ledger, ctx: RunContext, since_start: Window,
+          progress: Writer | None = None) -> Staged:
     """The flow's reads over the whole history; its deletions since the start date (a record
     deleted before it is not the connection's). Deleted reads need nothing and feed nothing, so
-    they run on their own after the others."""
+    they run on their own after the others. Each read logs its progress (`extract <read>`), and
+    `progress` keeps it (the reconciliation's ledger row)."""
     reads = [r for r in flow.reads if not isinstance(r, Deleted)]
     deletions = [r for r in flow.reads if isinstance(r, Deleted)]
     known = lambda obj, ids: ledger.known_external_ids(cfg.name, obj, ids)  # noqa: E731
     with _whole_history_deletions():
         files = Reading(reads, clients, ctx.window, ctx.run_dir, cfg.load.concurrency, {}, known=known,
-                        page_size=cfg.load.query_page_size).run()
+                        page_size=cfg.load.query_page_size, progress=progress).run()
         if deletions:
             files |= Reading(deletions, clients, since_start, ctx.run_dir, cfg.load.concurrency, {}, known=known,
-                             page_size=cfg.load.query_page_size).run()
+                             page_size=cfg.load.query_page_size, progress=progress).run()
     return Staged(files)
 
 

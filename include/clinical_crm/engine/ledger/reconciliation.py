@@ -1,8 +1,11 @@
 """Reconciliation (engine/reconcile.py): one `reconcile_runs` row per flow per reconcile DAG
-run with its summary, and the `drift` rows it found (records that differ from what the source
-says the target should hold), stamped when repaired."""
+run with its summary and the latest progress of its long steps while it runs, and the `drift`
+rows it found (records that differ from what the source says the target should hold), stamped
+when repaired."""
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -11,6 +14,13 @@ from sqlalchemy.engine import Engine
 
 from clinical_crm.engine.ledger.schema import _iso, deletion_queue, drift, id_map, reconcile_runs
 from clinical_crm.times import now as _now
+
+# the read-modify-write of reconcile_runs.progress: the reads of a reconciliation report from several threads
+_PROGRESS_LOCK = threading.Lock()
+
+
+def _json(value) -> dict:
+    return (json.loads(value) if isinstance(value, str) else value) or {}
 
 
 class Reconciliation:
@@ -29,6 +39,24 @@ class Reconciliation:
             values["summary"] = summary
         with self.engine.begin() as db:
             db.execute(update(reconcile_runs).where(reconcile_runs.c.id == run_id).values(**values))
+
+    def set_reconcile_progress(self, run_id: int, key: str, figures: dict | None) -> None:
+        """Keep the latest progress of one long step of a running reconciliation
+        (`reconcile_runs.progress[key]`, engine.progress: its reads, validation, comparison and
+        repair); None removes that step's entry. Kept when it ends (where a failed one stopped)."""
+        with _PROGRESS_LOCK, self.engine.begin() as db:
+            current = dict(_json(db.execute(select(reconcile_runs.c.progress)
+                                            .where(reconcile_runs.c.id == run_id)).scalar()))
+            if figures is None:
+                current.pop(key, None)
+            else:
+                current[key] = figures
+            db.execute(update(reconcile_runs).where(reconcile_runs.c.id == run_id).values(progress=current or None))
+
+    def reconcile_progress(self, run_id: int) -> dict:
+        """The latest progress of a reconciliation's long steps, {step: figures} ({} when none)."""
+        with self.engine.connect() as db:
+            return _json(db.execute(select(reconcile_runs.c.progress).where(reconcile_runs.c.id == run_id)).scalar())
 
     def written_or_marked(self, connection: str, direction: str, source_object: str, target_objects: Iterable[str],
                           source_ids: Iterable[str]) -> set[str]:
@@ -78,11 +106,12 @@ class Reconciliation:
                     for r in db.execute(query).mappings()]
 
     def reconcile_runs(self, connection: str | None = None, limit: int = 20) -> list[dict]:
-        """Reconcile runs with their summaries, newest first."""
+        """Reconcile runs with their summaries and latest progress, newest first."""
         query = select(reconcile_runs).order_by(reconcile_runs.c.id.desc()).limit(limit)
         if connection:
             query = query.where(reconcile_runs.c.connection == connection)
         with self.engine.connect() as db:
             return [{**dict(r), "run_id": r["id"], "repair": bool(r["repair"]), "summary": r["summary"] or {},
+                     "progress": _json(r["progress"]),
                      "started_at": _iso(r["started_at"]), "ended_at": _iso(r["ended_at"])}
                     for r in db.execute(query).mappings()]

@@ -193,6 +193,8 @@ reconcile_runs = Table(
     Column("message", Text),
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("ended_at", DateTime(timezone=True)),
+    # the latest progress of each long step of a running reconciliation (migration 0008; engine/progress)
+    Column("progress", JSON),
 )
 
 drift = Table(
