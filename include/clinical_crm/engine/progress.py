@@ -115,6 +115,13 @@ class Progress:
         self._report(figures)
         return figures
 
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        """The block's end is the work's: its last line says done, or failed when it raised."""
+        self.finish("done" if error_type is None else "failed")
+
     def figures(self) -> dict[str, Any]:
         """The current figures, without logging them."""
         with self._lock:

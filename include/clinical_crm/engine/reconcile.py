@@ -115,15 +115,11 @@ def _valid_rows(flow: Flow, cfg, staged: Staged, run_dir: str, progress: Writer 
     quality.import_gx()
     reference = runner.references(v, staged)
     good = staging.FrameWriter(f"{run_dir}/{v.read}.valid.parquet")
-    try:
+    with done:
         for block, n in _blocks(rows, f"{run_dir}/{v.read}.block", VALIDATE_ROWS):
             _judge_block(block, v, cfg, reference, good)
             release_memory()
             done.advance(n)
-    except BaseException:
-        done.finish("failed")
-        raise
-    done.finish()
     return Staged({VALID: good.close()})
 
 
@@ -439,22 +435,16 @@ class TargetCheck:
 
     def drift(self) -> list[dict]:
         """Both sides in external-id order, merged: each expected record meets its target record."""
-        progress = self._progress("compare", unit="target records read")
-        try:
+        with self._progress("compare", unit="target records read") as progress:
             try:
-                found = self._merge(target_records(self.client, self.target, self.cfg, self.read, self.prefix,
-                                                   progress))
+                return self._merge(target_records(self.client, self.target, self.cfg, self.read, self.prefix,
+                                                  progress))
             except _OutOfOrder as error:  # e.g. a collation of the vault's: compare from a sorted copy instead
                 log.warning("%s: the target's external-id order differs from ours (%s): reading it again, sorted in "
                             "memory", self.target_object, error)
                 rows = sorted(target_records(self.client, self.target, self.cfg, self.read, self.prefix, progress),
                               key=lambda r: str(r[self.id_param]))
-                found = self._merge(rows)
-        except BaseException:
-            progress.finish("failed")
-            raise
-        progress.finish()
-        return found
+                return self._merge(rows)
 
     def _merge(self, rows: Iterable[dict]) -> list[dict]:
         self.expected, self.in_target, self.resend = 0, 0, {}
@@ -528,16 +518,11 @@ class TargetCheck:
         """Re-send what drifted (extra excepted); the external ids repaired."""
         resent = [self.resend[d["external_id"]] for d in found if d["kind"] in RESENT]
         unmarked = [d for d in found if d["kind"] == "missing_deletion_mark"]
-        progress = self._progress("repair", len(resent) + len(unmarked))
-        try:
+        with self._progress("repair", len(resent) + len(unmarked)) as progress:
             repaired = self._resend(resent, progress)
             if unmarked:
                 repaired += self._mark(self.marks[0], unmarked)
                 progress.advance(len(unmarked))
-        except BaseException:
-            progress.finish("failed")
-            raise
-        progress.finish()
         return repaired
 
     RESEND_BATCHES = 20  # write batches re-sent per progress step (the same batches as one upsert of all)
